@@ -1,0 +1,34 @@
+# tunelab: `make demo` trains the default model on the bundled data; `make test` runs the tests.
+# Both first build .venv (once; again only when pyproject.toml changes).
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# CPU machines get the CPU build of torch (small, and cached on our machines); a machine with an
+# NVIDIA GPU lets pip pick the CUDA build. Override with `make TORCH="torch==X" ...`.
+TORCH ?= $(shell if nvidia-smi -L >/dev/null 2>&1; then echo "torch>=2.4"; else echo "torch==2.13.0"; fi)
+STAMP := $(VENV)/.installed
+PYTEST_ARGS ?= -m "not gpu"
+
+.PHONY: setup demo test lint clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q "$(TORCH)"
+	$(BIN)/python -m pip install -q -e ".[dev,sweep]"
+	touch $@
+
+demo: setup
+	$(BIN)/tunelab train
+
+# pytest exits 5 when it collects no test; that is not a failure of the code under test.
+test: setup
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q $(PYTEST_ARGS); rc=$$?; if [ $$rc -eq 5 ]; then exit 0; else exit $$rc; fi
+
+lint: setup
+	$(BIN)/ruff check src tests data bench
+
+clean:
+	rm -rf $(VENV) outputs multirun

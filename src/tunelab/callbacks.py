@@ -1,0 +1,74 @@
+"""Small Lightning callbacks for side concerns: throughput, and saving the model in Hugging Face format."""
+
+from __future__ import annotations
+
+import json
+import resource
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+
+
+def peak_memory_gb(device: torch.device) -> float:
+    """Peak accelerator memory, or the process's peak resident memory on the CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss / (2**30 if sys.platform == "darwin" else 2**20)  # bytes on macOS, KiB on Linux
+
+
+class Throughput(pl.Callback):
+    """Logs `perf/tokens_per_s` (non-padding input tokens per second of training) and `perf/peak_mem_gb`."""
+
+    def __init__(self, window: int = 10) -> None:
+        self.window = window
+        self._tokens = 0
+        self._start: float | None = None
+        self.total_tokens = 0
+        self.total_seconds = 0.0
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
+        if self._start is None:
+            self._start = time.perf_counter()
+
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        self._tokens += int(batch["attention_mask"].sum())
+        if (batch_idx + 1) % self.window:
+            return
+        if pl_module.device.type == "cuda":
+            torch.cuda.synchronize(pl_module.device)
+        elapsed = time.perf_counter() - (self._start or time.perf_counter())
+        self.total_tokens += self._tokens
+        self.total_seconds += elapsed
+        pl_module.log("perf/tokens_per_s", self._tokens / max(elapsed, 1e-9), on_step=True)
+        pl_module.log("perf/peak_mem_gb", peak_memory_gb(pl_module.device), on_step=True)
+        self._tokens, self._start = 0, None
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._tokens, self._start = 0, None  # validation time is not training time
+
+
+class SaveHFModel(pl.Callback):
+    """At the end of fit, writes `model/`: weights (full model or PEFT adapter, safetensors only),
+    tokenizer with the chat template used in training, and the data recipe that generate/eval reuse."""
+
+    def __init__(self, dirpath: str) -> None:
+        self.dirpath = Path(dirpath)
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.sanity_checking or not trainer.is_global_zero or getattr(trainer, "fast_dev_run", False):
+            return
+        self.dirpath.mkdir(parents=True, exist_ok=True)
+        pl_module.model.save_pretrained(self.dirpath, safe_serialization=True)
+        pl_module.tokenizer.save_pretrained(self.dirpath)
+        # The data recipe (format, prompt templates, system prompt) so eval/generate build prompts exactly
+        # as training did (LlamaFactory#2509: a different template at inference costs accuracy).
+        dataset = getattr(trainer.datamodule, "dataset_cfg", {}) if trainer.datamodule else {}
+        recipe = {k: dataset.get(k) for k in ("name", "format", "templates", "system_prompt", "chat_template")}
+        (self.dirpath / "tunelab_recipe.json").write_text(json.dumps(recipe, indent=2, default=str) + "\n")

@@ -1,0 +1,114 @@
+"""The `tunelab` command: `tunelab <verb> [hydra overrides]`.
+
+Before Hydra starts any job, the overrides are composed (every combination of a sweep, up to a
+limit) and validated, so a typo fails at once with exit code 2 and a did-you-mean message,
+instead of inside the first trial or as a raw traceback.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import sys
+
+from tunelab.config import compose, new_run_id, register_resolvers, validate
+from tunelab.errors import ConfigError, TunelabError
+
+VERBS = {"train": "tunelab.train"}
+USAGE = """usage: tunelab <verb> [overrides] [-m] [--cfg job] [--config-dir DIR] [--help]
+
+verbs:
+  train     fine-tune: model=, method=, dataset=, hyperparams.*= (try: tunelab train --help)
+
+exit codes: 0 ok, 1 unexpected bug, 2 config or usage error, 3 data error, 4 checkpoint error, 5 numerics
+"""
+MAX_PREFLIGHT = 64  # sweep combinations composed before launch; beyond, each value is still checked once
+
+
+def _expand(overrides: list[str], multirun: bool) -> list[list[str]]:
+    """The override sets a sweep will run (or a covering sample of them), for pre-flight composition."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parsed = OverridesParser.create().parse_overrides(overrides)
+    if not multirun or not any(o.is_sweep_override() for o in parsed):
+        return [overrides]
+    axes = []
+    for override in parsed:
+        key = override.get_key_element()
+        if not override.is_sweep_override():
+            axes.append([f"{key}={override.get_value_element_as_str()}"])
+        elif override.is_discrete_sweep():
+            axes.append([f"{key}={v}" for v in override.sweep_string_iterator()])
+        else:  # a continuous search space (Optuna's interval): check the key with its current value
+            axes.append([])
+    combos = [[c for c in combo] for combo in itertools.product(*[a or [None] for a in axes])]
+    combos = [[c for c in combo if c] for combo in combos]
+    if len(combos) <= MAX_PREFLIGHT:
+        return combos
+    width = max(len(a) for a in axes)  # each value of each axis appears in at least one checked set
+    return [[a[i % len(a)] for a in axes if a] for i in range(width)]
+
+
+def preflight(argv: list[str]) -> None:
+    """Compose and validate what `argv` asks for; raise ConfigError on the first problem."""
+    from hydra._internal.utils import get_args_parser
+
+    args = get_args_parser().parse_args(argv)
+    if args.help or args.hydra_help or args.info or args.shell_completion:
+        return
+    for overrides in _expand(args.overrides, args.multirun):
+        cfg = compose(overrides, args.config_name or "train", args.config_dir)
+        validate(cfg)
+        _check_sweeper_params(cfg)
+
+
+def _check_sweeper_params(cfg) -> None:  # noqa: ANN001 - a DictConfig
+    from omegaconf import OmegaConf
+
+    params = OmegaConf.select(cfg, "hydra.sweeper.params", default=None)
+    for key in params or {}:
+        parent, _, leaf = str(key).rpartition(".")
+        node = OmegaConf.select(cfg, parent) if parent else cfg
+        if node is None or leaf not in node:
+            from tunelab.errors import did_you_mean
+
+            valid = list(node.keys()) if node is not None and hasattr(node, "keys") else []
+            raise ConfigError(f"the sweep searches an unknown key {key!r}", "key hydra.sweeper.params",
+                              did_you_mean(leaf, [str(v) for v in valid]))
+
+
+def run_verb(verb: str, argv: list[str] | None = None) -> None:
+    """Run one verb as the console script would, with `argv` (default: sys.argv[1:])."""
+    import importlib
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    register_resolvers()
+    os.environ.setdefault("HYDRA_FULL_ERROR", "0")
+    if not any(a.startswith("run_id=") for a in argv):
+        # Pin the id in the config so parallel workers (joblib, SLURM) all see the same value.
+        argv.append(f"run_id={new_run_id()}")
+    try:
+        preflight(argv)
+    except TunelabError as err:
+        print(err.message(), file=sys.stderr)
+        raise SystemExit(err.exit_code) from None
+    sys.argv = [f"tunelab {verb}", *argv]
+    importlib.import_module(VERBS[verb]).main()
+
+
+def main() -> None:
+    """Console script: `tunelab <verb> [overrides]`."""
+    if len(sys.argv) < 2 or sys.argv[1] in ("-h", "--help", "help"):
+        print(USAGE)
+        raise SystemExit(0 if len(sys.argv) >= 2 else 2)
+    verb = sys.argv[1]
+    if verb not in VERBS:
+        from tunelab.errors import did_you_mean
+
+        print(f"tunelab: usage error: unknown verb {verb!r}\n  hint: {did_you_mean(verb, VERBS)}", file=sys.stderr)
+        raise SystemExit(2)
+    run_verb(verb, sys.argv[2:])
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,295 @@
+"""Compose and validate configs: schemas for value nodes, signatures for `_target_` nodes, did-you-mean.
+
+Validation runs twice by design: once in the CLI before Hydra starts any job (so a sweep with a
+typo fails before its first trial), and again inside `train(cfg)` for callers that compose
+configs themselves (tests, notebooks).
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import re
+import secrets
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field, fields, is_dataclass
+from enum import Enum
+from pathlib import Path
+from typing import Any, Optional
+
+from hydra.errors import ConfigCompositionException, MissingConfigException, OverrideParseException
+from hydra.utils import get_object
+from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
+
+from tunelab import paths
+from tunelab.errors import ConfigError, did_you_mean
+
+INSTANTIATE_KEYS = {"_target_", "_partial_", "_recursive_", "_convert_", "_args_"}
+
+
+# ---- resolvers ------------------------------------------------------------------------------
+@functools.cache
+def _run_id() -> str:
+    # Time for sorting, random bits so two jobs started in the same second never collide (hydra#2925).
+    return time.strftime("%Y-%m-%d_%H-%M-%S") + "_" + secrets.token_hex(3)
+
+
+def register_resolvers() -> None:
+    """Resolvers the config tree uses; safe to call more than once."""
+    OmegaConf.register_new_resolver("tunelab_run_id", _run_id, replace=True)
+    OmegaConf.register_new_resolver(
+        "tunelab_path", lambda name: str({"data": paths.data_dir, "assets": paths.assets_dir}[name]()), replace=True
+    )
+
+
+def new_run_id() -> str:
+    """The run id of this process (also what `${tunelab_run_id:}` resolves to)."""
+    return _run_id()
+
+
+# ---- schemas of value nodes -----------------------------------------------------------------
+class OnNonFinite(str, Enum):
+    stop = "stop"
+    skip = "skip"
+
+
+class Format(str, Enum):
+    prompt_completion = "prompt_completion"
+    chat = "chat"
+    text = "text"
+
+
+class Overlength(str, Enum):
+    error = "error"
+    truncate = "truncate"
+    drop = "drop"
+
+
+@dataclass
+class HyperparamsSchema:
+    lr: float = MISSING
+    batch_size: int = MISSING
+    eval_batch_size: int = MISSING
+    epochs: int = MISSING
+    max_steps: int = -1
+    weight_decay: float = 0.0
+    warmup_ratio: float = 0.0
+    accumulate_grad_batches: int = 1
+    max_seq_len: int = MISSING
+    gradient_clip_val: Optional[float] = None
+    seed: int = 0
+    on_nonfinite: OnNonFinite = OnNonFinite.stop
+    optimizer: Any = MISSING
+    scheduler: Any = None
+
+
+@dataclass
+class SourceSchema:
+    path: str = MISSING
+    subset: Optional[str] = None
+    splits: dict[str, Optional[str]] = field(default_factory=dict)
+    val_size: Optional[float] = None
+    test_size: Optional[float] = None
+
+
+@dataclass
+class DatasetSchema:
+    name: str = MISSING
+    source: SourceSchema = field(default_factory=SourceSchema)
+    format: Format = Format.prompt_completion
+    column_map: dict[str, str] = field(default_factory=dict)
+    templates: list[Any] = field(default_factory=list)
+    chat_template: Optional[str] = None
+    system_prompt: Optional[str] = None
+    train_on_prompt: bool = False
+    overlength: Overlength = Overlength.error
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class EvalSchema:
+    baseline: bool = True
+    test: bool = True
+    generate_on_val: bool = True
+    max_eval_samples: Optional[int] = None
+
+
+SCHEMAS: dict[str, type] = {"hyperparams": HyperparamsSchema, "dataset": DatasetSchema, "eval": EvalSchema}
+
+
+# ---- locating a key in the user's files -----------------------------------------------------
+def _find_in_files(cfg: DictConfig, key_path: str) -> str | None:
+    """`file:line` of the YAML that set `key_path`, found from the group choice and config sources."""
+    group, _, rest = key_path.partition(".")
+    leaf = key_path.rsplit(".", 1)[-1]
+    try:
+        choice = cfg.hydra.runtime.choices.get(group)
+        sources = [s.path for s in cfg.hydra.runtime.config_sources if s.path and s.provider != "schema"]
+    except (AttributeError, OmegaConfBaseException):
+        choice, sources = None, [str(paths.conf_dir())]
+    candidates = [f"{group}/{choice}.yaml"] if choice and rest else []
+    candidates.append("train.yaml")
+    for source in sources:
+        for name in candidates:
+            file = Path(str(source).removeprefix("file://")) / name
+            if file.is_file():
+                for number, line in enumerate(file.read_text().splitlines(), start=1):
+                    if re.match(rf"\s*{re.escape(leaf)}\s*:", line):
+                        return f"{file}:{number}"
+    return None
+
+
+def _where(cfg: DictConfig, key_path: str) -> str:
+    found = _find_in_files(cfg, key_path)
+    return f"key {key_path}" + (f" ({found})" if found else "")
+
+
+# ---- validation -----------------------------------------------------------------------------
+def _check_schema(cfg: DictConfig, name: str, schema: type) -> None:
+    node = cfg.get(name)
+    if node is None:
+        return
+    try:
+        OmegaConf.merge(OmegaConf.structured(schema), OmegaConf.to_container(node, resolve=False))
+    except ConfigKeyError as err:
+        key = str(err.key) if err.key is not None else ""
+        parent = err.full_key.rsplit(".", 1)[0] if "." in str(err.full_key) else ""
+        valid = _schema_fields(schema, parent)
+        raise ConfigError(f"unknown key {key!r}", _where(cfg, f"{name}.{err.full_key}"), did_you_mean(key, valid)) from None
+    except ValidationError as err:
+        value = getattr(err, "value", None)
+        raise ConfigError(
+            f"wrong type or value {value!r}: {err.msg.splitlines()[0]}",
+            _where(cfg, f"{name}.{err.full_key}"),
+            "give a value of the type this key expects",
+        ) from None
+
+
+def _schema_fields(schema: type, parent: str) -> list[str]:
+    for part in [p for p in parent.split(".") if p]:
+        sub = {f.name: f for f in fields(schema)}.get(part)
+        if sub is None or not is_dataclass(sub.default_factory() if callable(sub.default_factory) else None):
+            return []
+        schema = type(sub.default_factory())
+    return [f.name for f in fields(schema)]
+
+
+def _target_nodes(node: Any, path: str = "") -> Iterator[tuple[str, DictConfig]]:
+    if isinstance(node, DictConfig):
+        if "_target_" in node:
+            yield path, node
+        for key in node:
+            if path == "" and key == "hydra":
+                continue
+            child = node._get_node(key)
+            yield from _target_nodes(child, f"{path}.{key}" if path else str(key))
+    elif isinstance(node, ListConfig):
+        for i, child in enumerate(node):
+            yield from _target_nodes(child, f"{path}[{i}]")
+
+
+def _check_targets(cfg: DictConfig) -> None:
+    for path, node in _target_nodes(cfg):
+        target = node._get_node("_target_")._value()
+        try:
+            obj = get_object(str(target))
+        except Exception:  # hydra raises ImportError or its own InstantiationException
+            raise ConfigError(f"cannot import _target_ {target!r}", _where(cfg, f"{path}._target_"),
+                              "check the spelling of the module and class") from None
+        try:
+            params = inspect.signature(obj).parameters
+        except (TypeError, ValueError):
+            continue  # builtins without a signature: nothing to check against
+        if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+            continue
+        for key in node:
+            if key not in INSTANTIATE_KEYS and key not in params:
+                raise ConfigError(
+                    f"unknown key {key!r} for {target}", _where(cfg, f"{path}.{key}"),
+                    did_you_mean(str(key), [p for p in params if p not in ("self", "args", "kwargs")]),
+                )
+
+
+def validate(cfg: DictConfig) -> None:
+    """Raise ConfigError for unknown keys, wrong types and unimportable targets anywhere in `cfg`."""
+    for name, schema in SCHEMAS.items():
+        _check_schema(cfg, name, schema)
+    _check_targets(cfg)
+    try:  # every interpolation must resolve (a typo in ${...} fails here, not mid-run)
+        OmegaConf.to_container(OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"]), resolve=True)
+    except OmegaConfBaseException as err:
+        if "hydra:" not in str(err) and "HydraConfig was not set" not in str(err):
+            raise ConfigError(f"cannot resolve {err.full_key}: {err.msg.splitlines()[0]}",
+                              f"key {err.full_key}", "check the ${...} interpolation") from None
+
+
+# ---- composition (used by the CLI's pre-flight check, tests and notebooks) -------------------
+def compose(
+    overrides: list[str] | None = None,
+    config_name: str = "train",
+    config_dir: str | None = None,
+    return_hydra_config: bool = True,
+) -> DictConfig:
+    """Compose `conf/<config_name>.yaml` with overrides, translating Hydra's errors into ConfigError."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    register_resolvers()
+    overrides = list(overrides or [])
+    if config_dir:
+        overrides.append(f"hydra.searchpath=[file://{Path(config_dir).resolve()}]")
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=str(paths.conf_dir()), version_base="1.3"):
+            return hydra_compose(config_name, overrides=overrides, return_hydra_config=return_hydra_config)
+    except MissingConfigException as err:
+        raise _missing_option(err) from None
+    except OverrideParseException as err:
+        raise ConfigError(f"cannot parse override: {str(err).splitlines()[0]}", "command line",
+                          "overrides look like key=value, group=option, +new_key=value") from None
+    except ConfigCompositionException as err:
+        raise _bad_override(err, overrides, config_name, config_dir) from None
+    finally:
+        GlobalHydra.instance().clear()
+
+
+def _missing_option(err: MissingConfigException) -> ConfigError:
+    text = str(err)
+    match = re.search(r"Could not find '([^']+)'", text)
+    wanted = match.group(1) if match else "?"
+    group, _, option = wanted.rpartition("/")
+    if not group:
+        return ConfigError(f"config {wanted!r} not found", "command line", text.splitlines()[0])
+    return ConfigError(f"unknown {group} option {option!r}", f"key {group.replace('/', '.')}",
+                       did_you_mean(option, err.options or []))
+
+
+def _bad_override(
+    err: ConfigCompositionException, overrides: list[str], config_name: str, config_dir: str | None
+) -> ConfigError:
+    text = str(err)
+    match = re.search(r"Could not (?:override|append to|delete from) '([^']+)'", text)
+    if not match:
+        cause = err.__cause__ or err
+        return ConfigError(str(cause).splitlines()[0], "command line")
+    key = match.group(1)
+    parent, _, leaf = key.rpartition(".")
+    rest = [o for o in overrides if not re.match(rf"[+~]*{re.escape(key)}(@[^=]*)?=", o)]
+    rest = [o for o in rest if not o.startswith("hydra.searchpath=")]
+    try:
+        cfg = compose(rest, config_name, config_dir, return_hydra_config=False)
+        node = OmegaConf.select(cfg, parent) if parent else cfg
+        valid = list(node.keys()) if isinstance(node, DictConfig) else []
+    except ConfigError:
+        valid = []
+    if not parent:
+        valid = sorted(set(valid) | set(_groups()))
+    return ConfigError(f"unknown key {leaf!r}", f"override {key} on the command line",
+                       did_you_mean(leaf, [str(v) for v in valid]) + f"; to add a new key use +{key}=...")
+
+
+def _groups() -> list[str]:
+    return [p.name for p in paths.conf_dir().iterdir() if p.is_dir()]

@@ -1,0 +1,117 @@
+"""Tokenise examples into input ids and labels, supervising only what the model should learn to say.
+
+Chats are rendered by the tokenizer's chat template. Each assistant turn's tokens are found by
+rendering the conversation up to that turn twice, with and without the turn, and taking the
+difference; this works for any template and checks that the prompt is a prefix of prompt+answer.
+The end-of-sequence token closes every supervised span, so the model learns to stop (trl#976).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from tunelab.data.formats import Example
+from tunelab.errors import DataError
+
+IGNORE = -100
+
+
+@dataclass
+class Encoded:
+    """Token ids, labels (IGNORE where not supervised), and for chats the prompt of the last turn."""
+
+    input_ids: list[int]
+    labels: list[int]
+    prompt_ids: list[int] | None
+    reference: str | None
+    origin: str
+
+    @property
+    def supervised(self) -> int:
+        """Tokens that carry loss: labels are compared with the next token, so the first never counts."""
+        return sum(label != IGNORE for label in self.labels[1:])
+
+
+def _ids(tokenizer: Any, text: str) -> list[int]:
+    # Templates already write any BOS they want; adding special tokens again would double it.
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def _render(tokenizer: Any, messages: list[dict[str, str]], generation_prompt: bool) -> str:
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+
+
+def encode_chat(tokenizer: Any, example: Example, train_on_prompt: bool = False) -> Encoded:
+    """Ids and labels of a chat: every assistant turn (and its end-of-turn token) supervised, nothing else."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise DataError(
+            f"{example.origin}: the tokenizer has no chat template",
+            "key dataset.chat_template",
+            "set dataset.chat_template to chatml, alpaca, plain or inline Jinja",
+        )
+    messages = example.messages
+    input_ids = _ids(tokenizer, _render(tokenizer, messages, False))
+    labels = list(input_ids) if train_on_prompt else [IGNORE] * len(input_ids)
+    eos = tokenizer.eos_token_id
+    prompt_ids: list[int] = []
+    for turn, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        prompt_ids = _ids(tokenizer, _render(tokenizer, messages[:turn], True))
+        upto = _ids(tokenizer, _render(tokenizer, messages[: turn + 1], False))
+        if upto[: len(prompt_ids)] != prompt_ids or input_ids[: len(upto)] != upto:
+            raise DataError(
+                f"{example.origin}: the chat template's prompt is not a prefix of prompt+answer (turn {turn})",
+                "key dataset.chat_template",
+                "the template must render earlier turns identically whatever follows; use a named template",
+            )
+        start, end = len(prompt_ids), len(upto)
+        span = upto[start:end]
+        if eos not in span:
+            if turn != len(messages) - 1:
+                raise DataError(
+                    f"{example.origin}: the chat template ends assistant turn {turn} without the EOS token "
+                    f"{tokenizer.eos_token!r}",
+                    "key dataset.chat_template",
+                    "use a template that closes each assistant turn with the eos token",
+                )
+            # A template that writes no end-of-turn token: append EOS so the model still learns to stop.
+            input_ids = input_ids[:end] + [eos]
+            labels = labels[:end] + [IGNORE]
+            end += 1
+        else:
+            # Supervise up to and including the first EOS; template whitespace after it is not an answer.
+            end = start + span.index(eos) + 1
+        labels[start:end] = input_ids[start:end]
+    return Encoded(input_ids, labels, prompt_ids, example.reference, example.origin)
+
+
+def encode_text(tokenizer: Any, example: Example) -> Encoded:
+    """Ids and labels of raw text: every token supervised, EOS appended."""
+    ids = _ids(tokenizer, example.text or "") + [tokenizer.eos_token_id]
+    if tokenizer.bos_token_id is not None and getattr(tokenizer, "add_bos_token", False):
+        ids = [tokenizer.bos_token_id] + ids
+    return Encoded(ids, list(ids), None, None, example.origin)
+
+
+def apply_length_policy(encoded: Encoded, max_len: int, policy: str) -> Encoded | None:
+    """Enforce `max_seq_len`: `error` (default), `truncate` (keeping at least one supervised token), or `drop`."""
+    if len(encoded.input_ids) <= max_len:
+        return encoded
+    if policy == "drop":
+        return None
+    if policy == "truncate":
+        cut = Encoded(encoded.input_ids[:max_len], encoded.labels[:max_len], encoded.prompt_ids,
+                      encoded.reference, encoded.origin)
+        if cut.supervised == 0:
+            raise DataError(
+                f"{encoded.origin}: truncation to max_seq_len={max_len} removes every supervised token "
+                f"(length {len(encoded.input_ids)})",
+                hint="raise hyperparams.max_seq_len or set dataset.overlength=drop",
+            )
+        return cut
+    raise DataError(
+        f"{encoded.origin}: example has {len(encoded.input_ids)} tokens, over max_seq_len={max_len}",
+        hint="raise hyperparams.max_seq_len, or set dataset.overlength=truncate or drop",
+    )

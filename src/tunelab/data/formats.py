@@ -1,0 +1,138 @@
+"""Turn source rows into training examples: a chat (list of role/content messages) or raw text.
+
+Formats:
+- `prompt_completion`: a prompt and its completion, either as columns or rendered from the row by a
+  template of the dataset's template library (Jinja over the row's fields), sampled per example.
+- `chat`: a `messages` column of role/content dicts (OpenAI style; ShareGPT's from/value is accepted).
+- `text`: a `text` column for continued pre-training; every token is supervised.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import jinja2
+
+from tunelab.data.sources import Row
+from tunelab.errors import ConfigError, DataError
+
+ROLES = ("system", "user", "assistant")
+SHAREGPT_ROLES = {"human": "user", "gpt": "assistant", "system": "system", "user": "user", "assistant": "assistant"}
+_JINJA = jinja2.Environment(undefined=jinja2.StrictUndefined, keep_trailing_newline=False, autoescape=False)
+
+
+@dataclass
+class Example:
+    """A chat (`messages`) or a raw `text`, the expected answer for evaluation, and its origin."""
+
+    origin: str
+    messages: list[dict[str, str]] = field(default_factory=list)
+    text: str | None = None
+    template: int | None = None  # index into the template library, when one was used
+
+    @property
+    def reference(self) -> str | None:
+        return self.messages[-1]["content"] if self.messages else None
+
+
+def compile_templates(templates: Sequence[Mapping[str, str]]) -> list[tuple[jinja2.Template, jinja2.Template]]:
+    """Compile a template library; a syntax error names the template's index."""
+    compiled = []
+    for index, template in enumerate(templates):
+        try:
+            compiled.append((_JINJA.from_string(template["prompt"]), _JINJA.from_string(template["completion"])))
+        except (KeyError, TypeError):
+            raise ConfigError(
+                f"template {index} needs a 'prompt' and a 'completion'", f"key dataset.templates[{index}]"
+            ) from None
+        except jinja2.TemplateSyntaxError as err:
+            raise ConfigError(
+                f"template {index} is not valid Jinja: {err.message} (line {err.lineno})",
+                f"key dataset.templates[{index}]",
+            ) from None
+    return compiled
+
+
+def _text_field(row: Row, fields: Mapping[str, Any], name: str) -> str:
+    if name not in fields:
+        raise DataError(f"{row.origin}: {name}: missing", hint=f"fields present: {', '.join(sorted(fields))}")
+    value = fields[name]
+    if not isinstance(value, str):
+        raise DataError(f"{row.origin}: {name}: expected a string, got {type(value).__name__}")
+    return value
+
+
+def _render(row: Row, template: jinja2.Template, fields: Mapping[str, Any], part: str) -> str:
+    try:
+        return template.render(**fields)
+    except jinja2.UndefinedError as err:
+        raise DataError(
+            f"{row.origin}: {part} template: {err.message}",
+            hint=f"fields present: {', '.join(sorted(fields))}; rename with dataset.column_map",
+        ) from None
+
+
+def _chat(row: Row, fields: Mapping[str, Any]) -> list[dict[str, str]]:
+    raw = fields.get("messages", fields.get("conversations"))
+    if not isinstance(raw, list) or not raw:
+        raise DataError(f"{row.origin}: messages: expected a non-empty list of role/content objects")
+    messages = []
+    for i, message in enumerate(raw):
+        where = f"{row.origin}: messages[{i}]"
+        if not isinstance(message, Mapping):
+            raise DataError(f"{where}: expected an object, got {type(message).__name__}")
+        role = message.get("role", message.get("from"))
+        content = message.get("content", message.get("value"))
+        role = SHAREGPT_ROLES.get(role) if isinstance(role, str) else None
+        if role is None:
+            raise DataError(f"{where}.role: unknown role {message.get('role', message.get('from'))!r}",
+                            hint=f"roles: {', '.join(ROLES)}")
+        if not isinstance(content, str):
+            raise DataError(f"{where}.content: expected a string, got {type(content).__name__}")
+        messages.append({"role": role, "content": content})
+    if messages[-1]["role"] != "assistant":
+        raise DataError(f"{row.origin}: messages: the last message must be the assistant's")
+    for i, message in enumerate(messages):
+        if message["role"] == "assistant" and not message["content"].strip():
+            raise DataError(f"{row.origin}: messages[{i}].content: empty assistant message")
+    return messages
+
+
+def to_example(
+    row: Row,
+    index: int,
+    fmt: str,
+    column_map: Mapping[str, str],
+    templates: Sequence[tuple[jinja2.Template, jinja2.Template]],
+    system_prompt: str | None,
+    seed: int,
+) -> Example:
+    """One source row as an Example; the template is drawn with `Random(seed, index)`, so it is stable."""
+    fields = {column_map.get(k, k): v for k, v in row.fields.items()}
+    if fmt == "text":
+        return Example(row.origin, text=_text_field(row, fields, "text"))
+    if fmt == "chat":
+        messages = _chat(row, fields)
+        if system_prompt and messages[0]["role"] != "system":
+            messages.insert(0, {"role": "system", "content": system_prompt})
+        return Example(row.origin, messages=messages)
+    if fmt != "prompt_completion":
+        raise ConfigError(f"unknown dataset.format {fmt!r}", "key dataset.format",
+                          "use prompt_completion, chat or text")
+    chosen = None
+    if templates:
+        chosen = random.Random(f"{seed}:{index}").randrange(len(templates))
+        prompt_t, completion_t = templates[chosen]
+        prompt = _render(row, prompt_t, fields, "prompt")
+        completion = _render(row, completion_t, fields, "completion")
+    else:
+        prompt, completion = _text_field(row, fields, "prompt"), _text_field(row, fields, "completion")
+    if not completion.strip():
+        raise DataError(f"{row.origin}: completion: empty")
+    messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": completion}]
+    if system_prompt:
+        messages.insert(0, {"role": "system", "content": system_prompt})
+    return Example(row.origin, messages=messages, template=chosen)

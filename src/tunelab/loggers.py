@@ -1,0 +1,52 @@
+"""Experiment loggers. W&B runs online with credentials and offline without, by itself."""
+
+from __future__ import annotations
+
+import netrc
+import os
+from pathlib import Path
+from typing import Any
+
+from pytorch_lightning.loggers import WandbLogger
+
+
+def wandb_credentials_present() -> bool:
+    """True when W&B could authenticate: an API key in the environment or a W&B entry in ~/.netrc."""
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    try:
+        hosts = netrc.netrc().hosts
+    except (FileNotFoundError, netrc.NetrcParseError, OSError):
+        return False
+    return any("wandb" in host for host in hosts)
+
+
+def wandb_logger(mode: str = "auto", **kwargs: Any) -> WandbLogger:
+    """Lightning's WandbLogger; `mode=auto` picks online when credentials exist and offline otherwise.
+
+    An explicit WANDB_MODE in the environment wins, as W&B users expect.
+    """
+    if mode == "auto":
+        mode = os.environ.get("WANDB_MODE") or ("online" if wandb_credentials_present() else "offline")
+    kwargs.setdefault("log_model", False)  # model/ holds the weights; uploading checkpoints is opt-in
+    kwargs.update({k: v for k, v in _job_identity().items() if kwargs.get(k) is None})
+    # `mode` goes to wandb.init; Lightning's own `offline=True` would set WANDB_MODE for the whole process.
+    return WandbLogger(mode=mode, **kwargs)
+
+
+def _job_identity() -> dict[str, str]:
+    """A unique id and readable name per job; in a multirun, the sweep's id as the group."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    try:
+        hydra_cfg = HydraConfig.get()
+    except ValueError:  # not under Hydra: W&B picks its own id and name
+        return {}
+    run_dir = Path(hydra_cfg.runtime.output_dir)
+    if hydra_cfg.mode == RunMode.MULTIRUN:
+        sweep = run_dir.parent.name
+        overrides = hydra_cfg.job.override_dirname
+        return {"id": f"{sweep}-{hydra_cfg.job.num}", "group": sweep,
+                "name": f"{hydra_cfg.job.num}:{overrides}" if overrides else str(hydra_cfg.job.num)}
+    return {"id": run_dir.name, "name": run_dir.name}

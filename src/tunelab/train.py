@@ -1,0 +1,152 @@
+"""`tunelab train`: compose → validate → build tokenizer, data, model, module, trainer → fit → test → report.
+
+`train(cfg)` is importable and returns the final metrics; `main` is the thin Hydra entry point.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import traceback
+from pathlib import Path
+from typing import Any
+
+import hydra
+import pytorch_lightning as pl
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+from pytorch_lightning.callbacks import LearningRateMonitor
+
+from tunelab import paths, report
+from tunelab.config import validate
+from tunelab.errors import TunelabError
+from tunelab.models import apply_method, count_parameters
+from tunelab.redact import redact, redact_file
+
+log = logging.getLogger(__name__)
+
+
+def _collect(trainer: pl.Trainer, prefix: str) -> dict[str, float]:
+    return {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith(prefix)}
+
+
+def logged_config(cfg: DictConfig, extra: dict[str, Any]) -> dict[str, Any]:
+    """The resolved config for experiment trackers: secrets masked, hyperparameters also at the top level
+    (so W&B's parallel-coordinates and parameter-importance panels find them)."""
+    resolved = OmegaConf.to_container(OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"]), resolve=True)
+    flat = {k: v for k, v in resolved["hyperparams"].items() if not isinstance(v, dict)}
+    return redact({**flat, **extra, **resolved})
+
+
+def train(cfg: DictConfig) -> dict[str, float]:
+    """Train, evaluate and save one run as `cfg` describes; returns the metrics also written to metrics.json."""
+    validate(cfg)
+    run_dir = Path(cfg.paths.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    for saved in (run_dir / ".hydra").glob("*.yaml"):
+        redact_file(saved)
+    pl.seed_everything(cfg.hyperparams.seed, workers=True, verbose=False)
+
+    tokenizer = instantiate(cfg.tokenizer)
+    datamodule = instantiate(cfg.datamodule, tokenizer=tokenizer, _convert_="all")
+    datamodule.setup("fit")  # data errors surface here, before any model is built
+    model = apply_method(instantiate(cfg.model), instantiate(cfg.method.peft, _convert_="all"))
+    trainable, total = count_parameters(model)
+    report.parameters(trainable, total, model)
+    module = instantiate(cfg.module, model=model, tokenizer=tokenizer, _convert_="all")
+
+    loggers = [instantiate(node) for node in cfg.logger.values()]
+    callbacks = [instantiate(node) for node in cfg.callbacks.values()]
+    if not loggers:  # Lightning refuses a learning-rate monitor with nothing to log to
+        callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
+    trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False,
+                                      default_root_dir=str(run_dir))
+    choices = _choices()
+    for logger in loggers:
+        logger.log_hyperparams(logged_config(cfg, {
+            **{f"choice/{k}": v for k, v in choices.items()},
+            "params/trainable": trainable, "params/total": total, "data": datamodule.stats,
+        }))
+
+    metrics: dict[str, float] = {}
+    try:
+        if cfg.eval.test and cfg.eval.baseline:
+            module.eval_prefix = "baseline/test"
+            trainer.test(module, datamodule=datamodule, verbose=False)
+            metrics.update(_collect(trainer, "baseline/"))
+        trainer.fit(module, datamodule=datamodule)
+        metrics.update(_collect(trainer, "val/"))
+        metrics.update(_collect(trainer, "train/loss"))
+        if cfg.eval.test:
+            module.eval_prefix = "test"
+            trainer.test(module, datamodule=datamodule, verbose=False)
+            metrics.update(_collect(trainer, "test/"))
+        throughput = [c for c in callbacks if hasattr(c, "total_tokens")]
+        if throughput and throughput[0].total_seconds:
+            metrics["perf/tokens_per_s"] = throughput[0].total_tokens / throughput[0].total_seconds
+    finally:
+        for logger in loggers:
+            if hasattr(logger, "experiment") and logger.__class__.__name__ == "WandbLogger":
+                logger.experiment.finish()  # one W&B run per job, even in a sequential multirun
+            else:
+                logger.finalize("success")
+    metrics["params/trainable"], metrics["params/total"] = trainable, total
+    (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
+    report.summary(run_dir, metrics, datamodule.stats, loggers)
+    return metrics
+
+
+def _choices() -> dict[str, str]:
+    try:
+        return {k: str(v) for k, v in HydraConfig.get().runtime.choices.items() if not k.startswith("hydra")}
+    except ValueError:  # not running under Hydra (tests composing configs themselves)
+        return {}
+
+
+def _multirun() -> bool:
+    try:
+        return HydraConfig.get().mode == RunMode.MULTIRUN
+    except ValueError:
+        return False
+
+
+@hydra.main(config_path=str(paths.conf_dir()), config_name="train", version_base="1.3")
+def main(cfg: DictConfig) -> float | None:
+    """Hydra entry point: runs `train` and returns the metric `optimized_metric` names, for sweepers.
+
+    In a multirun a failing trial is recorded (error.txt in its directory) and the sweep goes on.
+    """
+    try:
+        metrics = train(cfg)
+    except TunelabError as err:
+        if not _multirun():
+            print(err.message())
+            raise SystemExit(err.exit_code) from None
+        _record_failure(cfg, err.message())
+        return math.nan
+    except Exception:
+        if not _multirun():
+            raise
+        _record_failure(cfg, traceback.format_exc())
+        return math.nan
+    value = metrics.get(cfg.optimized_metric)
+    return None if value is None else float(value)
+
+
+def _record_failure(cfg: DictConfig, text: str) -> None:
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    (run_dir / "error.txt").write_text(text + "\n")
+    log.error("trial %s failed; the sweep goes on. %s", run_dir, text.strip().splitlines()[-1])
+    import wandb
+
+    if wandb.run is not None:
+        wandb.run.finish(exit_code=1)  # marked failed on the dashboard
+
+
+if __name__ == "__main__":
+    from tunelab.cli import run_verb
+
+    run_verb("train")
