@@ -12,6 +12,8 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 
+from tunelab.models import save_unloadable_base
+
 
 def peak_memory_gb(device: torch.device) -> float:
     """Peak accelerator memory, or the process's peak resident memory on the CPU."""
@@ -38,7 +40,7 @@ class Throughput(pl.Callback):
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        self._tokens += int(batch["attention_mask"].sum())
+        self._tokens += int(batch["n_tokens"])
         if (batch_idx + 1) % self.window:
             return
         if pl_module.device.type == "cuda":
@@ -66,9 +68,31 @@ class SaveHFModel(pl.Callback):
             return
         self.dirpath.mkdir(parents=True, exist_ok=True)
         pl_module.model.save_pretrained(self.dirpath, safe_serialization=True)
+        # An adapter over a random-init base is useless without that base's weights: keep them in model/base.
+        save_unloadable_base(pl_module.model, self.dirpath / "base")
         pl_module.tokenizer.save_pretrained(self.dirpath)
         # The data recipe (format, prompt templates, system prompt) so eval/generate build prompts exactly
         # as training did (LlamaFactory#2509: a different template at inference costs accuracy).
         dataset = getattr(trainer.datamodule, "dataset_cfg", {}) if trainer.datamodule else {}
         recipe = {k: dataset.get(k) for k in ("name", "format", "templates", "system_prompt", "chat_template")}
         (self.dirpath / "tunelab_recipe.json").write_text(json.dumps(recipe, indent=2, default=str) + "\n")
+
+
+class ValHistory(pl.Callback):
+    """Appends one JSON line per validation (step, epoch, every `val/*` figure) to `path`.
+
+    A plain-text history that `tunelab sweep-report` can always plot, whichever loggers ran (W&B's
+    offline files have no stable reader; the CSV logger is opt-in)."""
+
+    def __init__(self, path: str) -> None:
+        self.path = Path(path)
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.sanity_checking or not trainer.is_global_zero:
+            return
+        row = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
+        if not row:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with self.path.open("a") as file:
+            file.write(json.dumps({"step": trainer.global_step, "epoch": trainer.current_epoch, **row}) + "\n")

@@ -14,22 +14,40 @@ import sys
 from tunelab.config import compose, new_run_id, register_resolvers, validate
 from tunelab.errors import ConfigError, TunelabError
 
-VERBS = {"train": "tunelab.train"}
+VERBS = {"train": "tunelab.train", "sweep-report": "tunelab.sweep_report", "generate": "tunelab.generate",
+         "export": "tunelab.export"}
+PLAIN_VERBS = {"sweep-report"}  # verbs with their own argparse options: no Hydra overrides, no pre-flight
 USAGE = """usage: tunelab <verb> [overrides] [-m] [--cfg job] [--config-dir DIR] [--help]
 
 verbs:
   train     fine-tune: model=, method=, dataset=, hyperparams.*= (try: tunelab train --help)
+  generate  answer with a trained run: run=<run dir> prompt="..." [interactive=true] [sampling=creative]
+  export    merge adapters and write a plain Hugging Face model: run=<run dir> [out=<dir>] [merge=true|false]
+  sweep-report  rank the trials of a multirun directory, plot them, write the best config (--help)
 
 exit codes: 0 ok, 1 unexpected bug, 2 config or usage error, 3 data error, 4 checkpoint error, 5 numerics
 """
 MAX_PREFLIGHT = 64  # sweep combinations composed before launch; beyond, each value is still checked once
 
 
-def _expand(overrides: list[str], multirun: bool) -> list[list[str]]:
+def _config_loader(config_dir: str | None):  # noqa: ANN202 - hydra's ConfigLoaderImpl
+    """Hydra's config loader over conf/ (and --config-dir), so `group=glob(*)` expands to the group's options."""
+    from hydra._internal.config_loader_impl import ConfigLoaderImpl
+    from hydra._internal.utils import create_config_search_path
+
+    from tunelab import paths
+
+    search_path = create_config_search_path(str(paths.conf_dir()))
+    if config_dir:
+        search_path.prepend("command-line", f"file://{os.path.abspath(config_dir)}")
+    return ConfigLoaderImpl(config_search_path=search_path)
+
+
+def _expand(overrides: list[str], multirun: bool, config_dir: str | None = None) -> list[list[str]]:
     """The override sets a sweep will run (or a covering sample of them), for pre-flight composition."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
-    parsed = OverridesParser.create().parse_overrides(overrides)
+    parsed = OverridesParser.create(config_loader=_config_loader(config_dir)).parse_overrides(overrides)
     if not multirun or not any(o.is_sweep_override() for o in parsed):
         return [overrides]
     axes = []
@@ -49,15 +67,15 @@ def _expand(overrides: list[str], multirun: bool) -> list[list[str]]:
     return [[a[i % len(a)] for a in axes if a] for i in range(width)]
 
 
-def preflight(argv: list[str]) -> None:
+def preflight(argv: list[str], config_name: str = "train") -> None:
     """Compose and validate what `argv` asks for; raise ConfigError on the first problem."""
     from hydra._internal.utils import get_args_parser
 
     args = get_args_parser().parse_args(argv)
     if args.help or args.hydra_help or args.info or args.shell_completion:
         return
-    for overrides in _expand(args.overrides, args.multirun):
-        cfg = compose(overrides, args.config_name or "train", args.config_dir)
+    for overrides in _expand(args.overrides, args.multirun, args.config_dir):
+        cfg = compose(overrides, args.config_name or config_name, args.config_dir)
         validate(cfg)
         _check_sweeper_params(cfg)
 
@@ -77,18 +95,40 @@ def _check_sweeper_params(cfg) -> None:  # noqa: ANN001 - a DictConfig
                               did_you_mean(leaf, [str(v) for v in valid]))
 
 
+def overrides_last(argv: list[str]) -> list[str]:
+    """`argv` with the flags first and the overrides after them, in their order.
+
+    Hydra parses with argparse, which takes positionals only once: `a=1 --cfg job b=2` fails, and so
+    would `a=1 --cfg job` once the CLI appends `run_id=...`. Reordering keeps every spelling working.
+    """
+    from hydra._internal.utils import get_args_parser
+
+    overrides = get_args_parser().parse_intermixed_args(argv).overrides
+    flags, pending = [], list(overrides)
+    for token in argv:
+        if pending and token == pending[0]:
+            pending.pop(0)
+        else:
+            flags.append(token)
+    return flags + list(overrides)
+
+
 def run_verb(verb: str, argv: list[str] | None = None) -> None:
     """Run one verb as the console script would, with `argv` (default: sys.argv[1:])."""
     import importlib
 
-    argv = list(sys.argv[1:] if argv is None else argv)
+    if verb in PLAIN_VERBS:
+        sys.argv = [f"tunelab {verb}", *(sys.argv[1:] if argv is None else argv)]
+        importlib.import_module(VERBS[verb]).main()
+        return
+    argv = overrides_last(list(sys.argv[1:] if argv is None else argv))
     register_resolvers()
     os.environ.setdefault("HYDRA_FULL_ERROR", "0")
     if not any(a.startswith("run_id=") for a in argv):
         # Pin the id in the config so parallel workers (joblib, SLURM) all see the same value.
         argv.append(f"run_id={new_run_id()}")
     try:
-        preflight(argv)
+        preflight(argv, verb)  # each verb's primary config is conf/<verb>.yaml
     except TunelabError as err:
         print(err.message(), file=sys.stderr)
         raise SystemExit(err.exit_code) from None

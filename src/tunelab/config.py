@@ -7,6 +7,7 @@ configs themselves (tests, notebooks).
 
 from __future__ import annotations
 
+import difflib
 import functools
 import inspect
 import re
@@ -16,7 +17,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field, fields, is_dataclass
 from enum import Enum
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, get_args, get_type_hints
 
 from hydra.errors import ConfigCompositionException, MissingConfigException, OverrideParseException
 from hydra.utils import get_object
@@ -61,6 +62,11 @@ class Format(str, Enum):
     text = "text"
 
 
+class OnBadRow(str, Enum):
+    error = "error"
+    skip = "skip"
+
+
 class Overlength(str, Enum):
     error = "error"
     truncate = "truncate"
@@ -78,6 +84,7 @@ class HyperparamsSchema:
     warmup_ratio: float = 0.0
     accumulate_grad_batches: int = 1
     max_seq_len: int = MISSING
+    packing: bool = False
     gradient_clip_val: Optional[float] = None
     seed: int = 0
     on_nonfinite: OnNonFinite = OnNonFinite.stop
@@ -105,7 +112,13 @@ class DatasetSchema:
     system_prompt: Optional[str] = None
     train_on_prompt: bool = False
     overlength: Overlength = Overlength.error
+    on_bad_row: OnBadRow = OnBadRow.error
+    max_bad_fraction: float = 0.05
     metrics: dict[str, Any] = field(default_factory=dict)
+    # A mixture names tasks (each a dataset config like this one) and their sampling weights.
+    tasks: dict[str, Any] = field(default_factory=dict)
+    weights: dict[str, float] = field(default_factory=dict)
+    samples_per_epoch: Optional[int] = None
 
 
 @dataclass
@@ -141,8 +154,29 @@ def _find_in_files(cfg: DictConfig, key_path: str) -> str | None:
     return None
 
 
+def _command_line_override(cfg: DictConfig, key_path: str) -> str | None:
+    """The command-line override that set `key_path` (`a.b=1`, `+a.b=1`, `++a.b=1`), if one did."""
+    try:
+        task = list(cfg.hydra.overrides.task)
+    except (AttributeError, OmegaConfBaseException):
+        from hydra.core.hydra_config import HydraConfig
+
+        try:
+            task = list(HydraConfig.get().overrides.task)
+        except ValueError:  # composed without Hydra's runtime config: no command line to blame
+            task = []
+    for override in reversed(task):  # the last one wins, as in Hydra
+        if re.split(r"[=@]", override.lstrip("+~"), maxsplit=1)[0] == key_path:
+            from tunelab.redact import redact
+
+            return redact(override)
+    return None
+
+
 def _where(cfg: DictConfig, key_path: str) -> str:
-    found = _find_in_files(cfg, key_path)
+    """`key a.b (override a.b=1 on the command line)` or `key a.b (file.yaml:3)`: where to fix it."""
+    override = _command_line_override(cfg, key_path)
+    found = f"override {override} on the command line" if override else _find_in_files(cfg, key_path)
     return f"key {key_path}" + (f" ({found})" if found else "")
 
 
@@ -163,8 +197,23 @@ def _check_schema(cfg: DictConfig, name: str, schema: type) -> None:
         raise ConfigError(
             f"wrong type or value {value!r}: {err.msg.splitlines()[0]}",
             _where(cfg, f"{name}.{err.full_key}"),
-            "give a value of the type this key expects",
+            _type_hint(err, f"{name}.{err.full_key}"),
         ) from None
+
+
+def _type_hint(err: ValidationError, key_path: str) -> str:
+    """What the key accepts: did-you-mean over an enum's values, else the expected type."""
+    try:
+        expected = get_type_hints(err.object_type)[str(err.key)]
+    except (TypeError, KeyError, NameError):
+        return "give a value of the type this key expects"
+    options = [a for a in get_args(expected) if a is not type(None)] or [expected]
+    enum = next((o for o in options if isinstance(o, type) and issubclass(o, Enum)), None)
+    if enum is not None:
+        return did_you_mean(str(err.value), [member.value for member in enum])
+    names = " or ".join(getattr(o, "__name__", str(o)) for o in options)
+    nullable = type(None) in get_args(expected)
+    return f"{key_path} takes {names}" + (" or null" if nullable else "") + f", not {err.value!r}"
 
 
 def _schema_fields(schema: type, parent: str) -> list[str]:
@@ -246,7 +295,7 @@ def compose(
         with initialize_config_dir(config_dir=str(paths.conf_dir()), version_base="1.3"):
             return hydra_compose(config_name, overrides=overrides, return_hydra_config=return_hydra_config)
     except MissingConfigException as err:
-        raise _missing_option(err) from None
+        raise _missing_option(err, overrides) from None
     except OverrideParseException as err:
         raise ConfigError(f"cannot parse override: {str(err).splitlines()[0]}", "command line",
                           "overrides look like key=value, group=option, +new_key=value") from None
@@ -256,15 +305,17 @@ def compose(
         GlobalHydra.instance().clear()
 
 
-def _missing_option(err: MissingConfigException) -> ConfigError:
+def _missing_option(err: MissingConfigException, overrides: list[str]) -> ConfigError:
     text = str(err)
     match = re.search(r"Could not find '([^']+)'", text)
     wanted = match.group(1) if match else "?"
     group, _, option = wanted.rpartition("/")
     if not group:
         return ConfigError(f"config {wanted!r} not found", "command line", text.splitlines()[0])
-    return ConfigError(f"unknown {group} option {option!r}", f"key {group.replace('/', '.')}",
-                       did_you_mean(option, err.options or []))
+    key = group.replace("/", ".")
+    typed = [o for o in overrides if re.match(rf"[+~]*{re.escape(group)}(@[^=]*)?=", o)]
+    where = f"override {typed[-1]} on the command line" if typed else f"key {key}"
+    return ConfigError(f"unknown {group} option {option!r}", where, did_you_mean(option, err.options or []))
 
 
 def _bad_override(
@@ -278,17 +329,47 @@ def _bad_override(
     key = match.group(1)
     parent, _, leaf = key.rpartition(".")
     rest = [o for o in overrides if not re.match(rf"[+~]*{re.escape(key)}(@[^=]*)?=", o)]
+    if len(rest) == len(overrides):  # not from the command line: an `override` in some file's defaults list
+        source = re.match(r"In '([^']+)'", text)
+        lines = text.splitlines()
+        return ConfigError(lines[0], f"defaults list of {source.group(1)}.yaml" if source else "a defaults list",
+                           lines[1] if len(lines) > 1 else "check the file's `override /group: option` lines")
     rest = [o for o in rest if not o.startswith("hydra.searchpath=")]
     try:
         cfg = compose(rest, config_name, config_dir, return_hydra_config=False)
         node = OmegaConf.select(cfg, parent) if parent else cfg
         valid = list(node.keys()) if isinstance(node, DictConfig) else []
     except ConfigError:
-        valid = []
+        node, valid = None, []
+    add = f"; to add a key the YAML does not set use +{key}=..."
+    if isinstance(node, DictConfig) and "_target_" in node:
+        # The YAML names a few of the target's arguments; the user may mean any of the others.
+        target = str(node._get_node("_target_")._value())
+        accepted = _signature_keys(target)
+        if accepted is not None:
+            where = f"override {key} on the command line"
+            if leaf in accepted:
+                return ConfigError(f"{target} takes {leaf!r} but the YAML does not set it", where,
+                                   f"add it with +{key}=...")
+            return ConfigError(f"unknown key {leaf!r} for {target}", where, did_you_mean(leaf, accepted))
     if not parent:
-        valid = sorted(set(valid) | set(_groups()))
+        groups = _groups()
+        valid = sorted(set(valid) | set(groups))
+        if difflib.get_close_matches(leaf, groups, n=1, cutoff=0.6):
+            add = "; a config group is chosen with group=option"  # a typo of a group: '+' would not help
     return ConfigError(f"unknown key {leaf!r}", f"override {key} on the command line",
-                       did_you_mean(leaf, [str(v) for v in valid]) + f"; to add a new key use +{key}=...")
+                       did_you_mean(leaf, [str(v) for v in valid]) + add)
+
+
+def _signature_keys(target: str) -> list[str] | None:
+    """The keyword arguments `target` accepts, or None when they cannot be listed (**kwargs, builtins)."""
+    try:
+        params = inspect.signature(get_object(target)).parameters
+    except Exception:  # unimportable or no signature: validate() reports the import problem
+        return None
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return None
+    return [p for p in params if p not in ("self", "args", "kwargs")]
 
 
 def _groups() -> list[str]:

@@ -30,3 +30,42 @@ def token_f1(prediction: str, reference: str) -> float:
         return 0.0
     precision, recall = common / len(pred), common / len(ref)
     return 2 * precision * recall / (precision + recall)
+
+
+
+def parse_entities(text: str) -> list[tuple[str, str]] | None:
+    """`person: A, B; organisation: C; location: none` as [(type, entity), ...], both normalised.
+
+    `none` entries are dropped and segments without a `type:` prefix skipped, so a half-right answer
+    keeps its credit; None when no segment has the format at all (the answer is not a listing).
+    """
+    pairs, listed = [], False
+    for segment in text.split(";"):
+        kind, sep, names = segment.partition(":")
+        kind = normalize(kind)
+        if not sep or not kind:
+            continue
+        listed = True
+        for name in names.split(","):
+            name = normalize(name)
+            if name and name != "none":
+                pairs.append((kind, name))
+    return pairs if listed else None
+
+
+def entity_f1(prediction: str, reference: str) -> float:
+    """F1 over (type, entity) pairs of the `type: a, b; type: c` format, per example.
+
+    Both listing no entity scores 1.0; an answer that is not a listing scores 0.0 even there, so
+    an empty or rambling answer cannot earn credit on entity-free sentences.
+    """
+    pred, ref = parse_entities(prediction), parse_entities(reference) or []
+    if pred is None:
+        return 0.0
+    if not pred or not ref:
+        return float(pred == ref)
+    common = sum(min(pred.count(p), ref.count(p)) for p in set(pred))
+    if common == 0:
+        return 0.0
+    precision, recall = common / len(pred), common / len(ref)
+    return 2 * precision * recall / (precision + recall)

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import logging
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from tunelab.errors import ConfigError
+from tunelab.errors import CheckpointError, ConfigError, did_you_mean
 
 log = logging.getLogger(__name__)
 
@@ -95,16 +98,25 @@ def load_causal_lm(
     attn_implementation: str | None = "sdpa",
     trust_remote_code: bool = False,
     revision: str | None = None,
+    quantization_config: Any | None = None,
 ) -> nn.Module:
     """A causal LM from a hub id or local directory; with `random_init`, freshly initialised from its config.
 
     Random init draws from torch's global RNG, which `train` seeds first, so it is reproducible.
+    `quantization_config` (a transformers `BitsAndBytesConfig`, from `method.quantization`) loads the
+    weights quantized, for QLoRA.
     """
     from transformers import AutoConfig, AutoModelForCausalLM
 
     del tokenizer_name_or_path  # read by the tokenizer node; kept here so the model node stays one place
     _check_local(name_or_path, "model.name_or_path")
     torch_dtype = getattr(torch, dtype) if dtype != "auto" else "auto"
+    if quantization_config is not None and random_init:
+        raise ConfigError(
+            "a quantized base (method.quantization) needs pretrained weights, but model.random_init is true",
+            "key model.random_init",
+            "save the random model with save_pretrained and point model.name_or_path at it with random_init=false",
+        )
     if random_init:
         config = AutoConfig.from_pretrained(
             name_or_path, trust_remote_code=trust_remote_code, revision=revision
@@ -119,18 +131,68 @@ def load_causal_lm(
         trust_remote_code=trust_remote_code,
         revision=revision,
         use_safetensors=None if _is_local(name_or_path) else True,
+        **({"quantization_config": quantization_config} if quantization_config is not None else {}),
     )
 
 
-def apply_method(model: nn.Module, peft_config: Any | None) -> nn.Module:
-    """Wrap the model with a PEFT adapter; `None` means full fine-tuning (every weight trains)."""
-    if peft_config is None:
-        model.requires_grad_(True)
-        return model
-    from peft import get_peft_model
+@dataclass
+class Method:
+    """A fine-tuning method as built from `method.*`: the library's own objects, no names to dispatch on.
 
+    peft: a PEFT config (adapter or prompt learning), or None to train the model's own weights.
+    quantization: a transformers quantization config the base is loaded with (QLoRA), or None.
+    freeze: a callable `freeze(model)` choosing which of the model's own weights train, or None for all.
+    """
+
+    peft: Any | None = None
+    quantization: Any | None = None
+    freeze: Callable[[nn.Module], None] | None = None
+
+
+def build_method(node: Any) -> Method:
+    """Instantiate the `method` config node and refuse incompatible combinations before any model loads."""
+    from hydra.utils import instantiate
+
+    built = instantiate(node, _convert_="all") or {}
+    unknown = sorted(set(built) - {f.name for f in fields(Method)})
+    if unknown:
+        raise ConfigError(f"unknown key {unknown[0]!r} in the method", f"key method.{unknown[0]}",
+                          did_you_mean(unknown[0], [f.name for f in fields(Method)]))
+    method = Method(**built)
+    if method.quantization is not None:
+        if method.peft is None:
+            raise ConfigError(
+                "a quantized base cannot be fully fine-tuned: 4-bit weights take no gradient updates",
+                "key method.quantization",
+                "use method=qlora (LoRA on the quantized base), or drop method.quantization",
+            )
+        if not torch.cuda.is_available():  # checked when the run is built, not at import
+            raise ConfigError(
+                "method.quantization (bitsandbytes 4-bit, QLoRA) needs a CUDA GPU and none is available",
+                "key method.quantization",
+                "run on a GPU machine (trainer=gpu), or use method=lora on the CPU",
+            )
+    if method.peft is not None and method.freeze is not None:
+        raise ConfigError("method.freeze applies to full fine-tuning; a PEFT adapter already freezes the base",
+                          "key method.freeze", "set method.peft=null or method.freeze=null")
+    return method
+
+
+def apply_method(model: nn.Module, method: Method | None = None) -> nn.Module:
+    """Wrap the model with the method's PEFT adapter, or train its own weights (all, or those `freeze` keeps)."""
+    method = method or Method()
+    if method.peft is None:
+        model.requires_grad_(True)
+        if method.freeze is not None:
+            method.freeze(model)
+        return model
+    from peft import get_peft_model, prepare_model_for_kbit_training
+
+    if getattr(model, "is_quantized", False) or getattr(model, "is_loaded_in_4bit", False):
+        # PEFT's recipe for a k-bit base: norms in fp32, input grads on, so adapters get gradients.
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     try:
-        return get_peft_model(model, peft_config)
+        return get_peft_model(model, method.peft)
     except ValueError as err:
         if "not found in the base model" in str(err) or "Target modules" in str(err):
             names = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)})
@@ -139,7 +201,43 @@ def apply_method(model: nn.Module, peft_config: Any | None) -> nn.Module:
                 "key method.peft.target_modules",
                 f"linear modules here: {', '.join(names)}; or use all-linear",
             ) from None
-        raise
+        # PEFT's other refusals are about this config on this model (e.g. dropout on MoE expert weights).
+        raise ConfigError(f"PEFT cannot apply method.peft to this model: {err}", "key method.peft",
+                          "change the method's settings as the message says, e.g. method.peft.lora_dropout=0") from None
+
+
+def _block_stack(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    """The transformer blocks: the ModuleList holding the most parameters (decoder layers in every HF LM)."""
+    lists = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.ModuleList) and len(m)]
+    if not lists:
+        raise ConfigError("this model has no stack of layers to choose from", "key method.freeze.last_n_layers",
+                          "use method.freeze.patterns instead")
+    return max(lists, key=lambda item: sum(p.numel() for p in item[1].parameters()))
+
+
+def train_only(model: nn.Module, last_n_layers: int = 0, patterns: list[str] | None = None) -> None:
+    """Freeze every weight except those of the last `last_n_layers` blocks and those whose name matches
+    one of `patterns` (regular expressions searched in parameter names, e.g. `lm_head|norm`)."""
+    stack_name, stack = _block_stack(model)
+    if not 0 <= last_n_layers <= len(stack):
+        raise ConfigError(f"method.freeze.last_n_layers={last_n_layers} but the model has {len(stack)} layers",
+                          "key method.freeze.last_n_layers", f"give a number from 0 to {len(stack)}")
+    keep = {f"{stack_name}.{i}." for i in range(len(stack) - last_n_layers, len(stack))}
+    compiled = [re.compile(p) for p in patterns or []]
+    names = [n for n, _ in model.named_parameters()]
+    for pattern in compiled:
+        if not any(pattern.search(n) for n in names):
+            raise ConfigError(
+                f"method.freeze.patterns: {pattern.pattern!r} matches no parameter", "key method.freeze.patterns",
+                f"parameters look like: {', '.join(names[:3])}, ..., {names[-1]}",
+            )
+    model.requires_grad_(False)
+    for name, param in model.named_parameters():
+        if any(name.startswith(k) for k in keep) or any(p.search(name) for p in compiled):
+            param.requires_grad_(True)
+    if not any(p.requires_grad for p in model.parameters()):
+        raise ConfigError("method.freeze leaves no parameter to train", "key method.freeze",
+                          "raise last_n_layers or add a pattern")
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:
@@ -154,3 +252,73 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
         if param.requires_grad:
             trainable += param.numel()
     return trainable, total
+
+
+# ---- trained runs: save what generate/export need, and load it back ---------------------------
+def _has_weights(name_or_path: str) -> bool:
+    """False only for a local directory without weight files (a random-init model's config dir)."""
+    path = Path(name_or_path).expanduser()
+    return not path.is_dir() or any(path.glob("*.safetensors")) or any(path.glob("*.bin"))
+
+
+def save_unloadable_base(model: nn.Module, dirpath: Path) -> bool:
+    """For a PEFT model whose base has no weights at its `base_model_name_or_path` (random init), write the
+    base's own weights (adapters removed, not merged) to `dirpath` as safetensors; True if written."""
+    import copy
+
+    from peft import PeftModel
+
+    if not isinstance(model, PeftModel):
+        return False
+    peft_config = model.peft_config[model.active_adapter]
+    if _has_weights(peft_config.base_model_name_or_path or ""):
+        return False
+    # Prompt learning leaves the base untouched; injected adapters (LoRA, IA3) are removed from a copy.
+    base = model.get_base_model() if peft_config.is_prompt_learning else copy.deepcopy(model).unload()
+    base.save_pretrained(dirpath, safe_serialization=True)
+    return True
+
+
+def load_run(run_dir: str | Path, quantize: bool = True) -> tuple[nn.Module, Any, dict[str, Any]]:
+    """(model, tokenizer, data recipe) of a run written by `tunelab train`, in eval mode.
+
+    `<run>/model` holds a full model or a PEFT adapter (adapter_config.json); an adapter's base comes
+    from `<run>/model/base` when the run saved it (random-init bases), else from its base_model_name_or_path.
+    The run's `.hydra/config.yaml`, when present, says whether the base was quantized (QLoRA);
+    `quantize=False` loads it in full precision instead (what merging needs).
+    """
+    import json
+
+    from omegaconf import OmegaConf
+
+    run_dir = Path(run_dir)
+    model_dir = run_dir / "model"
+    if not (model_dir / "config.json").is_file() and not (model_dir / "adapter_config.json").is_file():
+        raise ConfigError(f"no trained model in {model_dir}", "key run",
+                          "give a run directory written by `tunelab train` (it holds model/)")
+    saved = run_dir / ".hydra" / "config.yaml"
+    options: dict[str, Any] = {"dtype": "auto"}
+    if saved.is_file():
+        from hydra.utils import instantiate
+
+        run_cfg = OmegaConf.load(saved)
+        options["trust_remote_code"] = bool(OmegaConf.select(run_cfg, "model.trust_remote_code", default=False))
+        quantization = OmegaConf.select(run_cfg, "method.quantization", default=None)
+        if quantize and quantization is not None:
+            options["quantization_config"] = instantiate(quantization)
+    tokenizer = load_tokenizer(str(model_dir), trust_remote_code=options.get("trust_remote_code", False))
+    recipe_file = model_dir / "tunelab_recipe.json"
+    recipe = json.loads(recipe_file.read_text()) if recipe_file.is_file() else {}
+    if not (model_dir / "adapter_config.json").is_file():
+        return load_causal_lm(str(model_dir), **options).eval(), tokenizer, recipe
+    from peft import PeftConfig, PeftModel
+
+    peft_config = PeftConfig.from_pretrained(str(model_dir))
+    base_dir = model_dir / "base"
+    base = str(base_dir) if base_dir.is_dir() else peft_config.base_model_name_or_path
+    if not _has_weights(base):
+        raise CheckpointError(f"the adapter's base model {base} has no weights and the run saved none",
+                              f"file {model_dir / 'adapter_config.json'}",
+                              "retrain with this version of tunelab (it writes model/base for random-init bases)")
+    model = PeftModel.from_pretrained(load_causal_lm(base, **options), str(model_dir))
+    return model.eval(), tokenizer, recipe

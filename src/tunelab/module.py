@@ -19,10 +19,13 @@ from torch import nn
 from torchmetrics import MeanMetric
 
 from tunelab.data.encode import IGNORE
+from tunelab.data.packing import block_causal_mask
 from tunelab.errors import NumericsError
 
 def summed_token_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(sum of next-token cross-entropy over supervised positions, number of them), in fp32."""
+    # Prompt tuning (PEFT) returns logits for its virtual tokens too, before the input's: keep the input's.
+    logits = logits[:, logits.shape[1] - labels.shape[1]:]
     shift_logits = logits[:, :-1].float().flatten(0, 1)
     shift_labels = labels[:, 1:].flatten()
     total = F.cross_entropy(shift_logits, shift_labels, ignore_index=IGNORE, reduction="sum")
@@ -40,7 +43,7 @@ class TuneModule(pl.LightningModule):
         scheduler: Callable[..., Any] | None = None,
         warmup_ratio: float = 0.0,
         generation: Mapping[str, Any] | None = None,
-        metrics: Mapping[str, Callable[[str, str], float]] | None = None,
+        tasks: Mapping[str, Mapping[str, Callable[[str, str], float]]] | None = None,
         on_nonfinite: str = "stop",
         generate_on_val: bool = True,
     ) -> None:
@@ -49,22 +52,44 @@ class TuneModule(pl.LightningModule):
         self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
         self.warmup_ratio = warmup_ratio
         self.generation = dict(generation or {})
-        self.scorers = dict(metrics or {})
+        # task -> metric name -> scorer(answer, reference); one task unless the dataset is a mixture
+        self.tasks = {name: dict(scorers) for name, scorers in (tasks or {"data": {}}).items()}
+        self.scorers = {n: s for scorers in self.tasks.values() for n, s in scorers.items()}
         self.on_nonfinite, self.generate_on_val = on_nonfinite, generate_on_val
         self.eval_prefix = "test"  # `train` sets "baseline/test" to score the untrained model
+        # Checkpoints of adapter/partly frozen runs hold only what trains (on_save_checkpoint): resume loads
+        # them non-strictly, the frozen rest being rebuilt from the model config and seed.
+        self.strict_loading = all(p.requires_grad for p in model.parameters())
+        # MoE routers' load-balancing loss weight (Mixtral, Qwen-MoE configs); 0 for dense models.
+        self.aux_loss_coef = float(getattr(getattr(model, "config", None), "router_aux_loss_coef", 0.0) or 0.0)
         self._window_loss = torch.zeros(())
         self._window_tokens = 0
         # One set of running means per stage: a state first touched under the test loop's inference mode
         # cannot be updated later by validation.
+        # Per-task means only for mixtures: metric names are `val/<task>/<metric>` and overall `val/<metric>`.
+        groups = {"overall": self.scorers, **(self.tasks if len(self.tasks) > 1 else {})}
         self.running = nn.ModuleDict({
-            stage: nn.ModuleDict({"loss": MeanMetric(), **{name: MeanMetric() for name in self.scorers}})
+            stage: nn.ModuleDict({
+                group: nn.ModuleDict({"loss": MeanMetric(), **{name: MeanMetric() for name in scorers}})
+                for group, scorers in groups.items()
+            })
             for stage in ("val", "test")
         })
 
+    def forward_batch(self, batch: dict[str, Any]) -> Any:
+        """The model's output on a padded batch, or on a packed one (block-diagonal mask, restarted positions)."""
+        if "segment_ids" in batch:
+            dtype = next(self.model.parameters()).dtype
+            mask = block_causal_mask(batch["segment_ids"], dtype if dtype.is_floating_point else torch.float32)
+            return self.model(input_ids=batch["input_ids"], attention_mask=mask, position_ids=batch["position_ids"])
+        return self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+
     # ---- training -------------------------------------------------------------------------
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor | None:
-        out = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+        out = self.forward_batch(batch)
         loss_sum, tokens = summed_token_loss(out.logits, batch["labels"])
+        self.log("train/pad_fraction", batch["pad_fraction"], on_step=True, on_epoch=False,
+                 batch_size=batch["input_ids"].shape[0])
         if not torch.isfinite(loss_sum):
             if self.on_nonfinite == "skip":
                 self.log("train/nonfinite_skipped", 1.0, reduce_fx="sum", on_step=True)
@@ -76,6 +101,12 @@ class TuneModule(pl.LightningModule):
             )
         self._window_loss = self._window_loss.to(loss_sum.device) + loss_sum.detach()
         self._window_tokens += int(tokens)
+        aux = getattr(out, "aux_loss", None)  # a per-batch mean, when the model routes tokens to experts
+        if aux is not None and self.aux_loss_coef:
+            self.log("train/aux_loss", aux.detach(), on_step=True, batch_size=batch["input_ids"].shape[0])
+            # × tokens: after the division by the effective batch's token count (on_before_optimizer_step)
+            # the step's loss gains coef × (token-weighted mean of aux), as the model's own loss would.
+            loss_sum = loss_sum + self.aux_loss_coef * aux * tokens
         return loss_sum
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
@@ -128,32 +159,38 @@ class TuneModule(pl.LightningModule):
         return self.tokenizer.batch_decode(out[:, prompt_ids.shape[1]:], skip_special_tokens=True)
 
     def _eval_step(self, stage: str, batch: dict[str, Any], score: bool) -> None:
-        running = self.running[stage]
-        out = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+        task = batch.get("task", next(iter(self.tasks)))
+        groups = [self.running[stage]["overall"]] + ([self.running[stage][task]] if task in self.running[stage] else [])
+        out = self.forward_batch(batch)
         loss_sum, tokens = summed_token_loss(out.logits, batch["labels"])
-        running["loss"].update(loss_sum / tokens.clamp(min=1), weight=tokens)  # a token mean over the split
-        if score and self.scorers and "prompt_ids" in batch:
+        for running in groups:  # token means over the whole split, not means of batch means
+            running["loss"].update(loss_sum / tokens.clamp(min=1), weight=tokens)
+        scorers = self.tasks.get(task, self.scorers)
+        if score and scorers and "prompt_ids" in batch:
             answers = self.generate_answers(batch["prompt_ids"], batch["prompt_mask"])
-            for name, scorer in self.scorers.items():
-                values = torch.tensor([scorer(a, r) for a, r in zip(answers, batch["references"])])
-                running[name].update(values.to(self.device))
+            for name, scorer in scorers.items():
+                values = torch.tensor([scorer(a, r) for a, r in zip(answers, batch["references"])], device=self.device)
+                for running in groups:
+                    running[name].update(values)
 
     def _eval_end(self, stage: str, prefix: str, score: bool) -> None:
-        for name, metric in self.running[stage].items():
-            if name == "loss" or score:
-                value = metric.compute()
-                self.log(f"{prefix}/{name}", value)
-                if name == "loss":
-                    self.log(f"{prefix}/ppl", torch.exp(value.clamp(max=30)))
-            metric.reset()
+        for group, metrics in self.running[stage].items():
+            base = prefix if group == "overall" else f"{prefix}/{group}"
+            for name, metric in metrics.items():
+                if metric.update_count and (name == "loss" or score):
+                    value = metric.compute()
+                    self.log(f"{base}/{name}", value, add_dataloader_idx=False)
+                    if name == "loss":
+                        self.log(f"{base}/ppl", torch.exp(value.clamp(max=30)), add_dataloader_idx=False)
+                metric.reset()
 
-    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+    def validation_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> None:
         self._eval_step("val", batch, self.generate_on_val)
 
     def on_validation_epoch_end(self) -> None:
         self._eval_end("val", "val", self.generate_on_val)
 
-    def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+    def test_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> None:
         self._eval_step("test", batch, True)
 
     def on_test_epoch_end(self) -> None:

@@ -14,12 +14,20 @@ log = logging.getLogger(__name__)
 _BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
 
+def memory_estimate(trainable: int, total: int, model: nn.Module) -> dict[str, float]:
+    """GB for weights, gradients and AdamW state (activations not included); logged as params/*_gb."""
+    dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
+    return {
+        "weights_gb": total * _BYTES.get(dtype, 4) / 2**30,
+        "grads_gb": trainable * _BYTES.get(dtype, 4) / 2**30,
+        "adamw_gb": trainable * 8 / 2**30,  # two fp32 moments per trainable parameter
+    }
+
+
 def parameters(trainable: int, total: int, model: nn.Module) -> None:
     """Trainable/total parameters and a memory estimate for weights, gradients and AdamW state."""
-    dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
-    weight_gb = total * _BYTES.get(dtype, 4) / 2**30
-    grad_gb = trainable * _BYTES.get(dtype, 4) / 2**30
-    adam_gb = trainable * 8 / 2**30  # two fp32 moments per trainable parameter
+    estimate = memory_estimate(trainable, total, model)
+    weight_gb, grad_gb, adam_gb = estimate["weights_gb"], estimate["grads_gb"], estimate["adamw_gb"]
     Console(stderr=True).print(
         f"[bold]parameters[/]: {trainable:,} trainable of {total:,} ({100 * trainable / max(total, 1):.2f}%) · "
         f"memory estimate: weights {weight_gb:.3f} GB + grads {grad_gb:.3f} GB + AdamW {adam_gb:.3f} GB"

@@ -23,7 +23,7 @@ from pytorch_lightning.callbacks import LearningRateMonitor
 from tunelab import paths, report
 from tunelab.config import validate
 from tunelab.errors import TunelabError
-from tunelab.models import apply_method, count_parameters
+from tunelab.models import apply_method, build_method, count_parameters
 from tunelab.redact import redact, redact_file
 
 log = logging.getLogger(__name__)
@@ -50,13 +50,15 @@ def train(cfg: DictConfig) -> dict[str, float]:
         redact_file(saved)
     pl.seed_everything(cfg.hyperparams.seed, workers=True, verbose=False)
 
+    method = build_method(cfg.method)  # PEFT config, quantization, freeze rule; bad combinations refused here
     tokenizer = instantiate(cfg.tokenizer)
     datamodule = instantiate(cfg.datamodule, tokenizer=tokenizer, _convert_="all")
     datamodule.setup("fit")  # data errors surface here, before any model is built
-    model = apply_method(instantiate(cfg.model), instantiate(cfg.method.peft, _convert_="all"))
+    model = apply_method(instantiate(cfg.model, quantization_config=method.quantization), method)
     trainable, total = count_parameters(model)
     report.parameters(trainable, total, model)
-    module = instantiate(cfg.module, model=model, tokenizer=tokenizer, _convert_="all")
+    tasks = instantiate(datamodule.task_metrics, _convert_="all")  # task -> metric name -> scorer
+    module = instantiate(cfg.module, model=model, tokenizer=tokenizer, tasks=tasks, _convert_="all")
 
     loggers = [instantiate(node) for node in cfg.logger.values()]
     callbacks = [instantiate(node) for node in cfg.callbacks.values()]
@@ -69,15 +71,21 @@ def train(cfg: DictConfig) -> dict[str, float]:
         logger.log_hyperparams(logged_config(cfg, {
             **{f"choice/{k}": v for k, v in choices.items()},
             "params/trainable": trainable, "params/total": total, "data": datamodule.stats,
+            **{f"params/{k}": v for k, v in report.memory_estimate(trainable, total, model).items()},
         }))
 
     metrics: dict[str, float] = {}
+    completed = False  # a run that raised is closed as failed (W&B shows it red; the sweep report lists it)
     try:
         if cfg.eval.test and cfg.eval.baseline:
             module.eval_prefix = "baseline/test"
             trainer.test(module, datamodule=datamodule, verbose=False)
             metrics.update(_collect(trainer, "baseline/"))
-        trainer.fit(module, datamodule=datamodule)
+        # Our own run's checkpoint: tensors and plain containers only, so Lightning can load it weights_only.
+        trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("resume"), weights_only=True)
+        if not _collect(trainer, "val/"):
+            # max_steps can end training between validations; sweeps need a final val/ figure.
+            trainer.validate(module, datamodule=datamodule, verbose=False)
         metrics.update(_collect(trainer, "val/"))
         metrics.update(_collect(trainer, "train/loss"))
         if cfg.eval.test:
@@ -87,12 +95,14 @@ def train(cfg: DictConfig) -> dict[str, float]:
         throughput = [c for c in callbacks if hasattr(c, "total_tokens")]
         if throughput and throughput[0].total_seconds:
             metrics["perf/tokens_per_s"] = throughput[0].total_tokens / throughput[0].total_seconds
+        completed = True
     finally:
         for logger in loggers:
             if hasattr(logger, "experiment") and logger.__class__.__name__ == "WandbLogger":
-                logger.experiment.finish()  # one W&B run per job, even in a sequential multirun
+                # one W&B run per job, even in a sequential multirun
+                logger.experiment.finish(exit_code=0 if completed else 1)
             else:
-                logger.finalize("success")
+                logger.finalize("success" if completed else "failed")
     metrics["params/trainable"], metrics["params/total"] = trainable, total
     (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
     report.summary(run_dir, metrics, datamodule.stats, loggers)
@@ -141,9 +151,23 @@ def _record_failure(cfg: DictConfig, text: str) -> None:
     (run_dir / "error.txt").write_text(text + "\n")
     log.error("trial %s failed; the sweep goes on. %s", run_dir, text.strip().splitlines()[-1])
     import wandb
+    from pytorch_lightning.loggers import WandbLogger
 
     if wandb.run is not None:
         wandb.run.finish(exit_code=1)  # marked failed on the dashboard
+        return
+    # Failed before train() started its loggers (e.g. a data error): the trial still gets its own W&B run,
+    # marked failed, so the sweep's group shows every trial. Skipped when train() already closed one.
+    for node in cfg.logger.values():
+        logger = instantiate(node)
+        if not isinstance(logger, WandbLogger):
+            continue
+        if list(Path(logger.save_dir or ".").glob(f"wandb/*run-*{logger.version}")):
+            continue
+        logger.log_hyperparams(logged_config(cfg, {f"choice/{k}": v for k, v in _choices().items()}))
+        lines = text.strip().splitlines()  # a tunelab error's first line says what; a traceback's last line
+        logger.experiment.summary["error"] = next((x for x in lines if x.startswith("tunelab:")), lines[-1])
+        logger.experiment.finish(exit_code=1)
 
 
 if __name__ == "__main__":

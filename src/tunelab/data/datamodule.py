@@ -3,18 +3,21 @@
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from collections.abc import Mapping
 from typing import Any
 
 import pytorch_lightning as pl
 import torch
 from omegaconf import DictConfig, OmegaConf
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, WeightedRandomSampler
 
 from tunelab.data.encode import IGNORE, Encoded, apply_length_policy, encode_chat, encode_text
 from tunelab.data.formats import compile_templates, to_example
+from tunelab.data.packing import first_fit_decreasing
 from tunelab.data.sources import load_splits
-from tunelab.errors import DataError
+from tunelab.data.cache import cache_key, read_cache, write_cache
+from tunelab.errors import DataError, did_you_mean
 
 log = logging.getLogger(__name__)
 
@@ -24,22 +27,45 @@ def _plain(node: Any) -> Any:
 
 
 class Collator:
-    """Right-pads ids and labels for the loss; left-pads prompts for batched generation."""
+    """Right-pads ids and labels for the loss (or packs them, see packing.py); left-pads prompts for generation.
 
-    def __init__(self, pad_id: int, with_prompts: bool) -> None:
-        self.pad_id, self.with_prompts = pad_id, with_prompts
+    Packing happens per micro-batch: the batch's examples are binned into as few rows of at most
+    `max_len` tokens as fit, so a step sees the same examples packed or padded and the token-mean
+    loss is the same; only the padding (and the compute spent on it) shrinks.
+    """
+
+    def __init__(self, pad_id: int, with_prompts: bool, pack: bool = False, max_len: int = 0,
+                 task: str | None = None) -> None:
+        self.pad_id, self.with_prompts, self.pack, self.max_len, self.task = pad_id, with_prompts, pack, max_len, task
 
     def __call__(self, items: list[Encoded]) -> dict[str, Any]:
-        width = max(len(item.input_ids) for item in items)
-        ids = torch.full((len(items), width), self.pad_id, dtype=torch.long)
-        labels = torch.full((len(items), width), IGNORE, dtype=torch.long)
-        mask = torch.zeros((len(items), width), dtype=torch.long)
-        for row, item in enumerate(items):
-            n = len(item.input_ids)
-            ids[row, :n] = torch.tensor(item.input_ids)
-            labels[row, :n] = torch.tensor(item.labels)
-            mask[row, :n] = 1
-        batch: dict[str, Any] = {"input_ids": ids, "attention_mask": mask, "labels": labels}
+        rows = first_fit_decreasing([len(i.input_ids) for i in items], self.max_len) if self.pack else [
+            [i] for i in range(len(items))]
+        width = max(sum(len(items[i].input_ids) for i in row) for row in rows)
+        ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
+        labels = torch.full((len(rows), width), IGNORE, dtype=torch.long)
+        segments = torch.full((len(rows), width), -1, dtype=torch.long)
+        positions = torch.zeros((len(rows), width), dtype=torch.long)
+        for r, row in enumerate(rows):
+            start = 0
+            for seg, index in enumerate(row):
+                item = items[index]
+                end = start + len(item.input_ids)
+                ids[r, start:end] = torch.tensor(item.input_ids)
+                # A packed example's first label is its own first token: never predicted from the previous one.
+                labels[r, start:end] = torch.tensor([IGNORE] + item.labels[1:])
+                segments[r, start:end] = seg
+                positions[r, start:end] = torch.arange(end - start)
+                start = end
+        real = segments >= 0
+        batch: dict[str, Any] = {"input_ids": ids, "labels": labels, "n_tokens": int(real.sum()),
+                                 "pad_fraction": 1.0 - float(real.sum()) / real.numel()}
+        if self.pack:
+            batch.update(segment_ids=segments, position_ids=positions)  # the module builds the 4D mask
+        else:
+            batch["attention_mask"] = real.long()
+        if self.task is not None:
+            batch["task"] = self.task
         if self.with_prompts and all(item.prompt_ids for item in items):
             pwidth = max(len(item.prompt_ids) for item in items)
             pids = torch.full((len(items), pwidth), self.pad_id, dtype=torch.long)
@@ -53,7 +79,12 @@ class Collator:
 
 
 class TuneDataModule(pl.LightningDataModule):
-    """Loads, formats, tokenises and masks every split once; data errors surface before the model is built."""
+    """Loads, formats, tokenises and masks every split once; data errors surface before the model is built.
+
+    `dataset` is one task (a `source` and a template) or a mixture (`tasks` of such configs and
+    `weights`, the probability of drawing a training example from each task). Validation and test
+    keep one loader per task so metrics are reported per task and overall.
+    """
 
     def __init__(
         self,
@@ -63,75 +94,146 @@ class TuneDataModule(pl.LightningDataModule):
         eval_batch_size: int = 32,
         max_seq_len: int = 1024,
         seed: int = 0,
+        packing: bool = False,
         num_workers: int = 0,
         max_eval_samples: int | None = None,
+        cache_dir: str | None = None,
     ) -> None:
         super().__init__()
         self.dataset_cfg: dict[str, Any] = _plain(dataset)
         self.tokenizer = tokenizer
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
-        self.max_seq_len, self.seed, self.num_workers = max_seq_len, seed, num_workers
-        self.max_eval_samples = max_eval_samples
-        self.splits: dict[str, list[Encoded]] = {}
-        self.stats: dict[str, dict[str, int]] = {}
+        self.max_seq_len, self.seed, self.packing = max_seq_len, seed, packing
+        self.num_workers, self.max_eval_samples = num_workers, max_eval_samples
+        self.cache_dir = Path(cache_dir) if cache_dir else None
+        self.tasks: dict[str, dict[str, Any]] = self.dataset_cfg.get("tasks") or {
+            self.dataset_cfg.get("name", "data"): self.dataset_cfg}
+        self.splits: dict[str, dict[str, list[Encoded]]] = {}  # task -> split -> examples
+        self.stats: dict[str, Any] = {}
+
+    @property
+    def task_metrics(self) -> dict[str, dict[str, Any]]:
+        """Each task's metric configs (`_target_` nodes), for the module to instantiate."""
+        return {name: dict(cfg.get("metrics") or {}) for name, cfg in self.tasks.items()}
 
     def setup(self, stage: str | None = None) -> None:
         if self.splits:
             return
-        cfg = self.dataset_cfg
-        templates = compile_templates(cfg.get("templates") or [])
-        fmt = cfg.get("format", "prompt_completion")
-        for split, rows in load_splits(cfg["source"], self.seed).items():
-            encoded, dropped = [], 0
-            for index, row in enumerate(rows):
-                example = to_example(row, index, fmt, cfg.get("column_map") or {}, templates,
-                                     cfg.get("system_prompt"), self.seed)
-                item = (encode_text(self.tokenizer, example) if fmt == "text"
-                        else encode_chat(self.tokenizer, example, bool(cfg.get("train_on_prompt", False))))
-                item = apply_length_policy(item, self.max_seq_len, cfg.get("overlength", "error"))
-                if item is None:
-                    dropped += 1
-                    continue
-                encoded.append(item)
-            supervised = sum(item.supervised for item in encoded)
-            if not encoded or supervised == 0:
-                where = rows[0].origin.rsplit(":", 1)[0] if rows else str(cfg["source"].get("path"))
-                raise DataError(
-                    f"the {split} split has no supervised tokens ({len(rows)} rows, {dropped} dropped)", where,
-                    "check the template/format: the loss would be computed on nothing",
-                )
-            if split != "train" and self.max_eval_samples:
-                encoded = encoded[: self.max_eval_samples]
-            self.splits[split] = encoded
-            self.stats[split] = {
-                "examples": len(encoded), "dropped_overlength": dropped, "supervised_tokens": supervised,
-                "tokens": sum(len(item.input_ids) for item in encoded),
-            }
-            if dropped:
-                log.warning("%s: dropped %d over-length examples (max_seq_len=%d)", split, dropped, self.max_seq_len)
-        for required in ("validation", "test"):
-            if required not in self.splits:
-                raise DataError(
-                    f"the dataset has no {required} split", f"dataset {cfg.get('name')}",
-                    "name it in dataset.source.splits, or carve it from train with dataset.source.val_size/test_size",
-                )
+        for name, cfg in self.tasks.items():
+            self.splits[name], self.stats[name] = self._load_task(cfg)
+            for split in ("validation", "test"):
+                if split not in self.splits[name]:
+                    raise DataError(
+                        f"task {name!r} has no {split} split", f"dataset {name}",
+                        "name it in dataset.source.splits, or carve it from train with "
+                        "dataset.source.val_size/test_size",
+                    )
+                if self.max_eval_samples:
+                    self.splits[name][split] = self.splits[name][split][: self.max_eval_samples]
+        weights = self.dataset_cfg.get("weights") or {}
+        unknown = set(weights) - set(self.tasks)
+        if unknown:
+            raise DataError(f"weights name unknown tasks {sorted(unknown)}", "key dataset.weights",
+                            did_you_mean(sorted(unknown)[0], self.tasks))
 
-    def _loader(self, split: str, train: bool) -> DataLoader:
+    def _load_task(self, cfg: dict[str, Any]) -> tuple[dict[str, list[Encoded]], dict[str, Any]]:
+        key = cache_key(cfg, self.tokenizer, self.max_seq_len, self.seed)
+        cached = read_cache(self.cache_dir, key) if self.cache_dir else None
+        if cached is not None:
+            return cached
+        splits, stats = encode_task(cfg, self.tokenizer, self.max_seq_len, self.seed)
+        if self.cache_dir:
+            write_cache(self.cache_dir, key, splits, stats)
+        return splits, stats
+
+    def _train_sampler(self) -> tuple[list[Encoded], torch.utils.data.Sampler | None]:
+        examples = [e for name in self.tasks for e in self.splits[name]["train"]]
+        if len(self.tasks) == 1:
+            return examples, None
+        weights = self.dataset_cfg.get("weights") or {}
+        total = sum(float(weights.get(name, 1.0)) for name in self.tasks)
+        per_example = torch.cat([
+            torch.full((len(self.splits[name]["train"]),),
+                       float(weights.get(name, 1.0)) / total / len(self.splits[name]["train"]))
+            for name in self.tasks
+        ])
+        samples = self.dataset_cfg.get("samples_per_epoch") or len(examples)
         generator = torch.Generator().manual_seed(self.seed)
+        return examples, WeightedRandomSampler(per_example, samples, replacement=True, generator=generator)
+
+    def train_dataloader(self) -> DataLoader:
+        examples, sampler = self._train_sampler()
         return DataLoader(
-            self.splits[split],  # a list of Encoded is a map-style dataset
-            batch_size=self.batch_size if train else self.eval_batch_size,
-            shuffle=train,
-            generator=generator if train else None,
-            collate_fn=Collator(self.tokenizer.pad_token_id, with_prompts=not train),
+            examples, batch_size=self.batch_size, shuffle=sampler is None, sampler=sampler,
+            generator=torch.Generator().manual_seed(self.seed) if sampler is None else None,
+            collate_fn=Collator(self.tokenizer.pad_token_id, False, self.packing, self.max_seq_len),
             num_workers=self.num_workers,
         )
 
-    def train_dataloader(self) -> DataLoader:
-        return self._loader("train", True)
+    def _eval_loaders(self, split: str) -> list[DataLoader]:
+        return [DataLoader(self.splits[name][split], batch_size=self.eval_batch_size,
+                           collate_fn=Collator(self.tokenizer.pad_token_id, True, task=name),
+                           num_workers=self.num_workers) for name in self.tasks]
 
-    def val_dataloader(self) -> DataLoader:
-        return self._loader("validation", False)
+    def val_dataloader(self) -> list[DataLoader]:
+        return self._eval_loaders("validation")
 
-    def test_dataloader(self) -> DataLoader:
-        return self._loader("test", False)
+    def test_dataloader(self) -> list[DataLoader]:
+        return self._eval_loaders("test")
+
+
+def encode_task(
+    cfg: dict[str, Any], tokenizer: Any, max_seq_len: int, seed: int
+) -> tuple[dict[str, list[Encoded]], dict[str, Any]]:
+    """Every split of one task as tokenised, masked examples, with counts of what was dropped and why.
+
+    A malformed row is an error (exit 3, `file:line: field: problem`) unless `on_bad_row: skip`,
+    which drops it, reports how many and which lines, and still fails past `max_bad_fraction`.
+    """
+    templates = compile_templates(cfg.get("templates") or [])
+    fmt = cfg.get("format", "prompt_completion")
+    skip_bad = cfg.get("on_bad_row", "error") == "skip"
+    splits: dict[str, list[Encoded]] = {}
+    stats: dict[str, Any] = {}
+    for split, rows in load_splits(cfg["source"], seed).items():
+        encoded, dropped, bad = [], 0, []
+        for index, row in enumerate(rows):
+            try:
+                example = to_example(row, index, fmt, cfg.get("column_map") or {}, templates,
+                                     cfg.get("system_prompt"), seed)
+                item = (encode_text(tokenizer, example) if fmt == "text"
+                        else encode_chat(tokenizer, example, bool(cfg.get("train_on_prompt", False))))
+                item = apply_length_policy(item, max_seq_len, cfg.get("overlength", "error"))
+            except DataError as err:
+                if not skip_bad:
+                    raise
+                bad.append(err.what)
+                continue
+            if item is None:
+                dropped += 1
+                continue
+            encoded.append(item)
+        where = rows[0].origin.rsplit(":", 1)[0] if rows else str(cfg["source"].get("path"))
+        if bad:
+            log.warning("%s: skipped %d bad rows of %d (on_bad_row=skip): %s", where, len(bad), len(rows),
+                        "; ".join(bad[:5]) + (" ..." if len(bad) > 5 else ""))
+            bound = float(cfg.get("max_bad_fraction", 0.05))
+            if len(bad) / max(len(rows), 1) > bound:
+                raise DataError(
+                    f"{len(bad)} of {len(rows)} rows are bad ({len(bad) / len(rows):.1%} > "
+                    f"max_bad_fraction={bound}); first: {bad[0]}", where,
+                    "fix the data, or raise dataset.max_bad_fraction if dropping them is intended",
+                )
+        supervised = sum(item.supervised for item in encoded)
+        if not encoded or supervised == 0:
+            raise DataError(
+                f"the {split} split has no supervised tokens ({len(rows)} rows, {dropped} over-length dropped, "
+                f"{len(bad)} bad)", where, "check the template/format: the loss would be computed on nothing",
+            )
+        if dropped:
+            log.warning("%s: dropped %d over-length examples (max_seq_len=%d)", where, dropped, max_seq_len)
+        splits[split] = encoded
+        stats[split] = {"examples": len(encoded), "dropped_overlength": dropped, "bad_rows": len(bad),
+                        "bad_lines": [b.split(": ", 1)[0] for b in bad][:100],
+                        "supervised_tokens": supervised, "tokens": sum(len(i.input_ids) for i in encoded)}
+    return splits, stats

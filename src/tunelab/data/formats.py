@@ -111,6 +111,8 @@ def to_example(
     seed: int,
 ) -> Example:
     """One source row as an Example; the template is drawn with `Random(seed, index)`, so it is stable."""
+    if row.error:
+        raise DataError(row.error)
     fields = {column_map.get(k, k): v for k, v in row.fields.items()}
     if fmt == "text":
         return Example(row.origin, text=_text_field(row, fields, "text"))

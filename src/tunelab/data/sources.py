@@ -25,6 +25,7 @@ class Row:
 
     fields: dict[str, Any]
     origin: str
+    error: str | None = None  # a row that could not be parsed; raised (or skipped) when it is formatted
 
 
 def read_file(path: Path) -> list[Row]:
@@ -58,9 +59,11 @@ def _read_jsonl(path: Path) -> list[Row]:
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as err:
-                raise DataError(f"{origin}: invalid JSON: {err.msg} (column {err.colno})") from None
+                rows.append(Row({}, origin, f"{origin}: invalid JSON: {err.msg} (column {err.colno})"))
+                continue
             if not isinstance(record, dict):
-                raise DataError(f"{origin}: expected a JSON object, got {type(record).__name__}")
+                rows.append(Row({}, origin, f"{origin}: expected a JSON object, got {type(record).__name__}"))
+                continue
             rows.append(Row(record, origin))
     return rows
 

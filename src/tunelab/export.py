@@ -1,0 +1,91 @@
+"""`tunelab export run=<run dir> [out=<dir>] [merge=...]`: a plain Hugging Face model directory.
+
+Adapters that live inside the base's weights (LoRA, DoRA, IA3) are merged (`merge_and_unload`), so
+the result loads with `AutoModelForCausalLM.from_pretrained` and no tunelab or PEFT. Prompt and prefix
+tuning add virtual tokens that no weight can hold: those export the adapter and its base side by side.
+A quantized (QLoRA) run is merged into a base loaded in full precision, not into its 4-bit weights.
+"""
+
+from __future__ import annotations
+
+import copy
+import shutil
+import sys
+from pathlib import Path
+from typing import Any
+
+import hydra
+import torch
+from omegaconf import DictConfig
+
+from tunelab import paths
+from tunelab.errors import ConfigError, TunelabError
+from tunelab.models import load_run
+
+
+def _mergeable(model: Any) -> bool:
+    config = getattr(model, "peft_config", {}).get(getattr(model, "active_adapter", None))
+    return config is not None and not config.is_prompt_learning
+
+
+def _save_hf(model: Any, tokenizer: Any, out: Path) -> None:
+    """Weights (safetensors), config, generation config that stops at the chat's end-of-turn, tokenizer."""
+    generation_config = getattr(model, "generation_config", None)
+    if generation_config is not None:
+        generation_config.pad_token_id = tokenizer.pad_token_id
+        generation_config.eos_token_id = tokenizer.eos_token_id
+    model.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)  # with the chat template used in training
+
+
+def export(cfg: DictConfig) -> Path:
+    """Write the run's model to `cfg.out` (default `<run>/export`); returns that directory."""
+    if cfg.run is None:
+        raise ConfigError("no run given", "key run", "tunelab export run=<run dir> [out=<dir>]")
+    run_dir = Path(cfg.run)
+    out = Path(cfg.out) if cfg.out is not None else run_dir / "export"
+    model, tokenizer, _ = load_run(run_dir, quantize=False)
+    is_adapter = hasattr(model, "peft_config")
+    if cfg.merge and is_adapter and not _mergeable(model):
+        kind = model.peft_config[model.active_adapter].peft_type.value
+        raise ConfigError(
+            f"a {kind} adapter cannot be merged into the base weights: it adds virtual tokens, not weight deltas",
+            "key merge",
+            "export with merge=null or merge=false (adapter + base, load with peft.AutoPeftModelForCausalLM)",
+        )
+    if cfg.dtype is not None:
+        model = model.to(getattr(torch, cfg.dtype))
+    if out.exists():
+        shutil.rmtree(out)
+    if is_adapter and cfg.merge is not False and _mergeable(model):
+        model = model.merge_and_unload()
+        note = "merged the adapter into the base weights"
+    elif is_adapter:
+        # The adapter directory, with its config pointing at the base written beside it.
+        base = model.get_base_model() if not _mergeable(model) else copy.deepcopy(model).unload()
+        _save_hf(base, tokenizer, out / "base")
+        model.peft_config[model.active_adapter].base_model_name_or_path = str((out / "base").resolve())
+        why = "this adapter cannot live in the base weights" if not _mergeable(model) else "merge=false"
+        note = (f"not merged: {why}; the adapter is in {out} and its base in {out / 'base'}; "
+                "load with peft.AutoPeftModelForCausalLM.from_pretrained")
+    else:
+        note = "full fine-tuning: the weights are the model"
+    _save_hf(model, tokenizer, out)
+    print(f"tunelab: exported {run_dir} to {out} ({note})")
+    return out
+
+
+@hydra.main(config_path=str(paths.conf_dir()), config_name="export", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    """Hydra entry point of `tunelab export`."""
+    try:
+        export(cfg)
+    except TunelabError as err:
+        print(err.message(), file=sys.stderr)
+        raise SystemExit(err.exit_code) from None
+
+
+if __name__ == "__main__":
+    from tunelab.cli import run_verb
+
+    run_verb("export")

@@ -1,0 +1,123 @@
+"""`tunelab generate run=<run dir> prompt="..."`: answer with a trained run's model, streamed to stdout.
+
+The prompt is built exactly as in training (LlamaFactory#2509): the tokenizer saved in `<run>/model`
+carries the chat template used in training, and `tunelab_recipe.json` the dataset's system prompt and
+prompt templates (`fields=` renders one of them). `interactive=true` chats from stdin until EOF.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import hydra
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from tunelab import paths
+from tunelab.errors import ConfigError, TunelabError
+from tunelab.models import load_run
+
+
+def sampling_settings(sampling: Mapping[str, Any]) -> dict[str, Any]:
+    """`generate` keyword arguments from the sampling group; greedy drops the sampling-only knobs."""
+    settings = {k: v for k, v in sampling.items() if v is not None}
+    if not settings.get("do_sample", False):
+        for key in ("temperature", "top_p", "top_k"):
+            settings.pop(key, None)
+    return settings
+
+
+def user_message(recipe: Mapping[str, Any], prompt: str | None, fields: Any, template: int) -> str:
+    """The user's turn: `prompt` as given, or `fields` rendered by the run's training template `template`."""
+    if (prompt is None) == (fields is None):
+        raise ConfigError("give exactly one of prompt= and fields=", "command line",
+                          'prompt="your message", or fields=\'{"title": "...", "text": "..."}\'')
+    if prompt is not None:
+        return str(prompt)
+    if isinstance(fields, str):
+        try:
+            fields = json.loads(fields)
+        except json.JSONDecodeError as err:
+            raise ConfigError(f"fields is not a JSON object: {err}", "key fields",
+                              'e.g. fields=\'{"title": "Great", "text": "Works well."}\'') from None
+    if not isinstance(fields, Mapping):
+        raise ConfigError(f"fields must be an object, got {type(fields).__name__}", "key fields")
+    templates = recipe.get("templates") or []
+    if not 0 <= template < len(templates):
+        raise ConfigError(f"template={template} but the run's recipe has {len(templates)} templates", "key template",
+                          "use prompt= for a raw message" if not templates else f"give 0..{len(templates) - 1}")
+    import jinja2
+
+    from tunelab.data.formats import compile_templates
+
+    try:
+        return compile_templates(templates)[template][0].render(**fields)
+    except jinja2.UndefinedError as err:
+        raise ConfigError(f"fields: {err.message}", "key fields",
+                          f"template {template}: {templates[template]['prompt']!r}") from None
+
+
+def answer(model: Any, tokenizer: Any, messages: list[dict[str, str]], settings: Mapping[str, Any],
+           stream: bool = True) -> str:
+    """The assistant's next turn for `messages`, streamed to stdout as it is generated."""
+    from transformers import TextStreamer
+
+    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True,
+                                        return_tensors="pt")
+    device = next(model.parameters()).device
+    streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True) if stream else None
+    with torch.no_grad():
+        out = model.generate(
+            input_ids=ids["input_ids"].to(device), attention_mask=ids["attention_mask"].to(device),
+            pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, streamer=streamer,
+            **settings,
+        )
+    return tokenizer.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+
+
+def chat(model: Any, tokenizer: Any, system: list[dict[str, str]], settings: Mapping[str, Any],
+         lines: Iterable[str]) -> list[dict[str, str]]:
+    """Interactive mode: each non-empty line is a user turn; the conversation so far goes with it."""
+    messages = list(system)
+    print("chat with the model; end with Ctrl-D", file=sys.stderr)
+    for line in lines:
+        if not line.strip():
+            continue
+        messages.append({"role": "user", "content": line.rstrip("\n")})
+        messages.append({"role": "assistant", "content": answer(model, tokenizer, messages, settings)})
+    return messages
+
+
+def generate(cfg: DictConfig) -> list[dict[str, str]]:
+    """Load the run, build the prompt as training did, and answer; returns the conversation."""
+    if cfg.run is None:
+        raise ConfigError("no run given", "key run", "tunelab generate run=<run dir> prompt=\"...\"")
+    torch.manual_seed(cfg.seed)
+    model, tokenizer, recipe = load_run(cfg.run)
+    system_prompt = cfg.system_prompt if cfg.system_prompt is not None else recipe.get("system_prompt")
+    system = [{"role": "system", "content": system_prompt}] if system_prompt else []
+    settings = sampling_settings(OmegaConf.to_container(cfg.sampling, resolve=True))
+    if cfg.interactive:
+        return chat(model, tokenizer, system, settings, sys.stdin)
+    fields = OmegaConf.to_container(cfg.fields) if isinstance(cfg.fields, DictConfig) else cfg.fields
+    messages = [*system, {"role": "user", "content": user_message(recipe, cfg.prompt, fields, cfg.template)}]
+    return [*messages, {"role": "assistant", "content": answer(model, tokenizer, messages, settings)}]
+
+
+@hydra.main(config_path=str(paths.conf_dir()), config_name="generate", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    """Hydra entry point of `tunelab generate`."""
+    try:
+        generate(cfg)
+    except TunelabError as err:
+        print(err.message(), file=sys.stderr)
+        raise SystemExit(err.exit_code) from None
+
+
+if __name__ == "__main__":
+    from tunelab.cli import run_verb
+
+    run_verb("generate")

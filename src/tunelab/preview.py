@@ -1,0 +1,89 @@
+"""`tunelab data preview dataset=...`: tokenised samples with supervised tokens marked, and length percentiles.
+
+What the model is trained on is the labels, not the text; this shows them. Supervised tokens are
+green (or wrapped in [[...]] without a colour terminal); prompt tokens are dim.
+"""
+
+from __future__ import annotations
+
+import hydra
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig
+from rich.console import Console
+from rich.table import Table
+from rich.text import Text
+
+from tunelab import paths
+from tunelab.config import validate
+from tunelab.data.datamodule import Collator
+from tunelab.data.encode import IGNORE, Encoded
+from tunelab.errors import ConfigError, TunelabError
+
+
+def marked(tokenizer: object, item: Encoded, colour: bool) -> Text:
+    """The example's text, token by token, supervised spans highlighted (or bracketed)."""
+    text = Text()
+    supervised_prev = False
+    for position, token in enumerate(item.input_ids):
+        piece = tokenizer.decode([token], skip_special_tokens=False, clean_up_tokenization_spaces=False)
+        supervised = position > 0 and item.labels[position] != IGNORE
+        if not colour and supervised != supervised_prev:
+            text.append("[[" if supervised else "]]")
+        text.append(piece, style=("bold green" if supervised else "dim") if colour else None)
+        supervised_prev = supervised
+    if not colour and supervised_prev:
+        text.append("]]")
+    return text
+
+
+def percentiles(values: list[int]) -> dict[str, float]:
+    data = torch.tensor(values, dtype=torch.float64)
+    return {f"p{q}": float(torch.quantile(data, q / 100)) for q in (50, 90, 95, 99)} | {"max": float(data.max())}
+
+
+def preview(cfg: DictConfig, console: Console | None = None) -> dict[str, dict[str, float]]:
+    """Print samples and length statistics of every split; return the statistics."""
+    validate(cfg)
+    console = console or Console()
+    tokenizer = instantiate(cfg.tokenizer)
+    datamodule = instantiate(cfg.datamodule, tokenizer=tokenizer, cache_dir=None, _convert_="all")
+    datamodule.setup()
+    task = cfg.preview.task or next(iter(datamodule.tasks))
+    if task not in datamodule.splits:
+        raise ConfigError(f"no task {task!r} in this dataset", "key preview.task",
+                          f"tasks: {', '.join(datamodule.splits)}")
+    items = datamodule.splits[task][cfg.preview.split][: cfg.preview.samples]
+    for number, item in enumerate(items):
+        console.rule(f"{task} / {cfg.preview.split} #{number}: {item.origin}")
+        console.print(marked(tokenizer, item, console.is_terminal))
+        console.print(f"[dim]{len(item.input_ids)} tokens, {item.supervised} supervised[/]")
+    table = Table(title=f"token lengths ({task})")
+    for column in ("split", "examples", "supervised", "p50", "p90", "p95", "p99", "max", "pad % padded", "pad % packed"):
+        table.add_column(column, justify="right")
+    stats = {}
+    for split, examples in datamodule.splits[task].items():
+        lengths = [len(e.input_ids) for e in examples]
+        stats[split] = percentiles(lengths)
+        pads = []
+        for pack in (False, True):
+            collate = Collator(tokenizer.pad_token_id, False, pack, cfg.hyperparams.max_seq_len)
+            batches = [collate(examples[i: i + cfg.hyperparams.batch_size])
+                       for i in range(0, len(examples), cfg.hyperparams.batch_size)]
+            pads.append(sum(b["pad_fraction"] * b["input_ids"].numel() for b in batches)
+                        / sum(b["input_ids"].numel() for b in batches))
+        stats[split].update(pad_padded=pads[0], pad_packed=pads[1])
+        table.add_row(split, str(len(examples)), str(sum(e.supervised for e in examples)),
+                      *(f"{stats[split][k]:.0f}" for k in ("p50", "p90", "p95", "p99", "max")),
+                      f"{100 * pads[0]:.1f}", f"{100 * pads[1]:.1f}")
+    console.print(table)
+    return stats
+
+
+@hydra.main(config_path=str(paths.conf_dir()), config_name="data", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    try:
+        preview(cfg)
+    except TunelabError as err:
+        print(err.message())
+        raise SystemExit(err.exit_code) from None

@@ -1,0 +1,376 @@
+"""`tunelab sweep-report <multirun dir>`: rank a sweep's trials, plot them, write the best config.
+
+Reads each trial directory (`<multirun dir>/<job num>/`): `metrics.json`, `.hydra/overrides.yaml`,
+`.hydra/config.yaml` and `.hydra/hydra.yaml`; a trial with `error.txt` is failed, one without either
+file is still running (or was killed) and is skipped with a note, so the report also works mid-sweep.
+
+Writes into `<multirun dir>/report/`: `trials.csv`, `<metric>_vs_<hyperparameter>.png` per swept
+value, `val_loss_curves.png` (top trials), and `conf/experiment/best.yaml`, an experiment that reruns
+the best trial with `tunelab train --config-dir <multirun dir>/report/conf experiment=best`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import re
+import struct
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from tunelab.errors import TunelabError
+
+# Overrides that say where or how a sweep ran, not what it trained: left out of the best config.
+NOT_CONFIG = ("run_id", "paths.", "hydra.", "hydra/", "hparams_search")
+TOP_CURVES = 5  # validation-loss curves drawn for the best trials
+
+
+@dataclass
+class Trial:
+    """One job of a multirun: its overrides, choices, metrics, and state (ok, failed, running)."""
+
+    num: int
+    path: Path
+    state: str
+    overrides: list[str] = field(default_factory=list)
+    metrics: dict[str, float] = field(default_factory=dict)
+    choices: dict[str, str] = field(default_factory=dict)
+    optimized_metric: str | None = None
+    error: str = ""
+
+
+# ---- reading the multirun directory ---------------------------------------------------------
+def _read_yaml(path: Path) -> Any:
+    if not path.is_file():
+        return None
+    text = path.read_text()
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:  # a bare *** left by secret masking reads as a YAML alias; read it as a string
+        return yaml.safe_load(re.sub(r":[ \t]*\*\*\*[ \t]*$", ": '***'", text, flags=re.M))
+
+
+def read_trials(sweep_dir: Path) -> list[Trial]:
+    """Every numbered job directory under `sweep_dir`, in job order."""
+    trials = []
+    for path in sorted((p for p in sweep_dir.iterdir() if p.is_dir() and p.name.isdigit()), key=lambda p: int(p.name)):
+        hydra_dir = path / ".hydra"
+        overrides = _read_yaml(hydra_dir / "overrides.yaml") or []
+        config = _read_yaml(hydra_dir / "config.yaml") or {}
+        hydra_cfg = (_read_yaml(hydra_dir / "hydra.yaml") or {}).get("hydra", {})
+        trial = Trial(int(path.name), path, "running", [str(o) for o in overrides],
+                      choices={k: str(v) for k, v in (hydra_cfg.get("runtime", {}).get("choices") or {}).items()},
+                      optimized_metric=config.get("optimized_metric"))
+        if (path / "error.txt").is_file():
+            trial.state = "failed"
+            lines = (path / "error.txt").read_text().strip().splitlines()
+            # a tunelab error's first line says what went wrong; a traceback's last line does
+            trial.error = next((x for x in lines if x.startswith("tunelab:")), lines[-1] if lines else "")
+        elif (path / "metrics.json").is_file():
+            trial.state = "ok"
+            trial.metrics = {k: float(v) for k, v in json.loads((path / "metrics.json").read_text()).items()
+                             if isinstance(v, (int, float))}
+        trials.append(trial)
+    return trials
+
+
+def sweep_direction(sweep_dir: Path, metric: str) -> str:
+    """`min` or `max`: Optuna's direction when the sweep used it, else from the metric's name."""
+    sweeper = (_read_yaml(sweep_dir / "multirun.yaml") or {}).get("hydra", {}).get("sweeper", {})
+    direction = sweeper.get("direction")
+    if "optuna" in str(sweeper.get("_target_", "")) and isinstance(direction, str):
+        return "max" if direction.lower().startswith("max") else "min"
+    lowered = metric.lower()
+    if any(word in lowered for word in ("loss", "ppl", "perplexity", "error", "mem", "time")):
+        return "min"
+    return "max"  # accuracy, f1, exact match, rouge, bleu, tokens_per_s: more is better
+
+
+def swept_keys(trials: list[Trial]) -> list[str]:
+    """Override keys whose value differs between trials (what the sweep searched), in command-line order."""
+    values: dict[str, set[str]] = {}
+    for trial in trials:
+        for key, value in _split(trial.overrides):
+            values.setdefault(key, set()).add(value)
+    return [k for k, v in values.items() if len(v) > 1 and not k.startswith(NOT_CONFIG)]
+
+
+def _split(overrides: list[str]) -> list[tuple[str, str]]:
+    pairs = []
+    for override in overrides:
+        key, _, value = override.partition("=")
+        pairs.append((key.lstrip("+~"), value))
+    return pairs
+
+
+def rank(trials: list[Trial], metric: str, mode: str) -> list[Trial]:
+    """Finished trials with a finite `metric`, best first."""
+    scored = [t for t in trials if t.state == "ok" and math.isfinite(t.metrics.get(metric, math.nan))]
+    return sorted(scored, key=lambda t: t.metrics[metric], reverse=mode == "max")
+
+
+# ---- validation-loss history ----------------------------------------------------------------
+def val_history(trial: Trial, metric: str = "val/loss") -> list[tuple[int, float]]:
+    """(step, value) at each validation: history.jsonl, else the CSV logger, else W&B's offline file."""
+    history = trial.path / "history.jsonl"
+    if history.is_file():
+        rows = [json.loads(line) for line in history.read_text().splitlines() if line.strip()]
+        return [(int(r["step"]), float(r[metric])) for r in rows if metric in r]
+    for csv_file in trial.path.glob("csv/**/metrics.csv"):
+        with csv_file.open() as file:
+            return [(int(r["step"]), float(r[metric])) for r in csv.DictReader(file) if r.get(metric)]
+    for wandb_file in trial.path.glob("wandb/*run-*/*.wandb"):
+        points = [(int(h.get("trainer/global_step", h.get("_step", 0))), float(h[metric]))
+                  for h in wandb_history(wandb_file) if metric in h]
+        if points:
+            return points
+    return []
+
+
+def wandb_records(path: Path) -> list[Any]:
+    """The protobuf records of a W&B run file (`run-<id>.wandb`, a LevelDB-style log), or [] if unreadable.
+
+    W&B ships no reader for its offline files; the format is 7-byte file header, then 32 KiB blocks of
+    chunks with a 7-byte header each (crc32, length, type: 1 full, 2 first, 3 middle, 4 last)."""
+    from wandb.proto import wandb_internal_pb2
+
+    block = 32768
+    try:
+        data = path.read_bytes()
+        if data[:4] != b":W&B":
+            return []
+        records, pending, pos = [], b"", 7
+        while pos + 7 <= len(data):
+            left = block - pos % block
+            if left < 7:  # too little room for a chunk header: the block is padded
+                pos += left
+                continue
+            _, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
+            chunk, pos = data[pos + 7:pos + 7 + length], pos + 7 + length
+            if kind == 0:  # zero padding at the end of a block
+                pos += block - pos % block if pos % block else 0
+                continue
+            pending = chunk if kind in (1, 2) else pending + chunk
+            if kind in (1, 4):
+                record = wandb_internal_pb2.Record()
+                record.ParseFromString(pending)
+                records.append(record)
+        return records
+    except Exception:  # a half-written or newer-format file: treated as unreadable, never fatal
+        return []
+
+
+def wandb_history(path: Path) -> list[dict[str, Any]]:
+    """The logged rows (`wandb.log` calls) of a W&B run file, each as {key: value}."""
+    rows = []
+    for record in wandb_records(path):
+        if record.WhichOneof("record_type") == "history":
+            row = {}
+            for item in record.history.item:
+                key = item.key or "/".join(item.nested_key)
+                try:
+                    row[key] = json.loads(item.value_json)
+                except ValueError:
+                    continue
+            rows.append(row)
+    return rows
+
+
+# ---- outputs --------------------------------------------------------------------------------
+def write_csv(path: Path, trials: list[Trial], keys: list[str], metric_names: list[str]) -> None:
+    with path.open("w", newline="") as file:
+        writer = csv.writer(file)
+        writer.writerow(["trial", "state", *keys, *metric_names, "error"])
+        for trial in trials:
+            values = dict(_split(trial.overrides))
+            writer.writerow([trial.num, trial.state, *[values.get(k, "") for k in keys],
+                             *[trial.metrics.get(m, "") for m in metric_names], trial.error])
+
+
+def _number(text: str) -> float | None:
+    try:
+        return float(text)
+    except ValueError:
+        return None
+
+
+def plot(report_dir: Path, trials: list[Trial], keys: list[str], metric: str, ranked: list[Trial]) -> list[Path]:
+    """Metric against each swept hyperparameter, and validation-loss curves of the top trials."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only; no display on clusters and CI
+    import matplotlib.pyplot as plt
+
+    written = []
+    done = [t for t in trials if t.state == "ok" and metric in t.metrics]
+    slug = metric.replace("/", "_")
+    for key in keys:
+        xs = [dict(_split(t.overrides)).get(key, "") for t in done]
+        ys = [t.metrics[metric] for t in done]
+        numbers = [_number(x) for x in xs]
+        fig, ax = plt.subplots(figsize=(5, 3.5))
+        if all(n is not None for n in numbers):
+            ax.scatter(numbers, ys)
+            if len({n for n in numbers if n}) > 1 and min(numbers) > 0 and max(numbers) / min(numbers) >= 100:
+                ax.set_xscale("log")  # learning rates span decades
+        else:
+            labels = sorted(set(xs))
+            ax.scatter([labels.index(x) for x in xs], ys)
+            ax.set_xticks(range(len(labels)), labels, rotation=30)
+        ax.set_xlabel(key)
+        ax.set_ylabel(metric)
+        ax.set_title(f"{metric} by {key} ({len(done)} trials)")
+        fig.tight_layout()
+        written.append(report_dir / f"{slug}_vs_{key.replace('/', '_')}.png")
+        fig.savefig(written[-1], dpi=100)
+        plt.close(fig)
+    curves = [(t, val_history(t)) for t in ranked[:TOP_CURVES]]
+    curves = [(t, points) for t, points in curves if points]
+    if curves:
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for trial, points in curves:
+            ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=f"trial {trial.num}")
+        ax.set_xlabel("optimizer step")
+        ax.set_ylabel("val/loss")
+        ax.set_title(f"validation loss, top {len(curves)} by {metric}")
+        ax.legend()
+        fig.tight_layout()
+        written.append(report_dir / "val_loss_curves.png")
+        fig.savefig(written[-1], dpi=100)
+        plt.close(fig)
+    return written
+
+
+def best_experiment(trial: Trial) -> str:
+    """An experiment YAML (`# @package _global_`) that reruns `trial`: group choices as `override /group`,
+    values as nested keys. Keys that say where the sweep ran (paths, run id, hydra, the search) are left out."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    defaults: list[Any] = []
+    values: dict[str, Any] = {}
+    skipped = []
+    for override in OverridesParser.create().parse_overrides(trial.overrides):
+        key = override.key_or_group
+        if key.startswith(NOT_CONFIG) or override.is_delete() or override.package:
+            if not key.startswith(NOT_CONFIG):
+                skipped.append(override.input_line)
+            continue
+        if key in trial.choices:  # a config group: model=, method=, experiment=, ...
+            if key in ("experiment", "debug"):
+                defaults.append(f"/{key}/{override.value()}")  # its own @package _global_ applies
+            else:
+                defaults.append({f"override /{key}": override.value()})
+            continue
+        node = values
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = override.value()
+    header = [
+        "# @package _global_",
+        f"# Best trial {trial.num} of sweep {trial.path.parent.name} (written by tunelab sweep-report).",
+    ]
+    header += [f"# not carried over (not expressible in an experiment): {s}" for s in skipped]
+    body: dict[str, Any] = {}
+    if defaults:
+        body["defaults"] = [*defaults, "_self_"]
+    body.update(values)
+    return "\n".join(header) + "\n" + yaml.safe_dump(body, sort_keys=False, default_flow_style=False)
+
+
+def _console_table(trials: list[Trial], ranked: list[Trial], keys: list[str], metric_names: list[str],
+                   metric: str, mode: str) -> Any:
+    from rich.table import Table
+
+    table = Table(title=f"sweep trials ranked by {metric} ({mode})")
+    metric_names = metric_names[:4]  # the console shows the main figures; trials.csv has all of them
+    for column in ["rank", "trial", *keys, *metric_names]:
+        table.add_column(column.removeprefix("hyperparams."), justify="left" if column in keys else "right")
+    order = {t.num: i for i, t in enumerate(ranked, start=1)}
+    rest = [t for t in trials if t.num not in order]
+    for trial in [*ranked, *rest]:
+        values = dict(_split(trial.overrides))
+        cells = [str(order.get(trial.num, "-")), str(trial.num), *[values.get(k, "") for k in keys]]
+        if trial.state == "failed":
+            cells += ["failed"] + [""] * (len(metric_names) - 1)
+        elif trial.state == "running":
+            cells += ["no metrics.json"] + [""] * (len(metric_names) - 1)
+        else:
+            cells += [f"{trial.metrics[m]:.4f}" if m in trial.metrics else "" for m in metric_names]
+        table.add_row(*cells)
+    return table
+
+
+def report(sweep_dir: Path, metric: str | None = None, mode: str | None = None) -> dict[str, Any]:
+    """Build the report; returns what it found and wrote (also used by tests)."""
+    if not sweep_dir.is_dir():
+        raise TunelabError(f"no multirun directory {str(sweep_dir)!r}", "command line",
+                         "give a sweep directory such as outputs/multiruns/<run id>")
+    trials = read_trials(sweep_dir)
+    if not trials:
+        raise TunelabError(f"no trial directories (0/, 1/, ...) in {sweep_dir}", "command line",
+                         "give the directory Hydra printed after 'Launching jobs, sweep output dir :'")
+    metric = metric or next((t.optimized_metric for t in trials if t.optimized_metric), None) or "val/loss"
+    mode = mode or sweep_direction(sweep_dir, metric)
+    keys = swept_keys(trials)
+    names = sorted({m for t in trials for m in t.metrics if m.startswith(("val/", "test/"))})
+    names = [metric, *[m for m in names if m != metric and m.startswith("val/")],
+             *[m for m in names if m != metric and not m.startswith("val/")]]
+    ranked = rank(trials, metric, mode)
+    report_dir = sweep_dir / "report"
+    report_dir.mkdir(exist_ok=True)
+    write_csv(report_dir / "trials.csv", trials, keys, names)
+    plots = plot(report_dir, trials, keys, metric, ranked)
+    notes = [f"trial {t.num}: no metrics.json yet (still running or killed); skipped"
+             for t in trials if t.state == "running"]
+    notes += [f"trial {t.num}: failed: {t.error}" for t in trials if t.state == "failed"]
+    if ranked and not (report_dir / "val_loss_curves.png").is_file():
+        notes.append("no validation history found (history.jsonl, csv logger, W&B file): curves skipped")
+    best_file = None
+    if ranked:
+        best_file = report_dir / "conf" / "experiment" / "best.yaml"
+        best_file.parent.mkdir(parents=True, exist_ok=True)
+        best_file.write_text(best_experiment(ranked[0]))
+    return {"trials": trials, "ranked": ranked, "keys": keys, "metric": metric, "mode": mode,
+            "metric_names": names, "plots": plots, "notes": notes, "best_file": best_file}
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console entry: `tunelab sweep-report <multirun dir> [--metric M] [--mode min|max]`."""
+    parser = argparse.ArgumentParser(prog="tunelab sweep-report", description=__doc__.split("\n\n")[0])
+    parser.add_argument("sweep_dir", type=Path, help="a multirun directory, e.g. outputs/multiruns/<run id>")
+    parser.add_argument("--metric", help="metric to rank by (default: the sweep's optimized_metric)")
+    parser.add_argument("--mode", choices=["min", "max"], help="default: Optuna's direction, else by the name")
+    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        found = report(args.sweep_dir, args.metric, args.mode)
+    except TunelabError as err:
+        print(err.message(), file=sys.stderr)
+        raise SystemExit(err.exit_code) from None
+    from rich.console import Console
+
+    console = Console()
+    console.print(_console_table(found["trials"], found["ranked"], found["keys"], found["metric_names"],
+                                 found["metric"], found["mode"]))
+    for note in found["notes"]:
+        console.print(f"note: {note}", highlight=False)
+    report_dir = args.sweep_dir / "report"
+    console.print(f"report: {report_dir} (trials.csv, {len(found['plots'])} plots)", highlight=False)
+    if found["best_file"]:
+        best = found["ranked"][0]
+        value = best.metrics[found["metric"]]
+        console.print(f"best: trial {best.num}, {found['metric']} = {value:.6g}", highlight=False)
+        console.print(f"rerun: tunelab train --config-dir {report_dir.resolve() / 'conf'} experiment=best",
+                      highlight=False, soft_wrap=True)
+    else:
+        console.print(f"no finished trial has {found['metric']}; no best config written", highlight=False)
+
+
+if __name__ == "__main__":
+    main()

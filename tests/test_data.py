@@ -1,0 +1,132 @@
+"""Data contract: bad-row policy, tokenised-data cache, weighted mixtures with per-task metrics."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from tunelab.data.datamodule import TuneDataModule, encode_task
+from tunelab.errors import DataError
+from tunelab.models import load_tokenizer
+from tunelab.paths import assets_dir
+
+TEMPLATE = [{"prompt": "Q: {{ q }}", "completion": "{{ a }}"}]
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return load_tokenizer(str(assets_dir() / "tiny-llama"))
+
+
+def _write(folder: Path, rows: dict[str, list[str]]) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    for split, lines in rows.items():
+        (folder / f"{split}.jsonl").write_text("".join(line + "\n" for line in lines))
+    return folder
+
+
+def _good(n: int, answer: str = "yes") -> list[str]:
+    return [json.dumps({"q": f"question {i}", "a": answer}) for i in range(n)]
+
+
+def _task(folder: Path, **extra) -> dict:
+    return {"name": "qa", "source": {"path": str(folder), "splits": {"train": "train", "validation": "validation",
+                                                                    "test": "test"}},
+            "format": "prompt_completion", "templates": TEMPLATE, **extra}
+
+
+def test_bad_row_is_an_error_with_file_and_line(tmp_path, tokenizer):
+    rows = _good(5)
+    rows[3] = json.dumps({"q": "no answer here"})
+    folder = _write(tmp_path / "d", {"train": rows, "validation": _good(2), "test": _good(2)})
+    with pytest.raises(DataError) as err:
+        encode_task(_task(folder), tokenizer, 64, 0)
+    assert f"{folder / 'train.jsonl'}:4: completion template: 'a' is undefined" in str(err.value)
+    assert err.value.exit_code == 3
+
+
+def test_skip_policy_counts_and_names_lines_and_aborts_past_the_bound(tmp_path, tokenizer):
+    rows = _good(40)
+    rows[9] = "{not json"
+    rows[19] = json.dumps({"q": "empty", "a": "  "})
+    folder = _write(tmp_path / "d", {"train": rows, "validation": _good(2), "test": _good(2)})
+    splits, stats = encode_task(_task(folder, on_bad_row="skip", max_bad_fraction=0.1), tokenizer, 64, 0)
+    assert len(splits["train"]) == 38
+    assert stats["train"]["bad_rows"] == 2
+    assert stats["train"]["bad_lines"] == [f"{folder / 'train.jsonl'}:10", f"{folder / 'train.jsonl'}:20"]
+    with pytest.raises(DataError, match=r"2 of 40 rows are bad \(5.0% > max_bad_fraction=0.01\)"):
+        encode_task(_task(folder, on_bad_row="skip", max_bad_fraction=0.01), tokenizer, 64, 0)
+
+
+def test_cache_hit_and_invalidation_on_content_change(tmp_path, tokenizer):
+    folder = _write(tmp_path / "d", {"train": _good(8), "validation": _good(2), "test": _good(2)})
+    cache = tmp_path / "cache"
+
+    def load() -> TuneDataModule:
+        dm = TuneDataModule(_task(folder), tokenizer, max_seq_len=64, cache_dir=str(cache))
+        dm.setup()
+        return dm
+
+    first = load()
+    entries = sorted(cache.glob("*.json"))
+    assert len(entries) == 1
+    assert [e.input_ids for e in load().splits["qa"]["train"]] == [e.input_ids for e in first.splits["qa"]["train"]]
+    assert sorted(cache.glob("*.json")) == entries  # a hit writes nothing new
+    # Same file name, same size, new content: the content hash changes the key; the stale entry is not used.
+    (folder / "train.jsonl").write_text("".join(line + "\n" for line in _good(8, answer="no!")))
+    changed = load()
+    assert len(list(cache.glob("*.json"))) == 2
+    assert changed.splits["qa"]["train"][0].reference == "no!"
+    # A damaged entry is rebuilt rather than trusted.
+    for entry in cache.glob("*.json"):
+        entry.write_text("{broken")
+    assert load().splits["qa"]["train"][0].reference == "no!"
+    assert not list(cache.glob("*.tmp"))
+
+
+def test_mixture_sampling_follows_the_weights(tmp_path, tokenizer):
+    a = _write(tmp_path / "a", {"train": _good(50), "validation": _good(2), "test": _good(2)})
+    b = _write(tmp_path / "b", {"train": _good(200, "no"), "validation": _good(2), "test": _good(2)})
+    mixture = {"name": "mix", "tasks": {"a": _task(a), "b": _task(b)}, "weights": {"a": 0.7, "b": 0.3},
+               "samples_per_epoch": 4000}
+    dm = TuneDataModule(mixture, tokenizer, batch_size=50, max_seq_len=64)
+    dm.setup()
+    # Count by supervised answer: task a answers "yes", task b answers "no".
+    yes = tokenizer("yes", add_special_tokens=False)["input_ids"]
+    drawn = Counter()
+    for batch in dm.train_dataloader():
+        for ids, labels in zip(batch["input_ids"], batch["labels"]):
+            answer = ids[labels != -100].tolist()[: len(yes)]
+            drawn["a" if answer == yes else "b"] += 1
+    assert sum(drawn.values()) == 4000
+    # Binomial(4000, 0.7): sd ≈ 29, so ±0.03 of the proportion is more than 4 sd.
+    assert abs(drawn["a"] / 4000 - 0.7) < 0.03
+    assert [len(loader.dataset) for loader in dm.val_dataloader()] == [2, 2]
+
+
+def test_mixture_weights_must_name_tasks(tmp_path, tokenizer):
+    a = _write(tmp_path / "a", {"train": _good(5), "validation": _good(2), "test": _good(2)})
+    dm = TuneDataModule({"name": "mix", "tasks": {"a": _task(a)}, "weights": {"aa": 1.0}}, tokenizer, max_seq_len=64)
+    with pytest.raises(DataError, match="did you mean 'a'"):
+        dm.setup()
+
+
+def test_mixture_run_reports_per_task_metrics(tmp_path):
+    out = subprocess.run(
+        [sys.executable, "-m", "tunelab.cli", "train", "dataset=reviews_mix", "hyperparams.max_steps=3",
+         "eval.max_eval_samples=8", "eval.baseline=false", "logger=none", f"paths.output_dir={tmp_path}"],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    metrics = json.loads(next(tmp_path.glob("runs/*/metrics.json")).read_text())
+    for prefix in ("val", "test"):
+        for key in ("loss", "accuracy", "sentiment/loss", "sentiment/accuracy", "rating/loss", "rating/accuracy"):
+            assert f"{prefix}/{key}" in metrics, f"{prefix}/{key} missing from {sorted(metrics)}"
+    # The overall loss is the token mean over both tasks, so it lies between the per-task losses.
+    low, high = sorted([metrics["val/sentiment/loss"], metrics["val/rating/loss"]])
+    assert low <= metrics["val/loss"] <= high

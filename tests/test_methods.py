@@ -1,0 +1,236 @@
+"""Fine-tuning methods: each trains only what it should, with a trainable count computed by hand;
+LoRA's identities (zero init, merge); QLoRA and bad combinations refused; MoE aux loss; LoRA resume."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import REPO, make_cfg
+from omegaconf import OmegaConf
+
+import tunelab.train as train_mod
+from tunelab.config import compose
+from tunelab.errors import ConfigError
+from tunelab.models import apply_method, build_method, load_causal_lm
+
+TINY = json.loads((REPO / "src/tunelab/assets/tiny-llama/config.json").read_text())
+MOE = json.loads((REPO / "src/tunelab/assets/tiny-moe/config.json").read_text())
+FAST = ["hyperparams.max_steps=2", "eval.baseline=false", "eval.test=false", "eval.generate_on_val=false",
+        "eval.max_eval_samples=16", "logger=none"]
+METHODS = sorted(p.stem for p in (REPO / "conf/method").glob("*.yaml"))
+
+
+def _linears(cfg: dict) -> dict[str, tuple[int, int]]:
+    """(in, out) of every linear layer of one Llama block, from config.json numbers."""
+    h, i, hd = cfg["hidden_size"], cfg["intermediate_size"], cfg["head_dim"]
+    q, kv = cfg["num_attention_heads"] * hd, cfg["num_key_value_heads"] * hd
+    return {"q_proj": (h, q), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (q, h),
+            "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h)}
+
+
+def _block_params(cfg: dict) -> int:
+    return sum(a * b for a, b in _linears(cfg).values()) + 2 * cfg["hidden_size"]  # + two RMSNorm gains
+
+
+def expected_trainable(method: str, cfg: dict = TINY) -> int:
+    """Trainable parameters of each method on the tiny Llama, by hand from config.json and the method YAML."""
+    layers, hidden = cfg["num_hidden_layers"], cfg["hidden_size"]
+    lin = _linears(cfg)
+    lora = sum(16 * (a + b) for a, b in lin.values()) * layers  # r·(in+out), r=16, every linear but lm_head
+    kv_dim = cfg["num_key_value_heads"] * cfg["head_dim"]
+    return {
+        "full": sum(_block_params(cfg) for _ in range(layers)) + cfg["vocab_size"] * hidden + hidden,  # tied head
+        "lora": lora,
+        "rslora": lora,
+        "dora": lora + sum(b for _, b in lin.values()) * layers,  # + one magnitude per output row
+        "ia3": (lin["k_proj"][1] + lin["v_proj"][1] + lin["down_proj"][0]) * layers,  # down_proj: its input
+        "prompt_tuning": 16 * hidden,
+        # PEFT's prefix (no projection): virtual tokens × layers × 2 (key, value) × kv heads·head dim
+        "prefix_tuning": 16 * layers * 2 * kv_dim,
+        "freeze": 2 * _block_params(cfg),  # the last 2 blocks
+    }[method]
+
+
+@pytest.fixture
+def spy(monkeypatch):
+    """Captures the model `train` builds, and a copy of its weights before training."""
+    seen: dict = {}
+    real = train_mod.apply_method
+
+    def capture(*args, **kwargs):
+        model = real(*args, **kwargs)
+        seen["model"] = model
+        seen["before"] = {n: p.detach().clone() for n, p in model.named_parameters()}
+        return model
+
+    monkeypatch.setattr(train_mod, "apply_method", capture)
+    return seen
+
+
+def test_methods_are_discovered():
+    assert {"full", "lora", "dora", "rslora", "ia3", "prompt_tuning", "prefix_tuning", "qlora", "freeze"} <= set(METHODS)
+
+
+@pytest.mark.parametrize("method", [m for m in METHODS if m != "qlora"])
+def test_method_trains_only_its_parameters(method, tmp_path, spy):
+    metrics = train_mod.train(make_cfg(tmp_path, [f"method={method}", *FAST]))
+    model = spy["model"]
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    changed = {n for n, p in model.named_parameters() if not torch.equal(p.detach(), spy["before"][n])}
+    assert metrics["params/trainable"] == expected_trainable(method)
+    assert changed == trainable  # every trainable tensor moved, no frozen one did
+    if method != "full":  # adapters: the checkpoint and model/ hold only what trains
+        ckpt = torch.load(tmp_path / "checkpoints/last.ckpt", map_location="cpu", weights_only=True)
+        assert set(ckpt["state_dict"]) == {f"model.{n}" for n in trainable}
+
+
+def test_qlora_refused_on_cpu(tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU: QLoRA is allowed")
+    with pytest.raises(ConfigError, match="needs a CUDA GPU"):
+        train_mod.train(make_cfg(tmp_path, ["method=qlora", *FAST]))
+
+
+def test_quantized_full_finetuning_refused():
+    cfg = compose(["method=full", "+method.quantization={_target_: transformers.BitsAndBytesConfig, load_in_4bit: true}"])
+    with pytest.raises(ConfigError, match="cannot be fully fine-tuned") as err:
+        build_method(cfg.method)
+    assert err.value.exit_code == 2 and "method=qlora" in err.value.hint
+
+
+def test_qlora_cli_exit_code(tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU: QLoRA is allowed")
+    out = subprocess.run([sys.executable, "-m", "tunelab.cli", "train", "method=qlora", "logger=none",
+                          f"paths.output_dir={tmp_path}"], capture_output=True, text=True, cwd=tmp_path)
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert "tunelab: config error: method.quantization (bitsandbytes 4-bit, QLoRA) needs a CUDA GPU" in out.stdout
+
+
+def _tiny(seed: int = 0):
+    torch.manual_seed(seed)
+    return load_causal_lm(str(REPO / "src/tunelab/assets/tiny-llama"), random_init=True).eval()
+
+
+def _method(name: str, *overrides: str):
+    return build_method(compose([f"method={name}", *overrides]).method)
+
+
+def test_unmatched_target_modules_name_the_modules():
+    with pytest.raises(ConfigError) as err:
+        apply_method(_tiny(), _method("lora", "method.peft.target_modules=[qkv_proj]"))
+    text = err.value.message()
+    assert "Target modules {'qkv_proj'} not found in the base model" in text  # peft 0.21's own words
+    assert "key method.peft.target_modules" in text
+    assert "linear modules here: down_proj, gate_proj, k_proj, lm_head, o_proj, q_proj, up_proj, v_proj" in text
+
+
+def test_freeze_patterns_and_bad_pattern():
+    model = apply_method(_tiny(), _method("freeze", "method.freeze.last_n_layers=0",
+                                          "method.freeze.patterns=[lm_head,'model\\.norm']"))
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {"model.norm.weight", "lm_head.weight"}  # lm_head is tied to the embeddings
+    with pytest.raises(ConfigError, match="'nothing_here' matches no parameter"):
+        apply_method(_tiny(), _method("freeze", "method.freeze.patterns=[nothing_here]"))
+
+
+def test_lora_zero_init_keeps_logits_and_merge_matches():
+    ids = torch.randint(4, TINY["vocab_size"], (2, 12))
+    base_logits = _tiny()(input_ids=ids).logits
+    model = apply_method(_tiny(), _method("lora")).eval()
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=ids).logits, base_logits)  # B = 0: the adapter adds exactly 0
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.02)
+        unmerged = model(input_ids=ids).logits
+        assert (unmerged - base_logits).abs().max() > 1e-3  # the adapter now matters
+        merged = model.merge_and_unload()(input_ids=ids).logits
+    assert torch.allclose(merged, unmerged, atol=1e-5)
+
+
+def test_moe_aux_loss_in_training_loss():
+    """The step's loss is CE summed over tokens + coef × aux × tokens (so coef × aux after normalisation)."""
+    from tunelab.module import TuneModule, summed_token_loss
+
+    torch.manual_seed(0)
+    model = load_causal_lm(str(REPO / "src/tunelab/assets/tiny-moe"), random_init=True)
+    module = TuneModule(model, tokenizer=None, optimizer=torch.optim.AdamW)
+    ids = torch.randint(4, MOE["vocab_size"], (2, 10))
+    labels = ids.clone()
+    labels[:, :4] = -100
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels, "pad_fraction": 0.0}
+    loss = module.training_step(batch, 0)
+    out = model(input_ids=ids, attention_mask=torch.ones_like(ids))
+    ce, tokens = summed_token_loss(out.logits, labels)
+    assert module.aux_loss_coef == MOE["router_aux_loss_coef"] == 0.02
+    assert out.aux_loss > 0
+    assert torch.allclose(loss, ce + 0.02 * out.aux_loss * tokens)
+    assert float(module._window_loss) == pytest.approx(float(ce))  # train/loss stays the token-mean CE
+
+
+@pytest.mark.parametrize("method", ["full", "lora"])
+def test_moe_trains_and_logs_aux_loss(method, tmp_path, spy):
+    overrides = ["model=tiny_moe", f"method={method}", "logger=csv", "trainer.log_every_n_steps=1"]
+    if method == "lora":
+        overrides.append("method.peft.lora_dropout=0.0")  # PEFT: no dropout on expert parameters
+    metrics = train_mod.train(make_cfg(tmp_path, [*FAST, *overrides]))
+    model = spy["model"]
+    changed = {n for n, p in model.named_parameters() if not torch.equal(p.detach(), spy["before"][n])}
+    assert changed == {n for n, p in model.named_parameters() if p.requires_grad}
+    assert metrics["params/total"] > 3_000_000
+    if method == "full":
+        assert any("experts" in n for n in changed) and any("router" in n or "gate" in n for n in changed)
+    header = (tmp_path / "csv/metrics.csv").read_text().splitlines()[0].split(",")
+    assert "train/aux_loss" in header
+
+
+def test_lora_resume_restores_every_trainable_tensor(tmp_path, spy):
+    first = tmp_path / "first"
+    train_mod.train(make_cfg(first, ["method=lora", *FAST, "hyperparams.max_steps=3"]))
+    ckpt_path = first / "checkpoints/last.ckpt"
+    saved = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+    assert saved["global_step"] == 3
+    assert saved["optimizer_states"][0]["state"]  # AdamW moments travel with the adapter weights
+    # Resume with the same budget: nothing more to train, so the model must equal the checkpoint exactly.
+    second = tmp_path / "second"
+    train_mod.train(make_cfg(second, ["method=lora", *FAST, "hyperparams.max_steps=3", f"resume={ckpt_path}"]))
+    params = dict(spy["model"].named_parameters())
+    trainable = {f"model.{n}" for n, p in params.items() if p.requires_grad}
+    assert set(saved["state_dict"]) == trainable
+    for key, tensor in saved["state_dict"].items():
+        assert torch.equal(params[key.removeprefix("model.")].detach(), tensor), key
+    # and the resumed weights are not simply a fresh init
+    assert any(not torch.equal(spy["before"][k.removeprefix("model.")], v) for k, v in saved["state_dict"].items())
+
+
+def test_method_configs_are_peft_objects():
+    for name in METHODS:
+        node = OmegaConf.load(REPO / f"conf/method/{name}.yaml")
+        first = (REPO / f"conf/method/{name}.yaml").read_text().splitlines()[0]
+        assert first.startswith("# "), name
+        assert "peft" in node or "defaults" in node, name
+
+
+@pytest.mark.gpu
+def test_qlora_trains_on_gpu(tmp_path, spy):
+    """On a CUDA machine: LoRA on a 4-bit NF4 base trains and only the adapter moves."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    base = tmp_path / "base"
+    _tiny().save_pretrained(base, safe_serialization=True)  # QLoRA quantizes pretrained weights
+    run = tmp_path / "run"
+    metrics = train_mod.train(make_cfg(run, ["method=qlora", "trainer=gpu", *FAST, f"model.name_or_path={base}",
+                                             f"model.tokenizer_name_or_path={REPO}/src/tunelab/assets/tiny-llama",
+                                             "model.random_init=false"]))
+    model = spy["model"]
+    assert metrics["params/trainable"] == expected_trainable("lora")
+    changed = {n for n, p in model.named_parameters() if not torch.equal(p.detach(), spy["before"][n])}
+    assert changed == {n for n, p in model.named_parameters() if p.requires_grad}
+    assert any("Linear4bit" in type(m).__name__ for m in model.modules())
+    assert Path(run / "model/adapter_model.safetensors").is_file()
