@@ -130,3 +130,60 @@ def test_mixture_run_reports_per_task_metrics(tmp_path):
     # The overall loss is the token mean over both tasks, so it lies between the per-task losses.
     low, high = sorted([metrics["val/sentiment/loss"], metrics["val/rating/loss"]])
     assert low <= metrics["val/loss"] <= high
+
+
+def test_instruction_and_chat_formats_from_files(tmp_path, tokenizer):
+    alpaca = [json.dumps({"instruction": "Translate to French", "input": "cat", "output": "chat"}),
+              json.dumps({"instruction": "Say hi", "output": "hi"})]
+    folder = _write(tmp_path / "alpaca", {"train": alpaca, "validation": alpaca, "test": alpaca})
+    splits, _ = encode_task({"name": "a", "source": {"path": str(folder)}, "format": "instruction"}, tokenizer, 128, 0)
+    first = tokenizer.decode(splits["train"][0].input_ids)
+    assert first == ("<|im_start|>user\nTranslate to French\n\ncat<|im_end|>\n"
+                     "<|im_start|>assistant\nchat<|im_end|>\n")
+    assert tokenizer.decode(splits["train"][1].prompt_ids) == "<|im_start|>user\nSay hi<|im_end|>\n<|im_start|>assistant\n"
+
+    chats = [json.dumps({"conversations": [{"from": "human", "value": "2+2?"}, {"from": "gpt", "value": "4"}]})]
+    folder = _write(tmp_path / "chat", {"train": chats, "validation": chats, "test": chats})
+    splits, _ = encode_task({"name": "c", "source": {"path": str(folder)}, "format": "chat"}, tokenizer, 128, 0)
+    item = splits["train"][0]
+    supervised = [t for t, label in zip(item.input_ids, item.labels) if label != -100]
+    assert tokenizer.decode(supervised) == "4<|im_end|>"
+
+    bad = [json.dumps({"messages": [{"role": "robot", "content": "x"}, {"role": "assistant", "content": "y"}]})]
+    folder = _write(tmp_path / "bad", {"train": bad, "validation": bad, "test": bad})
+    with pytest.raises(DataError, match=r"train.jsonl:1: messages\[0\].role: unknown role 'robot'"):
+        encode_task({"name": "b", "source": {"path": str(folder)}, "format": "chat"}, tokenizer, 128, 0)
+
+
+def test_seeded_val_and_test_split_from_one_file(tmp_path, tokenizer):
+    file = tmp_path / "all.jsonl"
+    file.write_text("".join(line + "\n" for line in _good(100)))
+    task = {"name": "one", "source": {"path": str(file), "val_size": 0.1, "test_size": 20}, "templates": TEMPLATE}
+    splits, _ = encode_task(task, tokenizer, 64, 0)
+    assert {k: len(v) for k, v in splits.items()} == {"train": 70, "test": 20, "validation": 10}
+    origins = [e.origin for v in splits.values() for e in v]
+    assert len(set(origins)) == 100  # disjoint and complete
+    again, _ = encode_task(task, tokenizer, 64, 0)
+    assert [e.origin for e in again["test"]] == [e.origin for e in splits["test"]]  # seeded
+
+
+def _hammer(cache_dir: str, rounds: int) -> int:
+    from tunelab.data.cache import read_cache, write_cache
+    from tunelab.data.encode import Encoded
+
+    ok = 0
+    for i in range(rounds):
+        items = [Encoded([1, 2, 3] * (50 + i), [1, 2, 3] * (50 + i), None, None, "x")] * 20
+        write_cache(Path(cache_dir), "samekey", {"train": items}, {"round": i})
+        got = read_cache(Path(cache_dir), "samekey")
+        ok += got is not None and len(got[0]["train"]) == 20
+    return ok
+
+
+def test_parallel_writers_never_leave_a_torn_entry(tmp_path):
+    import multiprocessing
+
+    with multiprocessing.get_context("spawn").Pool(3) as pool:
+        results = pool.starmap(_hammer, [(str(tmp_path), 15)] * 3)
+    assert results == [15, 15, 15]  # every read, racing with writers, saw a whole entry
+    assert [p.name for p in tmp_path.iterdir()] == ["samekey.json"]

@@ -149,7 +149,7 @@ def test_hparams_search_with_unknown_key_fails(tmp_path):
     bad = (REPO / "conf" / "hparams_search" / "optuna_val_loss.yaml").read_text()
     bad = bad.replace("hyperparams.lr:", "hyperparams.lrr:")
     (tmp_path / "hparams_search" / "bad.yaml").write_text(bad)
-    with pytest.raises(ConfigError, match="the sweep searches an unknown key 'hyperparams.lrr'.*did you mean 'lr'"):
+    with pytest.raises(ConfigError, match="(?s)the sweep searches an unknown key 'hyperparams.lrr'.*did you mean 'lr'"):
         cli.preflight(["--config-dir", str(tmp_path), "hparams_search=bad"])
 
 
@@ -280,9 +280,9 @@ def _trial(sweep: Path, num: int, overrides: list[str], metrics: dict | None = N
 
 def test_report_ranks_skips_running_and_lists_failed(tmp_path, capsys):
     sweep = tmp_path / "multiruns" / "sweep1"
-    _trial(sweep, 0, ["method=lora", "hyperparams.lr=0.001", "paths.output_dir=/x", "run_id=r"], {"val/loss": 2.0})
-    _trial(sweep, 1, ["method=full", "hyperparams.lr=0.003", "paths.output_dir=/x", "run_id=r"], {"val/loss": 1.5},
-           choices={"method": "full"})
+    _trial(sweep, 0, ["method=full", "hyperparams.lr=0.001", "paths.output_dir=/x", "run_id=r"], {"val/loss": 2.0})
+    _trial(sweep, 1, ["method=lora", "hyperparams.lr=0.003", "paths.output_dir=/x", "run_id=r"], {"val/loss": 1.5},
+           choices={"method": "lora"})
     _trial(sweep, 2, ["method=lora", "hyperparams.lr=0.01", "paths.output_dir=/x", "run_id=r"],
            error="Traceback (most recent call last):\nRuntimeError: boom\n")
     _trial(sweep, 3, ["method=full", "hyperparams.lr=0.03", "paths.output_dir=/x", "run_id=r"])  # still running
@@ -293,30 +293,34 @@ def test_report_ranks_skips_running_and_lists_failed(tmp_path, capsys):
     found = report(sweep)
     assert found["keys"] == ["method", "hyperparams.lr"]
     assert [t.num for t in found["ranked"]] == [1, 0] and found["mode"] == "min"
-    assert report(sweep, mode="max")["ranked"][0].num == 0
-    assert report(sweep, metric="val/accuracy")["ranked"] == []
     assert "no validation history found" in " ".join(found["notes"])
     text = (sweep / "report" / "conf" / "experiment" / "best.yaml").read_text()
     assert text.startswith("# @package _global_\n")
-    assert yaml.safe_load(text) == {"defaults": [{"override /method": "full"}, "_self_"],
+    assert yaml.safe_load(text) == {"defaults": [{"override /method": "lora"}, "_self_"],
                                     "hyperparams": {"lr": 0.003}}
     cfg = compose(["experiment=best"], config_dir=str(sweep / "report" / "conf"))
-    assert cfg.hyperparams.lr == 0.003 and cfg.hydra.runtime.choices.method == "full"
+    assert cfg.hyperparams.lr == 0.003 and cfg.hydra.runtime.choices.method == "lora"
+    assert report(sweep, mode="max")["ranked"][0].num == 0
+    assert report(sweep, metric="val/accuracy")["ranked"] == []
 
 
 def test_report_direction_follows_optuna_and_metric_name(tmp_path):
     sweep = tmp_path / "s"
     _trial(sweep, 0, ["method=lora", "hyperparams.lr=0.001"], {"val/loss": 2.0, "val/accuracy": 0.5},
            choices={"method": "lora"}, metric="val/accuracy")
-    _trial(sweep, 1, ["method=lora", "hyperparams.lr=0.002"], {"val/loss": 1.0, "val/accuracy": 0.25},
-           choices={"method": "lora"}, metric="val/accuracy")
+    _trial(sweep, 1, ["method=lora", "hyperparams.lr=0.002", "experiment=sweep_smoke"],
+           {"val/loss": 1.0, "val/accuracy": 0.25}, choices={"method": "lora", "experiment": "sweep_smoke"},
+           metric="val/accuracy")
     found = report(sweep)  # no multirun.yaml: accuracy-like means max
     assert (found["metric"], found["mode"], found["ranked"][0].num) == ("val/accuracy", "max", 0)
     (sweep / "multirun.yaml").write_text(yaml.safe_dump({"hydra": {"sweeper": {
         "_target_": "hydra_plugins.hydra_optuna_sweeper.optuna_sweeper.OptunaSweeper", "direction": "minimize"}}}))
     assert report(sweep)["mode"] == "min" and report(sweep)["ranked"][0].num == 1
     best = yaml.safe_load((sweep / "report" / "conf" / "experiment" / "best.yaml").read_text())
-    assert best == {"defaults": [{"override /method": "lora"}, "_self_"], "hyperparams": {"lr": 0.002}}
+    assert best == {"defaults": [{"override /method": "lora"}, "/experiment/sweep_smoke", "_self_"],
+                    "hyperparams": {"lr": 0.002}}
+    cfg = compose(["experiment=best"], config_dir=str(sweep / "report" / "conf"))  # the experiment it ran with
+    assert (cfg.hyperparams.lr, cfg.trainer.limit_train_batches, cfg.hydra.runtime.choices.method) == (0.002, 2, "lora")
 
 
 def test_report_of_a_missing_directory_is_a_usage_error(tmp_path):

@@ -15,7 +15,8 @@ from tunelab.config import compose, new_run_id, register_resolvers, validate
 from tunelab.errors import ConfigError, TunelabError
 
 VERBS = {"train": "tunelab.train", "sweep-report": "tunelab.sweep_report", "generate": "tunelab.generate",
-         "export": "tunelab.export"}
+         "export": "tunelab.export", "data": "tunelab.preview"}
+SUBVERBS = {"data": ("preview",)}  # `tunelab data preview ...`
 PLAIN_VERBS = {"sweep-report"}  # verbs with their own argparse options: no Hydra overrides, no pre-flight
 USAGE = """usage: tunelab <verb> [overrides] [-m] [--cfg job] [--config-dir DIR] [--help]
 
@@ -23,6 +24,7 @@ verbs:
   train     fine-tune: model=, method=, dataset=, hyperparams.*= (try: tunelab train --help)
   generate  answer with a trained run: run=<run dir> prompt="..." [interactive=true] [sampling=creative]
   export    merge adapters and write a plain Hugging Face model: run=<run dir> [out=<dir>] [merge=true|false]
+  data preview  tokenised samples with supervised tokens marked, length percentiles: dataset=<name>
   sweep-report  rank the trials of a multirun directory, plot them, write the best config (--help)
 
 exit codes: 0 ok, 1 unexpected bug, 2 config or usage error, 3 data error, 4 checkpoint error, 5 numerics
@@ -147,7 +149,13 @@ def main() -> None:
 
         print(f"tunelab: usage error: unknown verb {verb!r}\n  hint: {did_you_mean(verb, VERBS)}", file=sys.stderr)
         raise SystemExit(2)
-    run_verb(verb, sys.argv[2:])
+    argv = sys.argv[2:]
+    if verb in SUBVERBS:
+        if not argv or argv[0] not in SUBVERBS[verb]:
+            print(f"tunelab: usage error: `tunelab {verb}` needs one of: {', '.join(SUBVERBS[verb])}", file=sys.stderr)
+            raise SystemExit(2)
+        argv = argv[1:]
+    run_verb(verb, argv)
 
 
 if __name__ == "__main__":

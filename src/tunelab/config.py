@@ -58,6 +58,7 @@ class OnNonFinite(str, Enum):
 
 class Format(str, Enum):
     prompt_completion = "prompt_completion"
+    instruction = "instruction"
     chat = "chat"
     text = "text"
 

@@ -215,14 +215,15 @@ def plot(report_dir: Path, trials: list[Trial], keys: list[str], metric: str, ra
         ys = [t.metrics[metric] for t in done]
         numbers = [_number(x) for x in xs]
         fig, ax = plt.subplots(figsize=(5, 3.5))
-        if all(n is not None for n in numbers):
+        numeric = all(n is not None for n in numbers)
+        if numeric and len(set(numbers)) > 8:  # a continuous search (Optuna, W&B random): a true axis
             ax.scatter(numbers, ys)
-            if len({n for n in numbers if n}) > 1 and min(numbers) > 0 and max(numbers) / min(numbers) >= 100:
+            if min(numbers) > 0 and max(numbers) / min(numbers) >= 100:
                 ax.set_xscale("log")  # learning rates span decades
-        else:
-            labels = sorted(set(xs))
+        else:  # a grid's few values, or group choices: one evenly spaced column per value
+            labels = sorted(set(xs), key=lambda x: (_number(x) is None, _number(x) or 0.0, x))
             ax.scatter([labels.index(x) for x in xs], ys)
-            ax.set_xticks(range(len(labels)), labels, rotation=30)
+            ax.set_xticks(range(len(labels)), labels, rotation=30 if not numeric else 0)
         ax.set_xlabel(key)
         ax.set_ylabel(metric)
         ax.set_title(f"{metric} by {key} ({len(done)} trials)")

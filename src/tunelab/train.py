@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import sys
 import traceback
 from pathlib import Path
 from typing import Any
@@ -133,7 +134,7 @@ def main(cfg: DictConfig) -> float | None:
         metrics = train(cfg)
     except TunelabError as err:
         if not _multirun():
-            print(err.message())
+            print(err.message(), file=sys.stderr)
             raise SystemExit(err.exit_code) from None
         _record_failure(cfg, err.message())
         return math.nan

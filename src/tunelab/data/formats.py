@@ -3,6 +3,7 @@
 Formats:
 - `prompt_completion`: a prompt and its completion, either as columns or rendered from the row by a
   template of the dataset's template library (Jinja over the row's fields), sampled per example.
+- `instruction`: Alpaca-style `instruction`, optional `input`, and `output` columns.
 - `chat`: a `messages` column of role/content dicts (OpenAI style; ShareGPT's from/value is accepted).
 - `text`: a `text` column for continued pre-training; every token is supervised.
 """
@@ -121,11 +122,18 @@ def to_example(
         if system_prompt and messages[0]["role"] != "system":
             messages.insert(0, {"role": "system", "content": system_prompt})
         return Example(row.origin, messages=messages)
-    if fmt != "prompt_completion":
+    if fmt not in ("prompt_completion", "instruction"):
         raise ConfigError(f"unknown dataset.format {fmt!r}", "key dataset.format",
-                          "use prompt_completion, chat or text")
+                          "use prompt_completion, instruction, chat or text")
     chosen = None
-    if templates:
+    if fmt == "instruction" and not templates:
+        prompt = _text_field(row, fields, "instruction")
+        extra = fields.get("input")
+        if extra is not None and not isinstance(extra, str):
+            raise DataError(f"{row.origin}: input: expected a string, got {type(extra).__name__}")
+        prompt = f"{prompt}\n\n{extra}" if extra and extra.strip() else prompt
+        completion = _text_field(row, fields, "output")
+    elif templates:
         chosen = random.Random(f"{seed}:{index}").randrange(len(templates))
         prompt_t, completion_t = templates[chosen]
         prompt = _render(row, prompt_t, fields, "prompt")

@@ -133,12 +133,13 @@ def load_splits(source: Mapping[str, Any], seed: int) -> dict[str, list[Row]]:
         else:
             splits[split] = _load_hub(path_text, source.get("subset"), name)
     rng = random.Random(seed)
+    total = len(splits.get("train", []))  # fractions are of the whole source, whichever split is carved first
     for split, size_key in (("test", "test_size"), ("validation", "val_size")):
         size = source.get(size_key)
         if split in splits or not size:
             continue
         train = splits["train"]
-        count = int(round(size * len(train))) if size < 1 else int(size)
+        count = int(round(size * total)) if size < 1 else int(size)
         if not 0 < count < len(train):
             raise ConfigError(
                 f"{size_key}={size} leaves {len(train) - count} of {len(train)} rows for training",

@@ -1,0 +1,115 @@
+"""User mistakes through the real console script: one `tunelab: <kind> error:` message, exit code, no traceback.
+
+Every case runs `python -m tunelab.cli train ...` in a subprocess. The processes are started together
+(one module fixture) because each pays the start-up imports; the tests then read their results.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tunelab import paths
+
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline", "PYTHONUNBUFFERED": "1"}
+
+
+def _bad_user_conf(root: Path) -> Path:
+    conf = root / "user_conf"
+    (conf / "model").mkdir(parents=True)
+    tiny = (paths.conf_dir() / "model" / "tiny.yaml").read_text()
+    assert "\nname_or_path:" in tiny
+    (conf / "model" / "bad.yaml").write_text(tiny.replace("\nname_or_path:", "\nname_or_pth:"))
+    return conf
+
+
+# name -> (overrides, exit code, texts the message must contain)
+CASES: dict[str, tuple[list[str], int, list[str]]] = {
+    "unknown_key": (["hyperparams.lrr=1"], 2, [
+        "unknown key 'lrr'", "hyperparams.lrr", "on the command line", "did you mean 'lr'?",
+    ]),
+    "group_option_typo": (["model=tinyy"], 2, [
+        "unknown model option 'tinyy'", "override model=tinyy on the command line", "did you mean 'tiny'",
+    ]),
+    "group_name_typo": (["hyperparam=default"], 2, [
+        "unknown key 'hyperparam'", "override hyperparam on the command line", "did you mean 'hyperparams'?",
+        "a config group is chosen with group=option",
+    ]),
+    "wrong_type": (["hyperparams.batch_size=abc"], 2, [
+        "wrong type or value 'abc'", "key hyperparams.batch_size",
+        "override hyperparams.batch_size=abc on the command line", "hint: hyperparams.batch_size takes int",
+    ]),
+    "wrong_enum": (["dataset.format=chatt"], 2, [
+        "wrong type or value 'chatt'", "key dataset.format", "override dataset.format=chatt on the command line",
+        "did you mean 'chat'?", "valid: chat, prompt_completion, text",
+    ]),
+    "unknown_key_in_user_yaml": (["--config-dir", "{conf}", "model=bad"], 2, [
+        "unknown key 'name_or_pth' for tunelab.models.load_causal_lm", "key model.name_or_pth",
+        "{conf}/model/bad.yaml:3", "did you mean 'name_or_path'",
+    ]),
+    "unknown_target_key_added": (["+method.peft.rr=3", "method=lora"], 2, [
+        "unknown key 'rr' for peft.LoraConfig", "key method.peft.rr",
+        "override +method.peft.rr=3 on the command line", "did you mean 'r'?",
+    ]),
+    "unknown_target_key_overridden": (["method.peft.rr=3", "method=lora"], 2, [
+        "unknown key 'rr' for peft.LoraConfig", "override method.peft.rr on the command line",
+        "did you mean 'r'?", "lora_dropout", "use_dora",  # LoraConfig's own arguments, not only the YAML's keys
+    ]),
+    "sweep_with_one_bad_value": (["-m", "hyperparams.batch_size=4,x"], 2, [
+        "wrong type or value 'x'", "key hyperparams.batch_size", "takes int",
+    ]),
+    "missing_data_file": (["dataset.source.path=/nonexistent/x.jsonl", "logger=none", "eval.baseline=false"], 3, [
+        "tunelab: data error:", "/nonexistent/x.jsonl", "hint:",
+    ]),
+}
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory) -> dict[str, tuple[subprocess.CompletedProcess, Path, Path]]:
+    root = tmp_path_factory.mktemp("errors")
+    conf = _bad_user_conf(root)
+    running = {}
+    for name, (args, _, _) in CASES.items():
+        out_dir = root / name
+        out_dir.mkdir()
+        argv = [a.format(conf=conf) for a in args] + [f"paths.output_dir={out_dir}"]
+        running[name] = (subprocess.Popen([sys.executable, "-m", "tunelab.cli", "train", *argv], cwd=out_dir, env=ENV,
+                                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True), out_dir)
+    done = {}
+    for name, (proc, out_dir) in running.items():
+        stdout, stderr = proc.communicate(timeout=300)
+        done[name] = (subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr), out_dir, conf)
+    return done
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_user_mistake_is_one_message_with_exit_code(name, results):
+    out, out_dir, conf = results[name]
+    _, code, texts = CASES[name]
+    text = out.stderr + out.stdout
+    assert out.returncode == code, text
+    assert "Traceback" not in text
+    kind = "data" if code == 3 else "config"
+    assert out.stderr.startswith(f"tunelab: {kind} error: "), out.stderr
+    first, _, rest = out.stderr.partition("\n")
+    assert rest.lstrip().startswith("hint: "), out.stderr  # `what, where` on one line, then the hint
+    for needed in texts:
+        assert needed.format(conf=conf) in out.stderr, f"{needed!r} not in:\n{out.stderr}"
+
+
+@pytest.mark.parametrize("name", [n for n, (_, code, _) in CASES.items() if code == 2])
+def test_config_error_starts_no_job(name, results):
+    """Config errors are caught before Hydra starts a job: no run or sweep directory, nothing trained."""
+    _, out_dir, _ = results[name]
+    assert not (out_dir / "runs").exists() and not (out_dir / "multiruns").exists()
+    assert not list(out_dir.rglob("*.ckpt")) and not list(out_dir.rglob(".hydra"))
+
+
+def test_data_error_names_the_file_not_a_key(results):
+    out, _, _ = results["missing_data_file"]
+    assert out.stderr.startswith("tunelab: data error: data file not found: /nonexistent/x.jsonl")
+    assert "hint: check dataset.source.path" in out.stderr
