@@ -167,23 +167,24 @@ def test_seeded_val_and_test_split_from_one_file(tmp_path, tokenizer):
     assert [e.origin for e in again["test"]] == [e.origin for e in splits["test"]]  # seeded
 
 
-def _hammer(cache_dir: str, rounds: int) -> int:
-    from tunelab.data.cache import read_cache, write_cache
-    from tunelab.data.encode import Encoded
-
-    ok = 0
-    for i in range(rounds):
-        items = [Encoded([1, 2, 3] * (50 + i), [1, 2, 3] * (50 + i), None, None, "x")] * 20
-        write_cache(Path(cache_dir), "samekey", {"train": items}, {"round": i})
-        got = read_cache(Path(cache_dir), "samekey")
-        ok += got is not None and len(got[0]["train"]) == 20
-    return ok
+HAMMER = """
+import sys
+from pathlib import Path
+from tunelab.data.cache import read_cache, write_cache
+from tunelab.data.encode import Encoded
+ok = 0
+for i in range(40):
+    items = [Encoded([1, 2, 3] * (50 + i), [1, 2, 3] * (50 + i), None, None, "x")] * 20
+    write_cache(Path(sys.argv[1]), "samekey", {"train": items}, {"round": i})
+    got = read_cache(Path(sys.argv[1]), "samekey")
+    ok += got is not None and len(got[0]["train"]) == 20
+print(ok)
+"""
 
 
 def test_parallel_writers_never_leave_a_torn_entry(tmp_path):
-    import multiprocessing
-
-    with multiprocessing.get_context("spawn").Pool(3) as pool:
-        results = pool.starmap(_hammer, [(str(tmp_path), 15)] * 3)
-    assert results == [15, 15, 15]  # every read, racing with writers, saw a whole entry
+    procs = [subprocess.Popen([sys.executable, "-c", HAMMER, str(tmp_path)], stdout=subprocess.PIPE, text=True)
+             for _ in range(3)]
+    results = [int(p.communicate(timeout=120)[0].strip()) for p in procs]
+    assert results == [40, 40, 40]  # every read, racing with the other writers, saw a whole entry
     assert [p.name for p in tmp_path.iterdir()] == ["samekey.json"]

@@ -317,7 +317,7 @@ def test_report_direction_follows_optuna_and_metric_name(tmp_path):
         "_target_": "hydra_plugins.hydra_optuna_sweeper.optuna_sweeper.OptunaSweeper", "direction": "minimize"}}}))
     assert report(sweep)["mode"] == "min" and report(sweep)["ranked"][0].num == 1
     best = yaml.safe_load((sweep / "report" / "conf" / "experiment" / "best.yaml").read_text())
-    assert best == {"defaults": [{"override /method": "lora"}, "/experiment/sweep_smoke", "_self_"],
+    assert best == {"defaults": ["/experiment/sweep_smoke", {"override /method": "lora"}, "_self_"],
                     "hyperparams": {"lr": 0.002}}
     cfg = compose(["experiment=best"], config_dir=str(sweep / "report" / "conf"))  # the experiment it ran with
     assert (cfg.hyperparams.lr, cfg.trainer.limit_train_batches, cfg.hydra.runtime.choices.method) == (0.002, 2, "lora")

@@ -253,6 +253,7 @@ def best_experiment(trial: Trial) -> str:
     values as nested keys. Keys that say where the sweep ran (paths, run id, hydra, the search) are left out."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
+    includes: list[str] = []  # experiment/debug files the sweep ran with; Hydra wants them before overrides
     defaults: list[Any] = []
     values: dict[str, Any] = {}
     skipped = []
@@ -264,7 +265,7 @@ def best_experiment(trial: Trial) -> str:
             continue
         if key in trial.choices:  # a config group: model=, method=, experiment=, ...
             if key in ("experiment", "debug"):
-                defaults.append(f"/{key}/{override.value()}")  # its own @package _global_ applies
+                includes.append(f"/{key}/{override.value()}")  # its own @package _global_ applies
             else:
                 defaults.append({f"override /{key}": override.value()})
             continue
@@ -279,8 +280,8 @@ def best_experiment(trial: Trial) -> str:
     ]
     header += [f"# not carried over (not expressible in an experiment): {s}" for s in skipped]
     body: dict[str, Any] = {}
-    if defaults:
-        body["defaults"] = [*defaults, "_self_"]
+    if includes or defaults:
+        body["defaults"] = [*includes, *defaults, "_self_"]
     body.update(values)
     return "\n".join(header) + "\n" + yaml.safe_dump(body, sort_keys=False, default_flow_style=False)
 
