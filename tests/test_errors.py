@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from tunelab import paths
+from tunelab.config import Format
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline", "PYTHONUNBUFFERED": "1"}
 
@@ -45,7 +46,7 @@ CASES: dict[str, tuple[list[str], int, list[str]]] = {
     ]),
     "wrong_enum": (["dataset.format=chatt"], 2, [
         "wrong type or value 'chatt'", "key dataset.format", "override dataset.format=chatt on the command line",
-        "did you mean 'chat'?", "valid: chat, prompt_completion, text",
+        "did you mean 'chat'?", "valid: " + ", ".join(sorted(f.value for f in Format)),
     ]),
     "unknown_key_in_user_yaml": (["--config-dir", "{conf}", "model=bad"], 2, [
         "unknown key 'name_or_pth' for tunelab.models.load_causal_lm", "key model.name_or_pth",

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, make_cfg
 from hydra.core.global_hydra import GlobalHydra
 
+from conftest import REPO, make_cfg
 from tunelab.config import compose
 from tunelab.errors import ConfigError
 from tunelab.export import export
@@ -53,7 +53,7 @@ def _verb_cfg(verb: str, overrides: list[str]):
 def full_run(tmp_path_factory) -> Path:
     """The tiny model fully fine-tuned long enough to learn the bundled sentiment task (once per module)."""
     run = tmp_path_factory.mktemp("full")
-    metrics = train(make_cfg(run, [*QUIET, "hyperparams.max_steps=70", "eval.test=true", "eval.max_eval_samples=64"]))
+    metrics = train(make_cfg(run, [*QUIET, "hyperparams.max_steps=100", "eval.test=true", "eval.max_eval_samples=64"]))
     assert metrics["test/accuracy"] >= 0.9, metrics
     return run
 
@@ -86,10 +86,12 @@ def test_generate_renders_fields_and_chats(full_run, monkeypatch, capsys):
     assert capsys.readouterr().out.strip() == "negative"  # streamed
     import io
 
-    monkeypatch.setattr(sys, "stdin", io.StringIO(_prompt(POSITIVE) + "\n\n" + _prompt(NEGATIVE) + "\n"))
+    typed = [_prompt(row).replace("\n", "\\\n") for row in (POSITIVE, NEGATIVE)]  # \ continues a line
+    monkeypatch.setattr(sys, "stdin", io.StringIO(typed[0] + "\n\n" + typed[1] + "\n"))
     chat = generate(_verb_cfg("generate", [f"run={full_run}", "interactive=true"]))
     assert [m["role"] for m in chat] == ["user", "assistant", "user", "assistant"]  # history kept
     assert [chat[1]["content"], chat[3]["content"]] == ["positive", "negative"]
+    assert chat[2]["content"] == _prompt(NEGATIVE)
 
 
 def test_generate_refuses_missing_run_and_prompt(tmp_path, full_run):

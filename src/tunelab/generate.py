@@ -80,13 +80,21 @@ def answer(model: Any, tokenizer: Any, messages: list[dict[str, str]], settings:
 
 def chat(model: Any, tokenizer: Any, system: list[dict[str, str]], settings: Mapping[str, Any],
          lines: Iterable[str]) -> list[dict[str, str]]:
-    """Interactive mode: each non-empty line is a user turn; the conversation so far goes with it."""
+    """Interactive mode: each line is a user turn (a line ending in a backslash continues on the next);
+    the conversation so far goes with it."""
     messages = list(system)
-    print("chat with the model; end with Ctrl-D", file=sys.stderr)
-    for line in lines:
-        if not line.strip():
+    print("chat with the model; end a line with \\ to continue it; Ctrl-D ends", file=sys.stderr)
+    pending: list[str] = []
+    for raw in lines:
+        line = raw.rstrip("\n")
+        if line.endswith("\\"):
+            pending.append(line[:-1])
             continue
-        messages.append({"role": "user", "content": line.rstrip("\n")})
+        text = "\n".join([*pending, line])
+        pending = []
+        if not text.strip():
+            continue
+        messages.append({"role": "user", "content": text})
         messages.append({"role": "assistant", "content": answer(model, tokenizer, messages, settings)})
     return messages
 

@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import netrc
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
+from omegaconf import Container, OmegaConf
 from pytorch_lightning.loggers import WandbLogger
+
+from tunelab.redact import redact, redact_line
 
 
 def wandb_credentials_present() -> bool:
@@ -28,8 +32,12 @@ def wandb_logger(mode: str = "auto", **kwargs: Any) -> WandbLogger:
     """
     if mode == "auto":
         mode = os.environ.get("WANDB_MODE") or ("online" if wandb_credentials_present() else "offline")
+    # W&B copies sys.argv into the run's metadata; Hydra has parsed it by now, so mask secrets in place.
+    sys.argv[:] = [redact_line(arg) for arg in sys.argv]
+    # Tags, names and notes reach the W&B run record as given: mask secret-looking values there too.
+    kwargs = {k: redact(OmegaConf.to_container(v) if isinstance(v, Container) else v) for k, v in kwargs.items()}
     kwargs.setdefault("log_model", False)  # model/ holds the weights; uploading checkpoints is opt-in
-    kwargs.update({k: v for k, v in _job_identity().items() if kwargs.get(k) is None})
+    kwargs.update({k: redact(v) for k, v in _job_identity().items() if kwargs.get(k) is None})
     # `mode` goes to wandb.init; Lightning's own `offline=True` would set WANDB_MODE for the whole process.
     return WandbLogger(mode=mode, **kwargs)
 

@@ -224,7 +224,9 @@ def train_only(model: nn.Module, last_n_layers: int = 0, patterns: list[str] | N
                           "key method.freeze.last_n_layers", f"give a number from 0 to {len(stack)}")
     keep = {f"{stack_name}.{i}." for i in range(len(stack) - last_n_layers, len(stack))}
     compiled = [re.compile(p) for p in patterns or []]
-    names = [n for n, _ in model.named_parameters()]
+    # Every name of a tied tensor counts: `lm_head` selects the embeddings it shares its weight with.
+    named = list(model.named_parameters(remove_duplicate=False))
+    names = [n for n, _ in named]
     for pattern in compiled:
         if not any(pattern.search(n) for n in names):
             raise ConfigError(
@@ -232,7 +234,7 @@ def train_only(model: nn.Module, last_n_layers: int = 0, patterns: list[str] | N
                 f"parameters look like: {', '.join(names[:3])}, ..., {names[-1]}",
             )
     model.requires_grad_(False)
-    for name, param in model.named_parameters():
+    for name, param in named:
         if any(name.startswith(k) for k in keep) or any(p.search(name) for p in compiled):
             param.requires_grad_(True)
     if not any(p.requires_grad for p in model.parameters()):
@@ -298,10 +300,14 @@ def load_run(run_dir: str | Path, quantize: bool = True) -> tuple[nn.Module, Any
                           "give a run directory written by `tunelab train` (it holds model/)")
     saved = run_dir / ".hydra" / "config.yaml"
     options: dict[str, Any] = {"dtype": "auto"}
-    if saved.is_file():
+    try:
+        run_cfg = OmegaConf.load(saved) if saved.is_file() else None
+    except Exception as err:  # a hand-edited or damaged file: the model directory alone still loads
+        log.warning("ignoring %s, which does not parse (%s)", saved, str(err).splitlines()[0])
+        run_cfg = None
+    if run_cfg is not None:
         from hydra.utils import instantiate
 
-        run_cfg = OmegaConf.load(saved)
         options["trust_remote_code"] = bool(OmegaConf.select(run_cfg, "model.trust_remote_code", default=False))
         quantization = OmegaConf.select(run_cfg, "method.quantization", default=None)
         if quantize and quantization is not None:

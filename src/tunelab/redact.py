@@ -25,13 +25,26 @@ def redact(obj: Any) -> Any:
     return obj
 
 
+FILE_MASK = "REDACTED"  # a plain YAML scalar: valid wherever it lands (`- x`, `[x]`, `k: x`), unlike a bare ***
+# `key: value` and `- key=value` (Hydra's overrides.yaml) lines; the value is masked when the key's last part is secret.
+_KEY_LINE = re.compile(r"^(?P<lead>\s*(?:-\s+)?[+~]*)(?P<key>[\w.\-]+)(?P<sep>\s*:\s+|=)(?P<value>.*?)\s*$")
+
+
+def redact_line(line: str, mask: str = FILE_MASK) -> str:
+    """One YAML line or command-line override with secrets masked: by key name, then by value pattern."""
+    match = _KEY_LINE.match(line)
+    if (match and SECRET_KEY.search(match["key"].rsplit(".", 1)[-1])
+            and match["value"] not in ("", "null", "~", "''", '""', "false")):
+        end = "\n" if line.endswith("\n") else ""
+        line = f"{match['lead']}{match['key']}{match['sep']}{mask}{end}"
+    return SECRET_VALUE.sub(mask, line)
+
+
 def redact_file(path: Path) -> None:
-    """Mask credential-looking values in a text file written by someone else (Hydra's saved configs)."""
-    if path.is_file():
-        text = path.read_text()
-        masked = SECRET_VALUE.sub(MASK, text)
-        masked = re.sub(r"((?:^|[\s.'\"-])\w*(?:token|api_?key|secret|password)\w*\s*[:=]\s*)(?!null\b)(\S+)",
-                        lambda m: m.group(1) + MASK if "tokenizer" not in m.group(0) else m.group(0),
-                        masked, flags=re.I | re.M)
-        if masked != text:
-            path.write_text(masked)
+    """Mask secrets in a YAML file written by someone else (Hydra's saved configs); it stays valid YAML."""
+    if not path.is_file():
+        return
+    text = path.read_text()
+    masked = "".join(redact_line(line) for line in text.splitlines(keepends=True))
+    if masked != text:
+        path.write_text(masked)

@@ -200,6 +200,12 @@ def _number(text: str) -> float | None:
         return None
 
 
+def _short(text: str) -> str:
+    """4 significant digits for Optuna's long floats (trials.csv keeps them whole)."""
+    number = _number(text)
+    return f"{number:.4g}" if number is not None and "." in text and len(text) > 8 else text
+
+
 def plot(report_dir: Path, trials: list[Trial], keys: list[str], metric: str, ranked: list[Trial]) -> list[Path]:
     """Metric against each swept hyperparameter, and validation-loss curves of the top trials."""
     import matplotlib
@@ -298,7 +304,7 @@ def _console_table(trials: list[Trial], ranked: list[Trial], keys: list[str], me
     rest = [t for t in trials if t.num not in order]
     for trial in [*ranked, *rest]:
         values = dict(_split(trial.overrides))
-        cells = [str(order.get(trial.num, "-")), str(trial.num), *[values.get(k, "") for k in keys]]
+        cells = [str(order.get(trial.num, "-")), str(trial.num), *[_short(values.get(k, "")) for k in keys]]
         if trial.state == "failed":
             cells += ["failed"] + [""] * (len(metric_names) - 1)
         elif trial.state == "running":

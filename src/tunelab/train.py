@@ -47,7 +47,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     validate(cfg)
     run_dir = Path(cfg.paths.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    for saved in (run_dir / ".hydra").glob("*.yaml"):
+    for saved in [*(run_dir / ".hydra").glob("*.yaml"), *_sweep_config()]:
         redact_file(saved)
     pl.seed_everything(cfg.hyperparams.seed, workers=True, verbose=False)
 
@@ -115,6 +115,13 @@ def _choices() -> dict[str, str]:
         return {k: str(v) for k, v in HydraConfig.get().runtime.choices.items() if not k.startswith("hydra")}
     except ValueError:  # not running under Hydra (tests composing configs themselves)
         return {}
+
+
+def _sweep_config() -> list[Path]:
+    """The sweep's multirun.yaml (Hydra writes it before the first job, with every override resolved in)."""
+    if not _multirun():
+        return []
+    return [Path(HydraConfig.get().sweep.dir) / "multirun.yaml"]
 
 
 def _multirun() -> bool:
