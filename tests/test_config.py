@@ -202,8 +202,8 @@ def test_wheel_ships_config_data_and_assets(tmp_path):
         isolation = ["--no-build-isolation"]
     except ImportError:
         isolation = []  # pip fetches hatchling into an isolated build environment
-    out = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", *isolation, "-w", str(tmp_path), str(REPO)],
-                         capture_output=True, text=True, timeout=300)
+    command = [sys.executable, "-m", "pip", "wheel", "--no-deps", *isolation, "-w", str(tmp_path), str(REPO)]
+    out = subprocess.run(command, capture_output=True, text=True, timeout=300)
     if out.returncode and not isolation and any(s in out.stdout + out.stderr for s in
                                                 ("No matching distribution", "NewConnectionError", "ConnectionError")):
         pytest.skip("hatchling is not installed and pip cannot download it (offline)")

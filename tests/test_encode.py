@@ -26,7 +26,7 @@ def _chat(*turns: tuple[str, str]) -> Example:
 
 
 def _supervised(tok, item: Encoded) -> str:
-    return tok.decode([i for i, label in zip(item.input_ids, item.labels) if label != IGNORE])
+    return tok.decode([i for i, label in zip(item.input_ids, item.labels, strict=True) if label != IGNORE])
 
 
 def _spans(item: Encoded) -> list[tuple[int, int]]:
@@ -72,7 +72,7 @@ def test_multi_turn_chat_supervises_each_assistant_turn_only(tok):
     for a, b in spans:
         assert item.labels[a:b] == item.input_ids[a:b]
         assert tok.decode(item.input_ids[:a]).endswith("<|im_start|>assistant\n")
-    unsupervised = tok.decode([i for i, label in zip(item.input_ids, item.labels) if label == IGNORE])
+    unsupervised = tok.decode([i for i, label in zip(item.input_ids, item.labels, strict=True) if label == IGNORE])
     for text in ("Be brief.", "Hi", "Sentiment of 'great'?", "<|im_start|>system", "<|im_start|>user"):
         assert text in unsupervised
     assert item.supervised == sum(b - a for a, b in spans)
