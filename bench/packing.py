@@ -13,11 +13,11 @@ import time
 
 import torch
 
+from tunelab.config import compose
 from tunelab.data.datamodule import Collator, TuneDataModule
+from tunelab.data.packing import block_causal_mask
 from tunelab.models import load_causal_lm, load_tokenizer
 from tunelab.module import summed_token_loss
-from tunelab.data.packing import block_causal_mask
-from tunelab.config import compose
 
 
 def run(packing: bool, steps: int, batch_size: int, max_seq_len: int, warmup: int = 3) -> dict[str, float]:

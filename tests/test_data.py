@@ -100,7 +100,7 @@ def test_mixture_sampling_follows_the_weights(tmp_path, tokenizer):
     yes = tokenizer("yes", add_special_tokens=False)["input_ids"]
     drawn = Counter()
     for batch in dm.train_dataloader():
-        for ids, labels in zip(batch["input_ids"], batch["labels"]):
+        for ids, labels in zip(batch["input_ids"], batch["labels"], strict=True):
             answer = ids[labels != -100].tolist()[: len(yes)]
             drawn["a" if answer == yes else "b"] += 1
     assert sum(drawn.values()) == 4000
@@ -140,13 +140,14 @@ def test_instruction_and_chat_formats_from_files(tmp_path, tokenizer):
     first = tokenizer.decode(splits["train"][0].input_ids)
     assert first == ("<|im_start|>user\nTranslate to French\n\ncat<|im_end|>\n"
                      "<|im_start|>assistant\nchat<|im_end|>\n")
-    assert tokenizer.decode(splits["train"][1].prompt_ids) == "<|im_start|>user\nSay hi<|im_end|>\n<|im_start|>assistant\n"
+    prompt = tokenizer.decode(splits["train"][1].prompt_ids)
+    assert prompt == "<|im_start|>user\nSay hi<|im_end|>\n<|im_start|>assistant\n"
 
     chats = [json.dumps({"conversations": [{"from": "human", "value": "2+2?"}, {"from": "gpt", "value": "4"}]})]
     folder = _write(tmp_path / "chat", {"train": chats, "validation": chats, "test": chats})
     splits, _ = encode_task({"name": "c", "source": {"path": str(folder)}, "format": "chat"}, tokenizer, 128, 0)
     item = splits["train"][0]
-    supervised = [t for t, label in zip(item.input_ids, item.labels) if label != -100]
+    supervised = [t for t, label in zip(item.input_ids, item.labels, strict=True) if label != -100]
     assert tokenizer.decode(supervised) == "4<|im_end|>"
 
     bad = [json.dumps({"messages": [{"role": "robot", "content": "x"}, {"role": "assistant", "content": "y"}]})]

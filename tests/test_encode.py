@@ -176,3 +176,62 @@ def test_collator_pads_with_pad_id_and_keeps_eos_supervised(tok):
     assert (batch["labels"] == tok.eos_token_id).sum(dim=1).tolist() == [1, 1]  # EOS never masked as padding
     assert batch["prompt_ids"][0, 0].item() == tok.pad_token_id  # prompts are left-padded for generation
     assert batch["references"] == ["positive", "negative"]
+
+
+def _with_template(template: str):
+    tokenizer = load_tokenizer(TINY, chat_template=template)
+    return tokenizer
+
+
+def test_named_alpaca_template_golden_text_and_labels():
+    tokenizer = _with_template("alpaca")
+    item = encode_chat(tokenizer, _chat(("system", "Be brief."), ("user", "Is it good?"), ("assistant", "positive")))
+    assert tokenizer.decode(item.input_ids) == (
+        "Be brief.\n\n### Instruction:\nIs it good?\n\n### Response:\npositive<|im_end|>\n\n")
+    assert tokenizer.decode(item.prompt_ids) == "Be brief.\n\n### Instruction:\nIs it good?\n\n### Response:\n"
+    assert _supervised(tokenizer, item) == "positive<|im_end|>"
+
+
+def test_named_chatml_template_matches_the_tokenizers_own(tok):
+    example = _chat(("user", "Is it good?"), ("assistant", "positive"))
+    own = encode_chat(tok, example)
+    named = encode_chat(_with_template("chatml"), example)
+    assert (named.input_ids, named.labels) == (own.input_ids, own.labels)
+
+
+def test_inline_jinja_template_golden():
+    # A newline, not a space, ends each role tag: BPE merges " 4" into one token, so a prompt ending in a
+    # space is not a token prefix of prompt+answer (and is refused, see the next test's mechanism).
+    inline = ("{% for m in messages %}{{ '<' + m['role'] + '>\\n' + m['content'] }}"
+              "{% if m['role'] == 'assistant' %}{{ eos_token }}{% endif %}{{ '\\n' }}{% endfor %}"
+              "{% if add_generation_prompt %}{{ '<assistant>\\n' }}{% endif %}")
+    tokenizer = _with_template(inline)
+    item = encode_chat(tokenizer, _chat(("user", "2+2?"), ("assistant", "4"), ("user", "3+3?"), ("assistant", "6")))
+    assert tokenizer.decode(item.input_ids) == (
+        "<user>\n2+2?\n<assistant>\n4<|im_end|>\n<user>\n3+3?\n<assistant>\n6<|im_end|>\n")
+    assert [tokenizer.decode(item.input_ids[s:e]) for s, e in _spans(item)] == ["4<|im_end|>", "6<|im_end|>"]
+
+
+def test_template_whose_prompt_is_not_a_prefix_is_refused():
+    # Renders the final message differently from earlier ones: the prompt rendered alone then differs
+    # from the same turns inside prompt+answer, so training and inference would see different text.
+    tokenizer = _with_template("{% for m in messages %}{% if loop.last %}LAST {% endif %}{{ m['content'] }}"
+                               "{% if m['role'] == 'assistant' %}{{ eos_token }}{% endif %}{% endfor %}"
+                               "{% if add_generation_prompt %}{{ ' A:' }}{% endif %}")
+    with pytest.raises(DataError, match=r"rows.jsonl:7: the chat template's prompt is not a prefix of prompt\+answer"):
+        encode_chat(tokenizer, _chat(("user", "hi"), ("assistant", "hello")))
+
+
+def test_template_library_draws_several_templates_reproducibly(tok):
+    cfg = {"name": "s", "source": {"path": str(paths.data_dir() / "reviews")}, "format": "prompt_completion",
+           "templates": [{"prompt": "A {{ text }}", "completion": "{{ sentiment }}"},
+                         {"prompt": "B {{ title }}: {{ text }}", "completion": "{{ sentiment }}"},
+                         {"prompt": "C {{ product }}", "completion": "{{ sentiment }}"}]}
+    first, _ = encode_task(cfg, tok, 256, seed=7)
+    again, _ = encode_task(cfg, tok, 256, seed=7)
+    other, _ = encode_task(cfg, tok, 256, seed=8)
+    heads = [tok.decode(e.prompt_ids).split("user\n", 1)[1][0] for e in first["train"][:300]]
+    counts = {h: heads.count(h) for h in set(heads)}
+    assert sorted(counts) == ["A", "B", "C"] and min(counts.values()) > 60  # ~100 each of 300
+    assert [e.input_ids for e in again["train"]] == [e.input_ids for e in first["train"]]
+    assert [e.input_ids for e in other["train"]] != [e.input_ids for e in first["train"]]

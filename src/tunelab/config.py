@@ -183,7 +183,8 @@ def _where(cfg: DictConfig, key_path: str) -> str:
 
 # ---- validation -----------------------------------------------------------------------------
 def _check_schema(cfg: DictConfig, name: str, schema: type) -> None:
-    node = cfg.get(name)
+    """Check the node at key path `name` against a dataclass schema (unknown keys, types, enum values)."""
+    node = OmegaConf.select(cfg, name, default=None)
     if node is None:
         return
     try:
@@ -192,7 +193,8 @@ def _check_schema(cfg: DictConfig, name: str, schema: type) -> None:
         key = str(err.key) if err.key is not None else ""
         parent = err.full_key.rsplit(".", 1)[0] if "." in str(err.full_key) else ""
         valid = _schema_fields(schema, parent)
-        raise ConfigError(f"unknown key {key!r}", _where(cfg, f"{name}.{err.full_key}"), did_you_mean(key, valid)) from None
+        where = _where(cfg, f"{name}.{err.full_key}")
+        raise ConfigError(f"unknown key {key!r}", where, did_you_mean(key, valid)) from None
     except ValidationError as err:
         value = getattr(err, "value", None)
         raise ConfigError(
@@ -266,6 +268,8 @@ def validate(cfg: DictConfig) -> None:
     """Raise ConfigError for unknown keys, wrong types and unimportable targets anywhere in `cfg`."""
     for name, schema in SCHEMAS.items():
         _check_schema(cfg, name, schema)
+    for task in OmegaConf.select(cfg, "dataset.tasks", default=None) or {}:  # each task of a mixture
+        _check_schema(cfg, f"dataset.tasks.{task}", DatasetSchema)
     _check_targets(cfg)
     try:  # every interpolation must resolve (a typo in ${...} fails here, not mid-run)
         OmegaConf.to_container(OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"]), resolve=True)

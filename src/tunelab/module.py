@@ -22,6 +22,7 @@ from tunelab.data.encode import IGNORE
 from tunelab.data.packing import block_causal_mask
 from tunelab.errors import NumericsError
 
+
 def summed_token_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(sum of next-token cross-entropy over supervised positions, number of them), in fp32."""
     # Prompt tuning (PEFT) returns logits for its virtual tokens too, before the input's: keep the input's.
@@ -169,7 +170,8 @@ class TuneModule(pl.LightningModule):
         if score and scorers and "prompt_ids" in batch:
             answers = self.generate_answers(batch["prompt_ids"], batch["prompt_mask"])
             for name, scorer in scorers.items():
-                values = torch.tensor([scorer(a, r) for a, r in zip(answers, batch["references"])], device=self.device)
+                pairs = zip(answers, batch["references"], strict=True)
+                values = torch.tensor([scorer(a, r) for a, r in pairs], device=self.device)
                 for running in groups:
                     running[name].update(values)
 

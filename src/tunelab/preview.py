@@ -59,7 +59,8 @@ def preview(cfg: DictConfig, console: Console | None = None) -> dict[str, dict[s
         console.print(marked(tokenizer, item, console.is_terminal))
         console.print(f"[dim]{len(item.input_ids)} tokens, {item.supervised} supervised[/]")
     table = Table(title=f"token lengths ({task})")
-    for column in ("split", "examples", "supervised", "p50", "p90", "p95", "p99", "max", "pad % padded", "pad % packed"):
+    columns = ("split", "examples", "supervised", "p50", "p90", "p95", "p99", "max", "pad % padded", "pad % packed")
+    for column in columns:
         table.add_column(column, justify="right")
     stats = {}
     for split, examples in datamodule.splits[task].items():

@@ -6,6 +6,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from pytorch_lightning.loggers import WandbLogger
 from rich.console import Console
 from rich.table import Table
 from torch import nn
@@ -56,7 +57,7 @@ def summary(run_dir: Path, metrics: dict[str, float], stats: dict[str, Any], log
     console.print(f"metrics:       {run_dir / 'metrics.json'}")
     for logger in loggers:
         save_dir = getattr(logger, "save_dir", None)
-        if logger.__class__.__name__ == "WandbLogger" and save_dir:
+        if isinstance(logger, WandbLogger) and save_dir:
             offline = sorted(Path(save_dir).glob("wandb/offline-run-*"))
             if offline:
                 console.print(f"W&B (offline): upload with  wandb sync {offline[-1]}")

@@ -20,6 +20,7 @@ from hydra.types import RunMode
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import LearningRateMonitor
+from pytorch_lightning.loggers import WandbLogger
 
 from tunelab import paths, report
 from tunelab.config import validate
@@ -99,7 +100,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
         completed = True
     finally:
         for logger in loggers:
-            if hasattr(logger, "experiment") and logger.__class__.__name__ == "WandbLogger":
+            if isinstance(logger, WandbLogger):
                 # one W&B run per job, even in a sequential multirun
                 logger.experiment.finish(exit_code=0 if completed else 1)
             else:

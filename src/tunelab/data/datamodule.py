@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
@@ -12,11 +12,11 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader, WeightedRandomSampler
 
+from tunelab.data.cache import cache_key, read_cache, write_cache
 from tunelab.data.encode import IGNORE, Encoded, apply_length_policy, encode_chat, encode_text
 from tunelab.data.formats import compile_templates, to_example
 from tunelab.data.packing import first_fit_decreasing
 from tunelab.data.sources import load_splits
-from tunelab.data.cache import cache_key, read_cache, write_cache
 from tunelab.errors import DataError, did_you_mean
 
 log = logging.getLogger(__name__)
