@@ -60,24 +60,26 @@ def run_one(method: str, out: Path, eval_samples: int) -> dict:
         "trainable": int(metrics["params/trainable"]), "total": int(metrics["params/total"]),
         "model_bytes": dir_bytes(run / "model"), "weight_bytes": weight_bytes(run / "model"),
         "peak_mem_gb": peak_memory(run), "tokens_per_s": metrics.get("perf/tokens_per_s"),
+        "s_per_step": metrics.get("perf/s_per_step"),
         "accuracy": metrics.get("test/accuracy"),
     }
 
 
 def table(results: list[dict]) -> str:
     lines = ["| method | trainable params | % of total | model/ size (trained weights) | peak mem (GB) "
-             "| train tokens/s | run wall time (s) | test accuracy |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+             "| s/step | train tokens/s | run wall time (s) | test accuracy |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in results:
         if "error" in r:
-            lines.append(f"| {r['method']} | failed: {r['error']} | | | | | | |")
+            lines.append(f"| {r['method']} | failed: {r['error']} | | | | | | | |")
             continue
         mem = f"{r['peak_mem_gb']:.2f}" if r["peak_mem_gb"] is not None else "-"
         tps = f"{r['tokens_per_s']:.0f}" if r["tokens_per_s"] else "-"
         acc = f"{r['accuracy']:.3f}" if r["accuracy"] is not None else "-"
         lines.append(
             f"| {r['method']} | {r['trainable']:,} | {100 * r['trainable'] / r['total']:.2f} "
-            f"| {r['model_bytes'] / 2**20:.2f} MiB ({r['weight_bytes'] / 2**20:.2f} MiB) | {mem} | {tps} "
+            f"| {r['model_bytes'] / 2**20:.2f} MiB ({r['weight_bytes'] / 2**20:.2f} MiB) | {mem} "
+            f"| {r['s_per_step']:.3f} | {tps} "
             f"| {r['wall_s']:.0f} | {acc} |"
         )
     lines.append("")

@@ -30,7 +30,9 @@ class Throughput(pl.Callback):
         self.window = window
         self._tokens = 0
         self._start: float | None = None
+        self._batches = 0
         self.total_tokens = 0
+        self.total_batches = 0
         self.total_seconds = 0.0
 
     def on_train_batch_start(
@@ -43,19 +45,29 @@ class Throughput(pl.Callback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         self._tokens += int(batch["n_tokens"])
+        self._batches += 1
         if (batch_idx + 1) % self.window:
             return
         if pl_module.device.type == "cuda":
             torch.cuda.synchronize(pl_module.device)
         elapsed = time.perf_counter() - (self._start or time.perf_counter())
         self.total_tokens += self._tokens
+        self.total_batches += self._batches
         self.total_seconds += elapsed
         pl_module.log("perf/tokens_per_s", self._tokens / max(elapsed, 1e-9), on_step=True)
         pl_module.log("perf/peak_mem_gb", peak_memory_gb(pl_module.device), on_step=True)
-        self._tokens, self._start = 0, None
+        self._tokens, self._batches, self._start = 0, 0, None
+
+    def summary(self, accumulate: int, device: torch.device) -> dict[str, float]:
+        """Whole-run figures for metrics.json: tokens/s, seconds per optimizer step, peak memory."""
+        if not self.total_seconds:
+            return {}
+        return {"perf/tokens_per_s": self.total_tokens / self.total_seconds,
+                "perf/s_per_step": self.total_seconds * accumulate / max(self.total_batches, 1),
+                "perf/peak_mem_gb": peak_memory_gb(device)}
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._tokens, self._start = 0, None  # validation time is not training time
+        self._tokens, self._batches, self._start = 0, 0, None  # validation time is not training time
 
 
 class SaveHFModel(pl.Callback):

@@ -12,7 +12,7 @@ import os
 import sys
 
 from tunelab.config import compose, new_run_id, register_resolvers, validate
-from tunelab.errors import ConfigError, TunelabError
+from tunelab.errors import ConfigError, TunelabError, exit_with
 
 VERBS = {"train": "tunelab.train", "sweep-report": "tunelab.sweep_report", "generate": "tunelab.generate",
          "export": "tunelab.export", "data": "tunelab.preview"}
@@ -132,8 +132,7 @@ def run_verb(verb: str, argv: list[str] | None = None) -> None:
     try:
         preflight(argv, verb)  # each verb's primary config is conf/<verb>.yaml
     except TunelabError as err:
-        print(err.message(), file=sys.stderr)
-        raise SystemExit(err.exit_code) from None
+        exit_with(err)
     sys.argv = [f"tunelab {verb}", *argv]
     importlib.import_module(VERBS[verb]).main()
 

@@ -7,7 +7,9 @@ which keep their traceback.
 from __future__ import annotations
 
 import difflib
+import sys
 from collections.abc import Iterable
+from typing import NoReturn
 
 
 class TunelabError(Exception):
@@ -48,6 +50,12 @@ class CheckpointError(TunelabError):
 class NumericsError(TunelabError):
     kind = "numerics"
     exit_code = 5
+
+
+def exit_with(err: TunelabError) -> NoReturn:
+    """End the process the way every verb ends on a user's mistake: the message on stderr, its exit code."""
+    print(err.message(), file=sys.stderr)
+    raise SystemExit(err.exit_code) from None
 
 
 def did_you_mean(name: str, valid: Iterable[str]) -> str:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import copy
 import shutil
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +18,7 @@ import torch
 from omegaconf import DictConfig
 
 from tunelab import paths
-from tunelab.errors import ConfigError, TunelabError
+from tunelab.errors import ConfigError, TunelabError, exit_with
 from tunelab.models import load_run
 
 
@@ -81,8 +80,7 @@ def main(cfg: DictConfig) -> None:
     try:
         export(cfg)
     except TunelabError as err:
-        print(err.message(), file=sys.stderr)
-        raise SystemExit(err.exit_code) from None
+        exit_with(err)
 
 
 if __name__ == "__main__":

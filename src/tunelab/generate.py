@@ -17,7 +17,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from tunelab import paths
-from tunelab.errors import ConfigError, TunelabError
+from tunelab.errors import ConfigError, TunelabError, exit_with
 from tunelab.models import load_run
 
 
@@ -121,8 +121,7 @@ def main(cfg: DictConfig) -> None:
     try:
         generate(cfg)
     except TunelabError as err:
-        print(err.message(), file=sys.stderr)
-        raise SystemExit(err.exit_code) from None
+        exit_with(err)
 
 
 if __name__ == "__main__":

@@ -22,7 +22,11 @@ def exact_match(prediction: str, reference: str, normalized: bool = True) -> flo
 
 def token_f1(prediction: str, reference: str) -> float:
     """Token-overlap F1 between answer and reference (SQuAD's F1), for free-form answers."""
-    pred, ref = normalize(prediction).split(), normalize(reference).split()
+    return _f1(normalize(prediction).split(), normalize(reference).split())
+
+
+def _f1(pred: list, ref: list) -> float:
+    """F1 of two multisets; two empty ones agree perfectly."""
     if not pred or not ref:
         return float(pred == ref)
     common = sum(min(pred.count(t), ref.count(t)) for t in set(pred))
@@ -60,12 +64,4 @@ def entity_f1(prediction: str, reference: str) -> float:
     an empty or rambling answer cannot earn credit on entity-free sentences.
     """
     pred, ref = parse_entities(prediction), parse_entities(reference) or []
-    if pred is None:
-        return 0.0
-    if not pred or not ref:
-        return float(pred == ref)
-    common = sum(min(pred.count(p), ref.count(p)) for p in set(pred))
-    if common == 0:
-        return 0.0
-    precision, recall = common / len(pred), common / len(ref)
-    return 2 * precision * recall / (precision + recall)
+    return 0.0 if pred is None else _f1(pred, ref)

@@ -18,7 +18,7 @@ from tunelab import paths
 from tunelab.config import validate
 from tunelab.data.datamodule import Collator
 from tunelab.data.encode import IGNORE, Encoded
-from tunelab.errors import ConfigError, TunelabError
+from tunelab.errors import ConfigError, TunelabError, exit_with
 
 
 def marked(tokenizer: object, item: Encoded, colour: bool) -> Text:
@@ -86,5 +86,4 @@ def main(cfg: DictConfig) -> None:
     try:
         preview(cfg)
     except TunelabError as err:
-        print(err.message())
-        raise SystemExit(err.exit_code) from None
+        exit_with(err)

@@ -24,7 +24,7 @@ from typing import Any
 
 import yaml
 
-from tunelab.errors import TunelabError
+from tunelab.errors import TunelabError, exit_with
 
 # Overrides that say where or how a sweep ran, not what it trained: left out of the best config.
 NOT_CONFIG = ("run_id", "paths.", "hydra.", "hydra/", "hparams_search")
@@ -359,8 +359,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         found = report(args.sweep_dir, args.metric, args.mode)
     except TunelabError as err:
-        print(err.message(), file=sys.stderr)
-        raise SystemExit(err.exit_code) from None
+        exit_with(err)
     from rich.console import Console
 
     console = Console()

@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import sys
 import traceback
 from pathlib import Path
 from typing import Any
@@ -23,8 +22,9 @@ from pytorch_lightning.callbacks import LearningRateMonitor
 from pytorch_lightning.loggers import WandbLogger
 
 from tunelab import paths, report
+from tunelab.callbacks import Throughput
 from tunelab.config import validate
-from tunelab.errors import TunelabError
+from tunelab.errors import TunelabError, exit_with
 from tunelab.models import apply_method, build_method, count_parameters
 from tunelab.redact import redact, redact_file
 
@@ -94,9 +94,9 @@ def train(cfg: DictConfig) -> dict[str, float]:
             module.eval_prefix = "test"
             trainer.test(module, datamodule=datamodule, verbose=False)
             metrics.update(_collect(trainer, "test/"))
-        throughput = [c for c in callbacks if hasattr(c, "total_tokens")]
-        if throughput and throughput[0].total_seconds:
-            metrics["perf/tokens_per_s"] = throughput[0].total_tokens / throughput[0].total_seconds
+        for callback in callbacks:
+            if isinstance(callback, Throughput):
+                metrics.update(callback.summary(trainer.accumulate_grad_batches, module.device))
         completed = True
     finally:
         for logger in loggers:
@@ -142,8 +142,7 @@ def main(cfg: DictConfig) -> float | None:
         metrics = train(cfg)
     except TunelabError as err:
         if not _multirun():
-            print(err.message(), file=sys.stderr)
-            raise SystemExit(err.exit_code) from None
+            exit_with(err)
         _record_failure(cfg, err.message())
         return math.nan
     except Exception:
