@@ -189,3 +189,28 @@ def test_parallel_writers_never_leave_a_torn_entry(tmp_path):
     results = [int(p.communicate(timeout=120)[0].strip()) for p in procs]
     assert results == [40, 40, 40]  # every read, racing with the other writers, saw a whole entry
     assert [p.name for p in tmp_path.iterdir()] == ["samekey.json"]
+
+
+def test_csv_json_and_parquet_sources_with_a_column_map(tmp_path, tokenizer):
+    import csv
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = [{"question": f"q{i}", "answer": f"a{i}"} for i in range(6)]
+    (tmp_path / "csv").mkdir()
+    with (tmp_path / "csv/train.csv").open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=["question", "answer"])
+        writer.writeheader()
+        writer.writerows(rows)
+    (tmp_path / "json").mkdir()
+    (tmp_path / "json/train.json").write_text(json.dumps(rows))
+    (tmp_path / "parquet").mkdir()
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "parquet/train.parquet")
+    for kind, origin in (("csv", "train.csv:3"), ("json", "train.json:item 2"), ("parquet", "train.parquet:row 2")):
+        task = {"name": kind, "source": {"path": str(tmp_path / kind), "val_size": 2, "test_size": 1},
+                "format": "prompt_completion", "column_map": {"question": "prompt", "answer": "completion"}}
+        splits, _ = encode_task(task, tokenizer, 64, 0)
+        assert {k: len(v) for k, v in splits.items()} == {"train": 3, "test": 1, "validation": 2}, kind
+        everything = {e.origin.rsplit("/", 1)[-1]: e for v in splits.values() for e in v}
+        assert everything[origin].reference == "a1", kind  # the second row, wherever it landed

@@ -150,9 +150,9 @@ class TuneModule(pl.LightningModule):
     @torch.no_grad()
     def generate_answers(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor) -> list[str]:
         """Greedy (or configured) answers to left-padded prompts, decoded without special tokens."""
-        settings = {k: v for k, v in self.generation.items() if v is not None}
-        if not settings.get("do_sample", False):
-            settings.pop("temperature", None), settings.pop("top_p", None), settings.pop("top_k", None)
+        from tunelab.generate import sampling_settings
+
+        settings = sampling_settings(self.generation)
         out = self.model.generate(
             input_ids=prompt_ids, attention_mask=prompt_mask, pad_token_id=self.tokenizer.pad_token_id,
             eos_token_id=self.tokenizer.eos_token_id, **settings,
