@@ -135,3 +135,18 @@ def test_cli_run_writes_hydra_dir(tmp_path):
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert "val/loss" in metrics and "test/loss" not in metrics  # eval.test=false skips the test split
     assert not [p for p in _files(run_dir) if p.suffix in FORBIDDEN]
+
+
+def test_ddp_on_two_cpu_processes_is_one_job_with_one_run_directory(tmp_path):
+    """The testable stand-in for multi-GPU data parallelism: gloo DDP, 2 ranks, one run directory."""
+    out = subprocess.run(
+        [str(Path(sys.executable).with_name("tunelab")), "train", "trainer=ddp_cpu", "hyperparams.max_steps=3",
+         "eval.baseline=false", "eval.max_eval_samples=8", "logger=none", f"paths.output_dir={tmp_path}"],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    runs = list((tmp_path / "runs").iterdir())
+    assert len(runs) == 1  # rank 1 joined rank 0's directory instead of making its own
+    assert (runs[0] / "train_ddp_process_1.log").is_file()
+    metrics = json.loads((runs[0] / "metrics.json").read_text())
+    assert {"val/loss", "test/loss", "test/accuracy"} <= set(metrics)

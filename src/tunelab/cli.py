@@ -133,8 +133,11 @@ def run_verb(verb: str, argv: list[str] | None = None) -> None:
         preflight(argv, verb)  # each verb's primary config is conf/<verb>.yaml
     except TunelabError as err:
         exit_with(err)
-    sys.argv = [f"tunelab {verb}", *argv]
-    importlib.import_module(VERBS[verb]).main()
+    module = importlib.import_module(VERBS[verb])
+    # argv[0] is the verb's own file: Lightning's DDP launcher re-runs `python argv[0] argv[1:]` for each
+    # extra rank, which must land in the same verb with the same overrides.
+    sys.argv = [str(module.__file__), *argv]
+    module.main()
 
 
 def main() -> None:

@@ -106,8 +106,9 @@ def train(cfg: DictConfig) -> dict[str, float]:
             else:
                 logger.finalize("success" if completed else "failed")
     metrics["params/trainable"], metrics["params/total"] = trainable, total
-    (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
-    report.summary(run_dir, metrics, datamodule.stats, loggers)
+    if trainer.is_global_zero:  # under DDP every rank gets here; one writes and prints
+        (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
+        report.summary(run_dir, metrics, datamodule.stats, loggers)
     return metrics
 
 
