@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from collections import Counter
@@ -214,3 +215,17 @@ def test_csv_json_and_parquet_sources_with_a_column_map(tmp_path, tokenizer):
         assert {k: len(v) for k, v in splits.items()} == {"train": 3, "test": 1, "validation": 2}, kind
         everything = {e.origin.rsplit("/", 1)[-1]: e for v in splits.values() for e in v}
         assert everything[origin].reference == "a1", kind  # the second row, wherever it landed
+
+
+def test_data_preview_marks_supervised_tokens_and_prints_percentiles(tmp_path):
+    out = subprocess.run(
+        [str(Path(sys.executable).with_name("tunelab")), "data", "preview", "preview.samples=2"],
+        capture_output=True, text=True, timeout=300, cwd=tmp_path, env={**os.environ, "COLUMNS": "200"},
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    # Without a terminal the supervised span is bracketed: the answer and its EOS, nothing of the prompt.
+    assert out.stdout.count("[[positive<|im_end|>]]") + out.stdout.count("[[negative<|im_end|>]]") == 2
+    assert any(t in out.stdout for t in ("Is the following review", "Classify the sentiment", "Review of the"))
+    for column in ("p50", "p95", "p99", "max", "pad % packed"):
+        assert column in out.stdout
+    assert not list(tmp_path.iterdir())  # a preview writes nothing
