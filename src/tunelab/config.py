@@ -25,7 +25,7 @@ from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
 from tunelab import paths
-from tunelab.errors import ConfigError, did_you_mean
+from tunelab.errors import ConfigError, TunelabError, did_you_mean
 
 INSTANTIATE_KEYS = {"_target_", "_partial_", "_recursive_", "_convert_", "_args_"}
 
@@ -277,6 +277,32 @@ def validate(cfg: DictConfig) -> None:
         if "hydra:" not in str(err) and "HydraConfig was not set" not in str(err):
             raise ConfigError(f"cannot resolve {err.full_key}: {err.msg.splitlines()[0]}",
                               f"key {err.full_key}", "check the ${...} interpolation") from None
+
+
+# ---- building objects from nodes -----------------------------------------------------------
+def build(node: Any, **kwargs: Any) -> Any:
+    """`hydra.utils.instantiate`, except that a tunelab error raised by the target keeps its message and
+    exit code (Hydra would wrap it into an InstantiationException and a traceback), and a ValueError or
+    TypeError from a constructor given the user's values (LoraConfig(r=0), ...) is a config error."""
+    from hydra.errors import InstantiationException
+    from hydra.utils import instantiate
+
+    try:
+        return instantiate(node, **kwargs)
+    except InstantiationException as err:
+        cause = err.__cause__
+        while cause is not None and not isinstance(cause, TunelabError):
+            cause = cause.__cause__
+        if cause is not None:
+            raise cause from None
+        if isinstance(err.__cause__, (ValueError, TypeError)):
+            match = re.search(r"full_key: (\S+)", str(err))
+            target = re.search(r"target '([^']+)'", str(err))
+            raise ConfigError(
+                f"{target.group(1) if target else 'a target'} refused its arguments: {err.__cause__}",
+                f"key {match.group(1)}" if match else "config", "check the values set under this key",
+            ) from None
+        raise
 
 
 # ---- composition (used by the CLI's pre-flight check, tests and notebooks) -------------------

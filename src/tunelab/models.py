@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -55,6 +56,20 @@ def _check_local(name_or_path: str, key: str) -> None:
         )
 
 
+@contextmanager
+def _loading(name_or_path: str, key: str) -> Iterator[None]:
+    """Turn the hub's and the filesystem's errors (unknown id, no network, gated repo, no safetensors)
+    into one config error that names the key; a raw traceback is no help to someone with a typo."""
+    try:
+        yield
+    except OSError as err:
+        raise ConfigError(
+            f"cannot load {name_or_path!r}: {str(err).splitlines()[0]}", f"key {key}",
+            "check the hub id or local directory; offline (HF_HUB_OFFLINE=1) only cached or local models load; "
+            "gated models need `hf auth login`",
+        ) from None
+
+
 def load_tokenizer(
     name_or_path: str,
     chat_template: str | None = None,
@@ -68,9 +83,8 @@ def load_tokenizer(
     from transformers import AutoTokenizer
 
     _check_local(name_or_path, "model.tokenizer_name_or_path")
-    tokenizer = AutoTokenizer.from_pretrained(
-        name_or_path, trust_remote_code=trust_remote_code, revision=revision
-    )
+    with _loading(name_or_path, "model.tokenizer_name_or_path"):
+        tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code, revision=revision)
     if chat_template is not None:
         tokenizer.chat_template = NAMED_CHAT_TEMPLATES.get(chat_template, chat_template)
     if tokenizer.eos_token is None:
@@ -118,21 +132,21 @@ def load_causal_lm(
             "save the random model with save_pretrained and point model.name_or_path at it with random_init=false",
         )
     if random_init:
-        config = AutoConfig.from_pretrained(
-            name_or_path, trust_remote_code=trust_remote_code, revision=revision
-        )
+        with _loading(name_or_path, "model.name_or_path"):
+            config = AutoConfig.from_pretrained(name_or_path, trust_remote_code=trust_remote_code, revision=revision)
         config._attn_implementation = attn_implementation
         model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
         return model.to(torch_dtype) if torch_dtype != "auto" else model
-    return AutoModelForCausalLM.from_pretrained(
-        name_or_path,
-        dtype=torch_dtype,
-        attn_implementation=attn_implementation,
-        trust_remote_code=trust_remote_code,
-        revision=revision,
-        use_safetensors=None if _is_local(name_or_path) else True,
-        **({"quantization_config": quantization_config} if quantization_config is not None else {}),
-    )
+    with _loading(name_or_path, "model.name_or_path"):
+        return AutoModelForCausalLM.from_pretrained(
+            name_or_path,
+            dtype=torch_dtype,
+            attn_implementation=attn_implementation,
+            trust_remote_code=trust_remote_code,
+            revision=revision,
+            use_safetensors=None if _is_local(name_or_path) else True,
+            **({"quantization_config": quantization_config} if quantization_config is not None else {}),
+        )
 
 
 @dataclass
@@ -151,9 +165,9 @@ class Method:
 
 def build_method(node: Any) -> Method:
     """Instantiate the `method` config node and refuse incompatible combinations before any model loads."""
-    from hydra.utils import instantiate
+    from tunelab.config import build
 
-    built = instantiate(node, _convert_="all") or {}
+    built = build(node, _convert_="all") or {}
     unknown = sorted(set(built) - {f.name for f in fields(Method)})
     if unknown:
         raise ConfigError(f"unknown key {unknown[0]!r} in the method", f"key method.{unknown[0]}",
@@ -193,7 +207,7 @@ def apply_method(model: nn.Module, method: Method | None = None) -> nn.Module:
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     try:
         return get_peft_model(model, method.peft)
-    except ValueError as err:
+    except (ValueError, NotImplementedError) as err:  # PEFT refuses bad settings with either
         if "not found in the base model" in str(err) or "Target modules" in str(err):
             names = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)})
             raise ConfigError(

@@ -8,14 +8,13 @@ from __future__ import annotations
 
 import hydra
 import torch
-from hydra.utils import instantiate
 from omegaconf import DictConfig
 from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
 from tunelab import paths
-from tunelab.config import validate
+from tunelab.config import build, validate
 from tunelab.data.datamodule import Collator
 from tunelab.data.encode import IGNORE, Encoded
 from tunelab.errors import ConfigError, TunelabError, exit_with
@@ -46,8 +45,8 @@ def preview(cfg: DictConfig, console: Console | None = None) -> dict[str, dict[s
     """Print samples and length statistics of every split; return the statistics."""
     validate(cfg)
     console = console or Console()
-    tokenizer = instantiate(cfg.tokenizer)
-    datamodule = instantiate(cfg.datamodule, tokenizer=tokenizer, cache_dir=None, _convert_="all")
+    tokenizer = build(cfg.tokenizer)
+    datamodule = build(cfg.datamodule, tokenizer=tokenizer, cache_dir=None, _convert_="all")
     datamodule.setup()
     task = cfg.preview.task or next(iter(datamodule.tasks))
     if task not in datamodule.splits:

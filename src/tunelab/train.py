@@ -16,14 +16,13 @@ import hydra
 import pytorch_lightning as pl
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
-from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import LearningRateMonitor
 from pytorch_lightning.loggers import WandbLogger
 
 from tunelab import paths, report
 from tunelab.callbacks import Throughput
-from tunelab.config import validate
+from tunelab.config import build, validate
 from tunelab.errors import TunelabError, exit_with
 from tunelab.models import apply_method, build_method, count_parameters
 from tunelab.redact import redact, redact_file
@@ -53,20 +52,20 @@ def train(cfg: DictConfig) -> dict[str, float]:
     pl.seed_everything(cfg.hyperparams.seed, workers=True, verbose=False)
 
     method = build_method(cfg.method)  # PEFT config, quantization, freeze rule; bad combinations refused here
-    tokenizer = instantiate(cfg.tokenizer)
-    datamodule = instantiate(cfg.datamodule, tokenizer=tokenizer, _convert_="all")
+    tokenizer = build(cfg.tokenizer)
+    datamodule = build(cfg.datamodule, tokenizer=tokenizer, _convert_="all")
     datamodule.setup("fit")  # data errors surface here, before any model is built
-    model = apply_method(instantiate(cfg.model, quantization_config=method.quantization), method)
+    model = apply_method(build(cfg.model, quantization_config=method.quantization), method)
     trainable, total = count_parameters(model)
     report.parameters(trainable, total, model)
-    tasks = instantiate(datamodule.task_metrics, _convert_="all")  # task -> metric name -> scorer
-    module = instantiate(cfg.module, model=model, tokenizer=tokenizer, tasks=tasks, _convert_="all")
+    tasks = build(datamodule.task_metrics, _convert_="all")  # task -> metric name -> scorer
+    module = build(cfg.module, model=model, tokenizer=tokenizer, tasks=tasks, _convert_="all")
 
-    loggers = [instantiate(node) for node in cfg.logger.values()]
-    callbacks = [instantiate(node) for node in cfg.callbacks.values()]
+    loggers = [build(node) for node in cfg.logger.values()]
+    callbacks = [build(node) for node in cfg.callbacks.values()]
     if not loggers:  # Lightning refuses a learning-rate monitor with nothing to log to
         callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
-    trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False,
+    trainer: pl.Trainer = build(cfg.trainer, callbacks=callbacks, logger=loggers or False,
                                       default_root_dir=str(run_dir))
     choices = _choices()
     for logger in loggers:
@@ -168,7 +167,7 @@ def _record_failure(cfg: DictConfig, text: str) -> None:
     # Failed before train() started its loggers (e.g. a data error): the trial still gets its own W&B run,
     # marked failed, so the sweep's group shows every trial. Skipped when train() already closed one.
     for node in cfg.logger.values():
-        logger = instantiate(node)
+        logger = build(node)
         if not isinstance(logger, WandbLogger):
             continue
         if list(Path(logger.save_dir or ".").glob(f"wandb/*run-*{logger.version}")):
