@@ -73,6 +73,9 @@ CASES: dict[str, tuple[list[str], int, list[str]]] = {
     "peft_refuses_a_value": (["method=lora", "method.peft.bias=sometimes", "logger=none", "eval.baseline=false"], 2, [
         "PEFT cannot apply method.peft to this model", "Requested bias: sometimes", "key method.peft",
     ]),
+    "packing_with_prefix_tuning": (["method=prefix_tuning", "hyperparams.packing=true", "logger=none"], 2, [
+        "packing cannot be combined with a prompt-learning method", "hyperparams.packing=false",
+    ]),
     "missing_data_file": (["dataset.source.path=/nonexistent/x.jsonl", "logger=none", "eval.baseline=false"], 3, [
         "tunelab: data error:", "/nonexistent/x.jsonl", "hint:",
     ]),
@@ -112,7 +115,7 @@ def test_user_mistake_is_one_message_with_exit_code(name, results):
         assert needed.format(conf=conf) in out.stderr, f"{needed!r} not in:\n{out.stderr}"
 
 
-RUNTIME = {"unreachable_hub_model", "missing_local_model", "peft_refuses_a_value"}
+RUNTIME = {"unreachable_hub_model", "missing_local_model", "peft_refuses_a_value", "packing_with_prefix_tuning"}
 
 
 @pytest.mark.parametrize("name", [n for n, (_, code, _) in CASES.items() if code == 2 and n not in RUNTIME])

@@ -23,7 +23,7 @@ from pytorch_lightning.loggers import WandbLogger
 from tunelab import paths, report
 from tunelab.callbacks import Throughput
 from tunelab.config import build, validate
-from tunelab.errors import TunelabError, exit_with
+from tunelab.errors import ConfigError, TunelabError, exit_with
 from tunelab.models import apply_method, build_method, count_parameters
 from tunelab.redact import redact, redact_file
 
@@ -52,6 +52,10 @@ def train(cfg: DictConfig) -> dict[str, float]:
     pl.seed_everything(cfg.hyperparams.seed, workers=True, verbose=False)
 
     method = build_method(cfg.method)  # PEFT config, quantization, freeze rule; bad combinations refused here
+    if cfg.hyperparams.packing and getattr(method.peft, "is_prompt_learning", False):
+        # PEFT prepends virtual tokens and widens a 2D attention mask; a packed batch's 4D block mask cannot be.
+        raise ConfigError("packing cannot be combined with a prompt-learning method (prompt/prefix tuning)",
+                          "keys hyperparams.packing and method", "set hyperparams.packing=false, or use LoRA/IA3")
     tokenizer = build(cfg.tokenizer)
     datamodule = build(cfg.datamodule, tokenizer=tokenizer, _convert_="all")
     datamodule.setup("fit")  # data errors surface here, before any model is built
