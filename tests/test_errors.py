@@ -76,6 +76,9 @@ CASES: dict[str, tuple[list[str], int, list[str]]] = {
     "packing_with_prefix_tuning": (["method=prefix_tuning", "hyperparams.packing=true", "logger=none"], 2, [
         "packing cannot be combined with a prompt-learning method", "hyperparams.packing=false",
     ]),
+    "packing_with_moe": (["model=tiny_moe", "hyperparams.packing=true", "logger=none"], 2, [
+        "packing cannot be combined with a mixture-of-experts router loss", "hyperparams.packing=false",
+    ]),
     "missing_data_file": (["dataset.source.path=/nonexistent/x.jsonl", "logger=none", "eval.baseline=false"], 3, [
         "tunelab: data error:", "/nonexistent/x.jsonl", "hint:",
     ]),
@@ -115,7 +118,8 @@ def test_user_mistake_is_one_message_with_exit_code(name, results):
         assert needed.format(conf=conf) in out.stderr, f"{needed!r} not in:\n{out.stderr}"
 
 
-RUNTIME = {"unreachable_hub_model", "missing_local_model", "peft_refuses_a_value", "packing_with_prefix_tuning"}
+RUNTIME = {"unreachable_hub_model", "missing_local_model", "peft_refuses_a_value", "packing_with_prefix_tuning",
+           "packing_with_moe"}
 
 
 @pytest.mark.parametrize("name", [n for n, (_, code, _) in CASES.items() if code == 2 and n not in RUNTIME])

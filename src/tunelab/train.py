@@ -60,6 +60,10 @@ def train(cfg: DictConfig) -> dict[str, float]:
     datamodule = build(cfg.datamodule, tokenizer=tokenizer, _convert_="all")
     datamodule.setup("fit")  # data errors surface here, before any model is built
     model = apply_method(build(cfg.model, quantization_config=method.quantization), method)
+    if cfg.hyperparams.packing and getattr(getattr(model, "config", None), "output_router_logits", False):
+        # transformers' load-balancing loss weights tokens by a 2D attention mask; packing passes a 4D one.
+        raise ConfigError("packing cannot be combined with a mixture-of-experts router loss yet",
+                          "keys hyperparams.packing and model", "set hyperparams.packing=false for MoE models")
     trainable, total = count_parameters(model)
     report.parameters(trainable, total, model)
     tasks = build(datamodule.task_metrics, _convert_="all")  # task -> metric name -> scorer
