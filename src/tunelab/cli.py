@@ -11,8 +11,10 @@ import itertools
 import os
 import sys
 
+from omegaconf import DictConfig, OmegaConf
+
 from tunelab.config import compose, new_run_id, register_resolvers, validate
-from tunelab.errors import ConfigError, TunelabError, exit_with
+from tunelab.errors import ConfigError, TunelabError, did_you_mean, exit_with
 
 VERBS = {"train": "tunelab.train", "sweep-report": "tunelab.sweep_report", "generate": "tunelab.generate",
          "export": "tunelab.export", "data": "tunelab.preview"}
@@ -61,8 +63,7 @@ def _expand(overrides: list[str], multirun: bool, config_dir: str | None = None)
             axes.append([f"{key}={v}" for v in override.sweep_string_iterator()])
         else:  # a continuous search space (Optuna's interval): check the key with its current value
             axes.append([])
-    combos = [[c for c in combo] for combo in itertools.product(*[a or [None] for a in axes])]
-    combos = [[c for c in combo if c] for combo in combos]
+    combos = [[c for c in combo if c] for combo in itertools.product(*[a or [None] for a in axes])]
     if len(combos) <= MAX_PREFLIGHT:
         return combos
     width = max(len(a) for a in axes)  # each value of each axis appears in at least one checked set
@@ -82,16 +83,13 @@ def preflight(argv: list[str], config_name: str = "train") -> None:
         _check_sweeper_params(cfg)
 
 
-def _check_sweeper_params(cfg) -> None:  # noqa: ANN001 - a DictConfig
-    from omegaconf import OmegaConf
-
+def _check_sweeper_params(cfg: DictConfig) -> None:
+    """Every key an Optuna search space names must exist in the composed config."""
     params = OmegaConf.select(cfg, "hydra.sweeper.params", default=None)
     for key in params or {}:
         parent, _, leaf = str(key).rpartition(".")
         node = OmegaConf.select(cfg, parent) if parent else cfg
         if node is None or leaf not in node:
-            from tunelab.errors import did_you_mean
-
             valid = list(node.keys()) if node is not None and hasattr(node, "keys") else []
             raise ConfigError(f"the sweep searches an unknown key {key!r}", "key hydra.sweeper.params",
                               did_you_mean(leaf, [str(v) for v in valid]))
@@ -147,8 +145,6 @@ def main() -> None:
         raise SystemExit(0 if len(sys.argv) >= 2 else 2)
     verb = sys.argv[1]
     if verb not in VERBS:
-        from tunelab.errors import did_you_mean
-
         print(f"tunelab: usage error: unknown verb {verb!r}\n  hint: {did_you_mean(verb, VERBS)}", file=sys.stderr)
         raise SystemExit(2)
     argv = sys.argv[2:]
