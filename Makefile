@@ -5,9 +5,12 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 # CPU machines get the CPU build of torch (small, and cached on our machines); a machine with an
 # NVIDIA GPU lets pip pick the CUDA build. Override with `make TORCH="torch==X" ...`.
-TORCH ?= $(shell if nvidia-smi -L >/dev/null 2>&1; then echo "torch>=2.4"; else echo "torch==2.13.0"; fi)
+HAS_GPU := $(shell nvidia-smi -L >/dev/null 2>&1 && echo yes)
+TORCH ?= $(if $(HAS_GPU),torch>=2.4,torch==2.13.0)
+EXTRAS ?= $(if $(HAS_GPU),dev$(comma)sweep$(comma)qlora,dev$(comma)sweep)
+comma := ,
 STAMP := $(VENV)/.installed
-PYTEST_ARGS ?= -m "not gpu"
+PYTEST_ARGS ?= $(if $(HAS_GPU),,-m "not gpu")  # the gpu-marked tests run where a GPU is
 
 .PHONY: setup demo test lint clean
 
@@ -17,7 +20,7 @@ $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q "$(TORCH)"
-	$(BIN)/python -m pip install -q -e ".[dev,sweep]"
+	$(BIN)/python -m pip install -q -e ".[$(EXTRAS)]"
 	touch $@
 
 demo: setup

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import re
 from collections.abc import Callable, Iterator
@@ -186,6 +187,9 @@ def build_method(node: Any) -> Method:
                 "key method.quantization",
                 "run on a GPU machine (trainer=gpu), or use method=lora on the CPU",
             )
+        if importlib.util.find_spec("bitsandbytes") is None:
+            raise ConfigError("method.quantization needs the bitsandbytes package, which is not installed",
+                              "key method.quantization", "pip install 'tunelab[qlora]' (make does it on a GPU box)")
     if method.peft is not None and method.freeze is not None:
         raise ConfigError("method.freeze applies to full fine-tuning; a PEFT adapter already freezes the base",
                           "key method.freeze", "set method.peft=null or method.freeze=null")
