@@ -150,3 +150,26 @@ def test_ddp_on_two_cpu_processes_is_one_job_with_one_run_directory(tmp_path):
     assert (runs[0] / "train_ddp_process_1.log").is_file()
     metrics = json.loads((runs[0] / "metrics.json").read_text())
     assert {"val/loss", "test/loss", "test/accuracy"} <= set(metrics)
+
+
+def test_resumed_run_matches_the_uninterrupted_one(tmp_path):
+    """Stop after epoch 1, resume from checkpoints/last.ckpt: the final weights equal those of one
+    uninterrupted 2-epoch run (optimizer state restored, epoch 2 sees the same shuffle)."""
+    from safetensors.torch import load_file
+
+    from tunelab.train import train
+
+    common = ["eval.baseline=false", "eval.test=false", "eval.generate_on_val=false", "logger=none",
+              "+trainer.limit_train_batches=6", "+trainer.limit_val_batches=1", "hyperparams.batch_size=4",
+              "hyperparams.scheduler.name=constant", "hyperparams.warmup_ratio=0"]  # schedule independent of length
+    train(make_cfg(tmp_path / "straight", [*common, "hyperparams.epochs=2"]))
+    train(make_cfg(tmp_path / "first", [*common, "hyperparams.epochs=1"]))
+    checkpoint = tmp_path / "first" / "checkpoints" / "last.ckpt"
+    train(make_cfg(tmp_path / "resumed", [*common, "hyperparams.epochs=2", f"resume={checkpoint}"]))
+    straight = load_file(tmp_path / "straight" / "model" / "model.safetensors")
+    resumed = load_file(tmp_path / "resumed" / "model" / "model.safetensors")
+    first = load_file(tmp_path / "first" / "model" / "model.safetensors")
+    assert straight.keys() == resumed.keys()
+    assert any(not torch.equal(straight[k], first[k]) for k in straight)  # epoch 2 did change the weights
+    for key in straight:
+        assert torch.allclose(straight[key], resumed[key], atol=1e-6), key

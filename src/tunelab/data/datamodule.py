@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
 import torch
 from omegaconf import DictConfig, OmegaConf
-from torch.utils.data import DataLoader, WeightedRandomSampler
+from torch.utils.data import DataLoader, Sampler
 
 from tunelab.data.cache import cache_key, read_cache, write_cache
 from tunelab.data.encode import IGNORE, Encoded, apply_length_policy, encode_chat, encode_text
@@ -76,6 +76,31 @@ class Collator:
                 pmask[row, pwidth - n:] = 1
             batch.update(prompt_ids=pids, prompt_mask=pmask, references=[item.reference for item in items])
         return batch
+
+
+class EpochSampler(Sampler[int]):
+    """A shuffle (or, with `weights`, a draw with replacement) that depends only on the seed and the epoch.
+
+    Lightning calls `set_epoch` at each epoch start, so a run resumed at epoch k sees exactly the order an
+    uninterrupted run sees at epoch k; a generator carried across epochs would restart from epoch 0's.
+    """
+
+    def __init__(self, size: int, seed: int, weights: torch.Tensor | None = None, samples: int | None = None) -> None:
+        self.size, self.seed, self.weights = size, seed, weights
+        self.samples = samples or size
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.samples
+
+    def __iter__(self) -> Iterator[int]:
+        generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        if self.weights is None:
+            return iter(torch.randperm(self.size, generator=generator).tolist())
+        return iter(torch.multinomial(self.weights, self.samples, replacement=True, generator=generator).tolist())
 
 
 class TuneDataModule(pl.LightningDataModule):
@@ -146,10 +171,10 @@ class TuneDataModule(pl.LightningDataModule):
             write_cache(self.cache_dir, key, splits, stats)
         return splits, stats
 
-    def _train_sampler(self) -> tuple[list[Encoded], torch.utils.data.Sampler | None]:
+    def _train_sampler(self) -> tuple[list[Encoded], EpochSampler]:
         examples = [e for name in self.tasks for e in self.splits[name]["train"]]
         if len(self.tasks) == 1:
-            return examples, None
+            return examples, EpochSampler(len(examples), self.seed)
         weights = self.dataset_cfg.get("weights") or {}
         total = sum(float(weights.get(name, 1.0)) for name in self.tasks)
         per_example = torch.cat([
@@ -158,14 +183,12 @@ class TuneDataModule(pl.LightningDataModule):
             for name in self.tasks
         ])
         samples = self.dataset_cfg.get("samples_per_epoch") or len(examples)
-        generator = torch.Generator().manual_seed(self.seed)
-        return examples, WeightedRandomSampler(per_example, samples, replacement=True, generator=generator)
+        return examples, EpochSampler(len(examples), self.seed, per_example, samples)
 
     def train_dataloader(self) -> DataLoader:
         examples, sampler = self._train_sampler()
         return DataLoader(
-            examples, batch_size=self.batch_size, shuffle=sampler is None, sampler=sampler,
-            generator=torch.Generator().manual_seed(self.seed) if sampler is None else None,
+            examples, batch_size=self.batch_size, sampler=sampler,
             collate_fn=Collator(self.tokenizer.pad_token_id, False, self.packing, self.max_seq_len),
             num_workers=self.num_workers,
         )
