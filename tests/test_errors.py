@@ -79,6 +79,9 @@ CASES: dict[str, tuple[list[str], int, list[str]]] = {
     "packing_with_moe": (["model=tiny_moe", "hyperparams.packing=true", "logger=none"], 2, [
         "packing cannot be combined with a mixture-of-experts router loss", "hyperparams.packing=false",
     ]),
+    "multirun_with_ddp": (["-m", "trainer=ddp_cpu", "hyperparams.lr=1e-3,2e-3"], 2, [
+        "a sweep (-m) cannot run trials with trainer.strategy=ddp on 2 devices", "trainer.strategy=ddp_spawn",
+    ]),
     "missing_data_file": (["dataset.source.path=/nonexistent/x.jsonl", "logger=none", "eval.baseline=false"], 3, [
         "tunelab: data error:", "/nonexistent/x.jsonl", "hint:",
     ]),

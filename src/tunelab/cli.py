@@ -81,6 +81,24 @@ def preflight(argv: list[str], config_name: str = "train") -> None:
         cfg = compose(overrides, args.config_name or config_name, args.config_dir)
         validate(cfg)
         _check_sweeper_params(cfg)
+        if args.multirun:
+            _check_multirun_strategy(cfg)
+
+
+def _check_multirun_strategy(cfg: DictConfig) -> None:
+    """Refuse `-m` with a DDP launcher that re-runs the command line for ranks 1..N-1: under multirun that
+    re-runs the sweep (pytorch-lightning#11300). SLURM starts ranks itself, and ddp_spawn forks, so both pass."""
+    strategy = str(OmegaConf.select(cfg, "trainer.strategy", default="auto"))
+    devices = OmegaConf.select(cfg, "trainer.devices", default=1)
+    launcher = str(OmegaConf.select(cfg, "hydra.launcher._target_", default=""))
+    relaunches = strategy.startswith("ddp") and "spawn" not in strategy
+    if relaunches and devices not in (1, "1") and "submitit" not in launcher:
+        raise ConfigError(
+            f"a sweep (-m) cannot run trials with trainer.strategy={strategy} on {devices} devices here: "
+            "Lightning re-runs the command line for each extra rank, which would re-run the sweep",
+            "keys trainer.strategy, trainer.devices",
+            "use trainer.strategy=ddp_spawn, one device per trial, or hydra/launcher=slurm (see docs/SWEEPS.md)",
+        )
 
 
 def _check_sweeper_params(cfg: DictConfig) -> None:
