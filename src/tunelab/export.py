@@ -8,7 +8,6 @@ A quantized (QLoRA) run is merged into a base loaded in full precision, not into
 
 from __future__ import annotations
 
-import copy
 import shutil
 from pathlib import Path
 from typing import Any
@@ -19,7 +18,7 @@ from omegaconf import DictConfig
 
 from tunelab import paths
 from tunelab.errors import ConfigError, TunelabError, exit_with
-from tunelab.models import load_run
+from tunelab.models import adapter_base, load_run
 
 
 def _mergeable(model: Any) -> bool:
@@ -61,8 +60,7 @@ def export(cfg: DictConfig) -> Path:
         note = "merged the adapter into the base weights"
     elif is_adapter:
         # The adapter directory, with its config pointing at the base written beside it.
-        base = model.get_base_model() if not _mergeable(model) else copy.deepcopy(model).unload()
-        _save_hf(base, tokenizer, out / "base")
+        _save_hf(adapter_base(model), tokenizer, out / "base")
         model.peft_config[model.active_adapter].base_model_name_or_path = str((out / "base").resolve())
         why = "this adapter cannot live in the base weights" if not _mergeable(model) else "merge=false"
         note = (f"not merged: {why}; the adapter is in {out} and its base in {out / 'base'}; "

@@ -281,11 +281,19 @@ def _has_weights(name_or_path: str) -> bool:
     return not path.is_dir() or any(path.glob("*.safetensors")) or any(path.glob("*.bin"))
 
 
+def adapter_base(model: Any) -> nn.Module:
+    """The base model of a PEFT model, without its adapter and without touching the model itself:
+    prompt learning leaves the base as it was; injected adapters (LoRA, IA3) are removed from a copy."""
+    import copy
+
+    if model.peft_config[model.active_adapter].is_prompt_learning:
+        return model.get_base_model()
+    return copy.deepcopy(model).unload()
+
+
 def save_unloadable_base(model: nn.Module, dirpath: Path) -> bool:
     """For a PEFT model whose base has no weights at its `base_model_name_or_path` (random init), write the
     base's own weights (adapters removed, not merged) to `dirpath` as safetensors; True if written."""
-    import copy
-
     from peft import PeftModel
 
     if not isinstance(model, PeftModel):
@@ -293,9 +301,7 @@ def save_unloadable_base(model: nn.Module, dirpath: Path) -> bool:
     peft_config = model.peft_config[model.active_adapter]
     if _has_weights(peft_config.base_model_name_or_path or ""):
         return False
-    # Prompt learning leaves the base untouched; injected adapters (LoRA, IA3) are removed from a copy.
-    base = model.get_base_model() if peft_config.is_prompt_learning else copy.deepcopy(model).unload()
-    base.save_pretrained(dirpath, safe_serialization=True)
+    adapter_base(model).save_pretrained(dirpath, safe_serialization=True)
     return True
 
 
