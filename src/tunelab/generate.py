@@ -18,16 +18,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from tunelab import paths
 from tunelab.errors import ConfigError, TunelabError, exit_with
+from tunelab.evaluate import decoding_settings, left_pad, prompt_ids
 from tunelab.models import load_run
-
-
-def sampling_settings(sampling: Mapping[str, Any]) -> dict[str, Any]:
-    """`generate` keyword arguments from the sampling group; greedy drops the sampling-only knobs."""
-    settings = {k: v for k, v in sampling.items() if v is not None}
-    if not settings.get("do_sample", False):
-        for key in ("temperature", "top_p", "top_k"):
-            settings.pop(key, None)
-    return settings
 
 
 def user_message(recipe: Mapping[str, Any], prompt: str | None, fields: Any, template: int) -> str:
@@ -65,17 +57,15 @@ def answer(model: Any, tokenizer: Any, messages: list[dict[str, str]], settings:
     """The assistant's next turn for `messages`, streamed to stdout as it is generated."""
     from transformers import TextStreamer
 
-    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True,
-                                        return_tensors="pt")
+    ids, mask = left_pad([prompt_ids(tokenizer, messages)], tokenizer.pad_token_id)  # as evaluation renders it
     device = next(model.parameters()).device
     streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True) if stream else None
     with torch.no_grad():
         out = model.generate(
-            input_ids=ids["input_ids"].to(device), attention_mask=ids["attention_mask"].to(device),
-            pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, streamer=streamer,
-            **settings,
+            input_ids=ids.to(device), attention_mask=mask.to(device), pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=tokenizer.eos_token_id, streamer=streamer, **decoding_settings(settings),
         )
-    return tokenizer.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+    return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip()
 
 
 def chat(model: Any, tokenizer: Any, system: list[dict[str, str]], settings: Mapping[str, Any],
@@ -107,7 +97,7 @@ def generate(cfg: DictConfig) -> list[dict[str, str]]:
     model, tokenizer, recipe = load_run(cfg.run)
     system_prompt = cfg.system_prompt if cfg.system_prompt is not None else recipe.get("system_prompt")
     system = [{"role": "system", "content": system_prompt}] if system_prompt else []
-    settings = sampling_settings(OmegaConf.to_container(cfg.sampling, resolve=True))
+    settings = OmegaConf.to_container(cfg.sampling, resolve=True)
     if cfg.interactive:
         return chat(model, tokenizer, system, settings, sys.stdin)
     fields = OmegaConf.to_container(cfg.fields) if isinstance(cfg.fields, DictConfig) else cfg.fields

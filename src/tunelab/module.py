@@ -21,6 +21,7 @@ from torchmetrics import MeanMetric
 from tunelab.data.encode import IGNORE
 from tunelab.data.packing import block_causal_mask
 from tunelab.errors import NumericsError
+from tunelab.evaluate import generate_answers, score_answers
 
 
 def summed_token_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -146,19 +147,7 @@ class TuneModule(pl.LightningModule):
         return {"optimizer": optimizer,
                 "lr_scheduler": {"scheduler": scheduler, "interval": "step", "name": "train/lr"}}
 
-    # ---- evaluation -----------------------------------------------------------------------
-    @torch.no_grad()
-    def generate_answers(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor) -> list[str]:
-        """Greedy (or configured) answers to left-padded prompts, decoded without special tokens."""
-        from tunelab.generate import sampling_settings
-
-        settings = sampling_settings(self.generation)
-        out = self.model.generate(
-            input_ids=prompt_ids, attention_mask=prompt_mask, pad_token_id=self.tokenizer.pad_token_id,
-            eos_token_id=self.tokenizer.eos_token_id, **settings,
-        )
-        return self.tokenizer.batch_decode(out[:, prompt_ids.shape[1]:], skip_special_tokens=True)
-
+    # ---- evaluation: the loss here, answers and scores through tunelab.evaluate -------------
     def _eval_step(self, stage: str, batch: dict[str, Any], score: bool) -> None:
         task = batch.get("task", next(iter(self.tasks)))
         groups = [self.running[stage]["overall"]] + ([self.running[stage][task]] if task in self.running[stage] else [])
@@ -168,12 +157,12 @@ class TuneModule(pl.LightningModule):
             running["loss"].update(loss_sum / tokens.clamp(min=1), weight=tokens)
         scorers = self.tasks.get(task, self.scorers)
         if score and scorers and "prompt_ids" in batch:
-            answers = self.generate_answers(batch["prompt_ids"], batch["prompt_mask"])
-            for name, scorer in scorers.items():
-                pairs = zip(answers, batch["references"], strict=True)
-                values = torch.tensor([scorer(a, r) for a, r in pairs], device=self.device)
+            # The one scoring path (tunelab eval, pipelines and the server use the same two calls).
+            answers = generate_answers(self.model, self.tokenizer, batch["prompt_ids"], batch["prompt_mask"],
+                                       self.generation)
+            for name, values in score_answers(answers, batch["references"], scorers).items():
                 for running in groups:
-                    running[name].update(values)
+                    running[name].update(torch.tensor(values, device=self.device))
 
     def _eval_end(self, stage: str, prefix: str, score: bool) -> None:
         for group, metrics in self.running[stage].items():

@@ -13,6 +13,7 @@ from typing import Any
 
 from tunelab.data.formats import Example
 from tunelab.errors import DataError
+from tunelab.evaluate import prompt_ids as render_prompt
 
 IGNORE = -100
 
@@ -58,7 +59,7 @@ def encode_chat(tokenizer: Any, example: Example, train_on_prompt: bool = False)
     for turn, message in enumerate(messages):
         if message["role"] != "assistant":
             continue
-        prompt_ids = _ids(tokenizer, _render(tokenizer, messages[:turn], True))
+        prompt_ids = render_prompt(tokenizer, messages[:turn])  # what evaluation generates from
         upto = _ids(tokenizer, _render(tokenizer, messages[: turn + 1], False))
         if upto[: len(prompt_ids)] != prompt_ids or input_ids[: len(upto)] != upto:
             raise DataError(

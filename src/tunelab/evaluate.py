@@ -1,0 +1,144 @@
+"""The one scoring path: render prompts, generate answers, score them against references.
+
+Plain Python (no Lightning, no Hydra globals). `TuneModule`'s validation and test hooks, `tunelab eval`,
+pipelines and the server's consistency checks call these functions, so a number means the same thing
+wherever it is reported: the same prompt rendering, the same decoding settings, the same scorers.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+Scorer = Callable[[str, str], float]
+
+# Keys of the decoding group that only matter when sampling; greedy decoding drops them so transformers
+# does not warn that they are ignored.
+_SAMPLING_ONLY = ("temperature", "top_p", "top_k")
+
+
+@dataclass
+class EvalItem:
+    """One example to answer: its rendered prompt, the expected answer, its task, and what to report with it."""
+
+    prompt_ids: list[int]
+    reference: str
+    task: str = "data"
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class EvalResult:
+    """Per-example rows and aggregate figures (`<metric>` overall, `<task>/<metric>` per task if several)."""
+
+    rows: list[dict[str, Any]]
+    metrics: dict[str, float]
+
+
+def decoding_settings(decoding: Mapping[str, Any]) -> dict[str, Any]:
+    """`model.generate` keyword arguments from the decoding group; greedy drops the sampling-only knobs."""
+    settings = {k: v for k, v in decoding.items() if v is not None}
+    if not settings.get("do_sample", False):
+        for key in _SAMPLING_ONLY:
+            settings.pop(key, None)
+    return settings
+
+
+def prompt_ids(tokenizer: Any, messages: Sequence[Mapping[str, str]]) -> list[int]:
+    """The token ids of `messages` rendered by the tokenizer's chat template, ending in the generation prompt.
+
+    Training computes the prompt of each example the same way (data/encode.py), so a prompt scored here
+    and one scored in validation are the same tokens.
+    """
+    text = tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=True)
+    # Templates already write any BOS they want; adding special tokens again would double it.
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def left_pad(prompts: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-padded ids and attention mask: generation continues every row from its last real token."""
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for row, prompt in enumerate(prompts):
+        if prompt:
+            ids[row, width - len(prompt):] = torch.tensor(list(prompt), dtype=torch.long)
+            mask[row, width - len(prompt):] = 1
+    return ids, mask
+
+
+@torch.no_grad()
+def generate_answers(
+    model: Any, tokenizer: Any, ids: torch.Tensor, mask: torch.Tensor, decoding: Mapping[str, Any]
+) -> list[str]:
+    """Answers to left-padded prompts, decoded without special tokens and stripped."""
+    device = next(model.parameters()).device
+    out = model.generate(
+        input_ids=ids.to(device), attention_mask=mask.to(device), pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id, **decoding_settings(decoding),
+    )
+    return [text.strip() for text in tokenizer.batch_decode(out[:, ids.shape[1]:], skip_special_tokens=True)]
+
+
+def score_answers(
+    answers: Sequence[str], references: Sequence[str], scorers: Mapping[str, Scorer]
+) -> dict[str, list[float]]:
+    """Each metric's per-example scores."""
+    pairs = list(zip(answers, references, strict=True))
+    return {name: [float(scorer(a, r)) for a, r in pairs] for name, scorer in scorers.items()}
+
+
+def aggregate(rows: Sequence[Mapping[str, Any]], metric_names: Mapping[str, Sequence[str]]) -> dict[str, float]:
+    """Mean of each metric over all rows, and per task when there are several tasks."""
+    metrics: dict[str, float] = {}
+    by_task: dict[str, list[Mapping[str, Any]]] = {}
+    for row in rows:
+        by_task.setdefault(row["task"], []).append(row)
+    names = sorted({n for names in metric_names.values() for n in names})
+    for name in names:
+        values = [row[name] for row in rows if name in row]
+        if values:
+            metrics[name] = sum(values) / len(values)
+    if len(by_task) > 1:
+        for task, task_rows in by_task.items():
+            for name in metric_names.get(task, ()):
+                metrics[f"{task}/{name}"] = sum(r[name] for r in task_rows) / len(task_rows)
+    return metrics
+
+
+def evaluate(
+    model: Any,
+    tokenizer: Any,
+    items: Sequence[EvalItem],
+    scorers: Mapping[str, Mapping[str, Scorer]],
+    decoding: Mapping[str, Any],
+    batch_size: int = 32,
+) -> EvalResult:
+    """Answer every item (batched, greedy unless decoding samples) and score it with its task's scorers.
+
+    Batches group items of one task in their given order, so results do not depend on how tasks interleave.
+    """
+    was_training = model.training
+    model.eval()
+    rows: list[dict[str, Any]] = []
+    try:
+        for start in range(0, len(items), batch_size):
+            batch = items[start:start + batch_size]
+            for task in dict.fromkeys(item.task for item in batch):
+                group = [item for item in batch if item.task == task]
+                ids, mask = left_pad([item.prompt_ids for item in group], tokenizer.pad_token_id)
+                began = time.perf_counter()
+                answers = generate_answers(model, tokenizer, ids, mask, decoding)
+                latency = (time.perf_counter() - began) / len(group)  # per answer, batched
+                scores = score_answers(answers, [item.reference for item in group], scorers.get(task, {}))
+                for i, (item, answer) in enumerate(zip(group, answers, strict=True)):
+                    rows.append({**item.meta, "task": item.task, "reference": item.reference, "answer": answer,
+                                 "prompt_tokens": len(item.prompt_ids), "latency_s": latency,
+                                 **{name: values[i] for name, values in scores.items()}})
+    finally:
+        model.train(was_training)
+    return EvalResult(rows, aggregate(rows, {task: list(s) for task, s in scorers.items()}))
