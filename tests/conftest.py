@@ -16,17 +16,12 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def make_cfg(tmp_path: Path, overrides: list[str] | None = None) -> DictConfig:
-    """A composed train config whose run directory is `tmp_path`, ready for `train(cfg)`."""
-    from hydra.core.hydra_config import HydraConfig
-
+    """A composed train config whose run directory is `tmp_path`, ready for `train(cfg)` (no Hydra globals)."""
     from tunelab.config import compose
 
     cfg = compose(list(overrides or []) + [f"paths.output_dir={tmp_path}"])
     with open_dict(cfg):
         cfg.paths.run_dir = str(tmp_path)
-        cfg.hydra.runtime.output_dir = str(tmp_path)
-        cfg.hydra.job.num = 0
-    HydraConfig.instance().set_config(cfg)
     return cfg
 
 

@@ -10,27 +10,61 @@ from __future__ import annotations
 import itertools
 import os
 import sys
+from dataclasses import dataclass
 
 from omegaconf import DictConfig, OmegaConf
 
 from tunelab.config import compose, new_run_id, register_resolvers, validate
 from tunelab.errors import ConfigError, TunelabError, did_you_mean, exit_with
 
-VERBS = {"train": "tunelab.train", "sweep-report": "tunelab.sweep_report", "generate": "tunelab.generate",
-         "export": "tunelab.export", "data": "tunelab.preview"}
-SUBVERBS = {"data": ("preview",)}  # `tunelab data preview ...`
-PLAIN_VERBS = {"sweep-report"}  # verbs with their own argparse options: no Hydra overrides, no pre-flight
-USAGE = """usage: tunelab <verb> [overrides] [-m] [--cfg job] [--config-dir DIR] [--help]
 
-verbs:
-  train     fine-tune: model=, method=, dataset=, hyperparams.*= (try: tunelab train --help)
-  generate  answer with a trained run: run=<run dir> prompt="..." [interactive=true] [sampling=creative]
-  export    merge adapters and write a plain Hugging Face model: run=<run dir> [out=<dir>] [merge=true|false]
-  data preview  tokenised samples with supervised tokens marked, length percentiles: dataset=<name>
-  sweep-report  rank the trials of a multirun directory, plot them, write the best config (--help)
+@dataclass(frozen=True)
+class Verb:
+    """One `tunelab <verb>`: its module (which defines `main`), its primary config, and its line in --help.
 
-exit codes: 0 ok, 1 unexpected bug, 2 config or usage error, 3 data error, 4 checkpoint error, 5 numerics
-"""
+    `config=None` marks a verb with its own argparse options: no Hydra overrides, no pre-flight.
+    """
+
+    name: str
+    module: str
+    usage: str
+    config: str | None = None
+
+
+# The one table of verbs: dispatch, pre-flight and --help all read it. A new verb is one line here.
+VERBS: tuple[Verb, ...] = (
+    Verb("train", "tunelab.train", "fine-tune: model=, method=, dataset=, hyperparams.*= (try: tunelab train --help)",
+         "train"),
+    Verb("generate", "tunelab.generate",
+         'answer with a trained run: run=<run dir> prompt="..." [interactive=true] [sampling=creative]', "generate"),
+    Verb("export", "tunelab.export",
+         "merge adapters and write a plain Hugging Face model: run=<run dir> [out=<dir>] [merge=true|false]",
+         "export"),
+    Verb("data preview", "tunelab.preview",
+         "tokenised samples with supervised tokens marked, length percentiles: dataset=<name>", "data"),
+    Verb("sweep-report", "tunelab.sweep_report",
+         "rank the trials of a multirun directory, plot them, write the best config (--help)"),
+)
+EXIT_CODES = "exit codes: 0 ok, 1 unexpected bug, 2 config or usage error, 3 data error, 4 checkpoint error, 5 numerics"
+
+
+def usage() -> str:
+    """`tunelab --help`, from the verb table."""
+    width = max(len(v.name) for v in VERBS) + 2
+    lines = [f"  {v.name.ljust(width)}{v.usage}" for v in VERBS]
+    return ("usage: tunelab <verb> [overrides] [-m] [--cfg job] [--config-dir DIR] [--help]\n\nverbs:\n"
+            + "\n".join(lines) + f"\n\n{EXIT_CODES}\n")
+
+
+def find_verb(argv: list[str]) -> tuple[Verb | None, list[str]]:
+    """The verb `argv` names (one word, or two for `data preview`) and the arguments after it."""
+    for verb in VERBS:
+        words = verb.name.split()
+        if argv[: len(words)] == words:
+            return verb, argv[len(words):]
+    return None, argv[1:]
+
+
 MAX_PREFLIGHT = 64  # sweep combinations composed before launch; beyond, each value is still checked once
 
 
@@ -131,13 +165,15 @@ def overrides_last(argv: list[str]) -> list[str]:
     return flags + list(overrides)
 
 
-def run_verb(verb: str, argv: list[str] | None = None) -> None:
+def run_verb(verb: Verb | str, argv: list[str] | None = None) -> None:
     """Run one verb as the console script would, with `argv` (default: sys.argv[1:])."""
     import importlib
 
-    if verb in PLAIN_VERBS:
-        sys.argv = [f"tunelab {verb}", *(sys.argv[1:] if argv is None else argv)]
-        importlib.import_module(VERBS[verb]).main()
+    if isinstance(verb, str):
+        verb = next(v for v in VERBS if v.name == verb)
+    if verb.config is None:
+        sys.argv = [f"tunelab {verb.name}", *(sys.argv[1:] if argv is None else argv)]
+        importlib.import_module(verb.module).main()
         return
     argv = overrides_last(list(sys.argv[1:] if argv is None else argv))
     register_resolvers()
@@ -146,10 +182,10 @@ def run_verb(verb: str, argv: list[str] | None = None) -> None:
         # Pin the id in the config so parallel workers (joblib, SLURM) all see the same value.
         argv.append(f"run_id={new_run_id()}")
     try:
-        preflight(argv, verb)  # each verb's primary config is conf/<verb>.yaml
+        preflight(argv, verb.config)  # each verb's primary config is conf/<config>.yaml
     except TunelabError as err:
         exit_with(err)
-    module = importlib.import_module(VERBS[verb])
+    module = importlib.import_module(verb.module)  # after pre-flight: a typo answers before heavy imports
     # argv[0] is the verb's own file: Lightning's DDP launcher re-runs `python argv[0] argv[1:]` for each
     # extra rank, which must land in the same verb with the same overrides.
     sys.argv = [str(module.__file__), *argv]
@@ -159,18 +195,19 @@ def run_verb(verb: str, argv: list[str] | None = None) -> None:
 def main() -> None:
     """Console script: `tunelab <verb> [overrides]`."""
     if len(sys.argv) < 2 or sys.argv[1] in ("-h", "--help", "help"):
-        print(USAGE)
+        print(usage())
         raise SystemExit(0 if len(sys.argv) >= 2 else 2)
-    verb = sys.argv[1]
-    if verb not in VERBS:
-        print(f"tunelab: usage error: unknown verb {verb!r}\n  hint: {did_you_mean(verb, VERBS)}", file=sys.stderr)
+    verb, argv = find_verb(sys.argv[1:])
+    if verb is None:
+        first = sys.argv[1]
+        names = [v.name for v in VERBS]
+        nested = [v.name for v in VERBS if v.name.split()[0] == first]
+        if nested:
+            print(f"tunelab: usage error: `tunelab {first}` needs one of: {', '.join(nested)}", file=sys.stderr)
+        else:
+            print(f"tunelab: usage error: unknown verb {first!r}\n  hint: {did_you_mean(first, names)}",
+                  file=sys.stderr)
         raise SystemExit(2)
-    argv = sys.argv[2:]
-    if verb in SUBVERBS:
-        if not argv or argv[0] not in SUBVERBS[verb]:
-            print(f"tunelab: usage error: `tunelab {verb}` needs one of: {', '.join(SUBVERBS[verb])}", file=sys.stderr)
-            raise SystemExit(2)
-        argv = argv[1:]
     run_verb(verb, argv)
 
 

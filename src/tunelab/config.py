@@ -160,12 +160,8 @@ def _command_line_override(cfg: DictConfig, key_path: str) -> str | None:
     try:
         task = list(cfg.hydra.overrides.task)
     except (AttributeError, OmegaConfBaseException):
-        from hydra.core.hydra_config import HydraConfig
-
-        try:
-            task = list(HydraConfig.get().overrides.task)
-        except ValueError:  # composed without Hydra's runtime config: no command line to blame
-            task = []
+        # A job's config (no `hydra` node): the CLI's pre-flight already checked it with the command line.
+        task = []
     for override in reversed(task):  # the last one wins, as in Hydra
         if re.split(r"[=@]", override.lstrip("+~"), maxsplit=1)[0] == key_path:
             from tunelab.redact import redact
@@ -303,6 +299,17 @@ def build(node: Any, **kwargs: Any) -> Any:
                 f"key {match.group(1)}" if match else "config", "check the values set under this key",
             ) from None
         raise
+
+
+def build_with(node: Any, **runtime: Any) -> Any:
+    """`build(node)`, passing each runtime object in `runtime` only to a target that names it as a parameter
+    (a W&B logger takes the run context; a CSV logger does not)."""
+    target = get_object(str(node._get_node("_target_")._value()))
+    try:
+        params = inspect.signature(target).parameters
+    except (TypeError, ValueError):
+        params = {}
+    return build(node, **{k: v for k, v in runtime.items() if k in params})
 
 
 # ---- composition (used by the CLI's pre-flight check, tests and notebooks) -------------------

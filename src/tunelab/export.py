@@ -12,12 +12,11 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-import hydra
 import torch
 from omegaconf import DictConfig
 
-from tunelab import paths
-from tunelab.errors import ConfigError, TunelabError, exit_with
+from tunelab.entry import hydra_verb
+from tunelab.errors import ConfigError
 from tunelab.models import adapter_base, load_run
 
 
@@ -72,13 +71,7 @@ def export(cfg: DictConfig) -> Path:
     return out
 
 
-@hydra.main(config_path=str(paths.conf_dir()), config_name="export", version_base="1.3")
-def main(cfg: DictConfig) -> None:
-    """Hydra entry point of `tunelab export`."""
-    try:
-        export(cfg)
-    except TunelabError as err:
-        exit_with(err)
+main = hydra_verb("export", lambda cfg, run: export(cfg))
 
 
 if __name__ == "__main__":

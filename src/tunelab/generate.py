@@ -12,12 +12,11 @@ import sys
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from tunelab import paths
-from tunelab.errors import ConfigError, TunelabError, exit_with
+from tunelab.entry import hydra_verb
+from tunelab.errors import ConfigError
 from tunelab.evaluate import decoding_settings, left_pad, prompt_ids
 from tunelab.models import load_run
 
@@ -105,13 +104,7 @@ def generate(cfg: DictConfig) -> list[dict[str, str]]:
     return [*messages, {"role": "assistant", "content": answer(model, tokenizer, messages, settings)}]
 
 
-@hydra.main(config_path=str(paths.conf_dir()), config_name="generate", version_base="1.3")
-def main(cfg: DictConfig) -> None:
-    """Hydra entry point of `tunelab generate`."""
-    try:
-        generate(cfg)
-    except TunelabError as err:
-        exit_with(err)
+main = hydra_verb("generate", lambda cfg, run: generate(cfg))
 
 
 if __name__ == "__main__":

@@ -5,13 +5,13 @@ from __future__ import annotations
 import netrc
 import os
 import sys
-from pathlib import Path
 from typing import Any
 
 from omegaconf import Container, OmegaConf
 from pytorch_lightning.loggers import WandbLogger
 
 from tunelab.redact import redact, redact_line
+from tunelab.run import RunContext
 
 
 def wandb_credentials_present() -> bool:
@@ -25,10 +25,11 @@ def wandb_credentials_present() -> bool:
     return any("wandb" in host for host in hosts)
 
 
-def wandb_logger(mode: str = "auto", **kwargs: Any) -> WandbLogger:
+def wandb_logger(mode: str = "auto", run: RunContext | None = None, **kwargs: Any) -> WandbLogger:
     """Lightning's WandbLogger; `mode=auto` picks online when credentials exist and offline otherwise.
 
-    An explicit WANDB_MODE in the environment wins, as W&B users expect.
+    An explicit WANDB_MODE in the environment wins, as W&B users expect. `run` (passed in by the verb)
+    gives each job a unique id and readable name, and the sweep's id as the group of its trials.
     """
     if mode == "auto":
         mode = os.environ.get("WANDB_MODE") or ("online" if wandb_credentials_present() else "offline")
@@ -37,24 +38,7 @@ def wandb_logger(mode: str = "auto", **kwargs: Any) -> WandbLogger:
     # Tags, names and notes reach the W&B run record as given: mask secret-looking values there too.
     kwargs = {k: redact(OmegaConf.to_container(v) if isinstance(v, Container) else v) for k, v in kwargs.items()}
     kwargs.setdefault("log_model", False)  # model/ holds the weights; uploading checkpoints is opt-in
-    kwargs.update({k: redact(v) for k, v in _job_identity().items() if kwargs.get(k) is None})
+    identity = run.wandb_identity() if run is not None else {}
+    kwargs.update({k: redact(v) for k, v in identity.items() if kwargs.get(k) is None})
     # `mode` goes to wandb.init; Lightning's own `offline=True` would set WANDB_MODE for the whole process.
     return WandbLogger(mode=mode, **kwargs)
-
-
-def _job_identity() -> dict[str, str]:
-    """A unique id and readable name per job; in a multirun, the sweep's id as the group."""
-    from hydra.core.hydra_config import HydraConfig
-    from hydra.types import RunMode
-
-    try:
-        hydra_cfg = HydraConfig.get()
-    except ValueError:  # not under Hydra: W&B picks its own id and name
-        return {}
-    run_dir = Path(hydra_cfg.runtime.output_dir)
-    if hydra_cfg.mode == RunMode.MULTIRUN:
-        sweep = run_dir.parent.name
-        overrides = hydra_cfg.job.override_dirname
-        return {"id": f"{sweep}-{hydra_cfg.job.num}", "group": sweep,
-                "name": f"{hydra_cfg.job.num}:{overrides}" if overrides else str(hydra_cfg.job.num)}
-    return {"id": run_dir.name, "name": run_dir.name}

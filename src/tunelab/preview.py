@@ -6,18 +6,17 @@ green (or wrapped in [[...]] without a colour terminal); prompt tokens are dim.
 
 from __future__ import annotations
 
-import hydra
 import torch
 from omegaconf import DictConfig
 from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from tunelab import paths
 from tunelab.config import build, validate
 from tunelab.data.datamodule import Collator
 from tunelab.data.encode import IGNORE, Encoded
-from tunelab.errors import ConfigError, TunelabError, exit_with
+from tunelab.entry import hydra_verb
+from tunelab.errors import ConfigError
 
 
 def marked(tokenizer: object, item: Encoded, colour: bool) -> Text:
@@ -80,9 +79,4 @@ def preview(cfg: DictConfig, console: Console | None = None) -> dict[str, dict[s
     return stats
 
 
-@hydra.main(config_path=str(paths.conf_dir()), config_name="data", version_base="1.3")
-def main(cfg: DictConfig) -> None:
-    try:
-        preview(cfg)
-    except TunelabError as err:
-        exit_with(err)
+main = hydra_verb("data", lambda cfg, run: preview(cfg))

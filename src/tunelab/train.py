@@ -14,18 +14,17 @@ from typing import Any
 
 import hydra
 import pytorch_lightning as pl
-from hydra.core.hydra_config import HydraConfig
-from hydra.types import RunMode
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 from pytorch_lightning.callbacks import LearningRateMonitor
 from pytorch_lightning.loggers import WandbLogger
 
 from tunelab import paths, report
 from tunelab.callbacks import Throughput
-from tunelab.config import build, validate
+from tunelab.config import build, build_with, validate
 from tunelab.errors import ConfigError, TunelabError, exit_with
 from tunelab.models import apply_method, build_method, count_parameters
 from tunelab.redact import redact, redact_file
+from tunelab.run import RunContext
 
 log = logging.getLogger(__name__)
 
@@ -42,12 +41,20 @@ def logged_config(cfg: DictConfig, extra: dict[str, Any]) -> dict[str, Any]:
     return redact({**flat, **extra, **resolved})
 
 
-def train(cfg: DictConfig) -> dict[str, float]:
-    """Train, evaluate and save one run as `cfg` describes; returns the metrics also written to metrics.json."""
+def train(cfg: DictConfig, run: RunContext | None = None) -> dict[str, float]:
+    """Train, evaluate and save one run as `cfg` describes; returns the metrics also written to metrics.json.
+
+    `run` says where the job writes and whether it is a sweep's trial; without it the job is a single run
+    in `cfg.paths.run_dir` (tests and notebooks set that key).
+    """
+    run = run or RunContext.local(cfg.paths.run_dir)
+    with open_dict(cfg):  # every ${paths.run_dir} below resolves to the context's directory, Hydra or not
+        cfg.paths.run_dir = str(run.run_dir)
     validate(cfg)
-    run_dir = Path(cfg.paths.run_dir)
+    run_dir = run.run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
-    for saved in [*(run_dir / ".hydra").glob("*.yaml"), *_sweep_config()]:
+    sweep_config = [run.sweep_dir / "multirun.yaml"] if run.sweep_dir else []  # Hydra writes it before any job
+    for saved in [*(run_dir / ".hydra").glob("*.yaml"), *sweep_config]:
         redact_file(saved)
     pl.seed_everything(cfg.hyperparams.seed, workers=True, verbose=False)
 
@@ -69,16 +76,15 @@ def train(cfg: DictConfig) -> dict[str, float]:
     tasks = build(datamodule.task_metrics, _convert_="all")  # task -> metric name -> scorer
     module = build(cfg.module, model=model, tokenizer=tokenizer, tasks=tasks, _convert_="all")
 
-    loggers = [build(node) for node in cfg.logger.values()]
+    loggers = [build_with(node, run=run) for node in cfg.logger.values()]
     callbacks = [build(node) for node in cfg.callbacks.values()]
     if not loggers:  # Lightning refuses a learning-rate monitor with nothing to log to
         callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
     trainer: pl.Trainer = build(cfg.trainer, callbacks=callbacks, logger=loggers or False,
                                       default_root_dir=str(run_dir))
-    choices = _choices()
     for logger in loggers:
         logger.log_hyperparams(logged_config(cfg, {
-            **{f"choice/{k}": v for k, v in choices.items()},
+            **{f"choice/{k}": v for k, v in run.choices.items()},
             "params/trainable": trainable, "params/total": total, "data": datamodule.stats,
             **{f"params/{k}": v for k, v in report.memory_estimate(trainable, total, model).items()},
         }))
@@ -119,68 +125,48 @@ def train(cfg: DictConfig) -> dict[str, float]:
     return metrics
 
 
-def _choices() -> dict[str, str]:
-    try:
-        return {k: str(v) for k, v in HydraConfig.get().runtime.choices.items() if not k.startswith("hydra")}
-    except ValueError:  # not running under Hydra (tests composing configs themselves)
-        return {}
-
-
-def _sweep_config() -> list[Path]:
-    """The sweep's multirun.yaml (Hydra writes it before the first job, with every override resolved in)."""
-    if not _multirun():
-        return []
-    return [Path(HydraConfig.get().sweep.dir) / "multirun.yaml"]
-
-
-def _multirun() -> bool:
-    try:
-        return HydraConfig.get().mode == RunMode.MULTIRUN
-    except ValueError:
-        return False
-
-
 @hydra.main(config_path=str(paths.conf_dir()), config_name="train", version_base="1.3")
 def main(cfg: DictConfig) -> float | None:
     """Hydra entry point: runs `train` and returns the metric `optimized_metric` names, for sweepers.
 
     In a multirun a failing trial is recorded (error.txt in its directory) and the sweep goes on.
     """
+    run = RunContext.from_hydra()  # the one place Hydra's global state is read
     try:
-        metrics = train(cfg)
+        metrics = train(cfg, run)
     except TunelabError as err:
-        if not _multirun():
+        if not run.multirun:
             exit_with(err)
-        _record_failure(cfg, err.message())
+        _record_failure(cfg, run, err.message())
         return math.nan
     except Exception:
-        if not _multirun():
+        if not run.multirun:
             raise
-        _record_failure(cfg, traceback.format_exc())
+        _record_failure(cfg, run, traceback.format_exc())
         return math.nan
     value = metrics.get(cfg.optimized_metric)
     return None if value is None else float(value)
 
 
-def _record_failure(cfg: DictConfig, text: str) -> None:
-    run_dir = Path(HydraConfig.get().runtime.output_dir)
-    (run_dir / "error.txt").write_text(text + "\n")
-    log.error("trial %s failed; the sweep goes on. %s", run_dir, text.strip().splitlines()[-1])
+def _record_failure(cfg: DictConfig, run: RunContext, text: str) -> None:
+    (run.run_dir / "error.txt").write_text(text + "\n")
+    log.error("trial %s failed; the sweep goes on. %s", run.run_dir, text.strip().splitlines()[-1])
     import wandb
-    from pytorch_lightning.loggers import WandbLogger
 
     if wandb.run is not None:
         wandb.run.finish(exit_code=1)  # marked failed on the dashboard
         return
     # Failed before train() started its loggers (e.g. a data error): the trial still gets its own W&B run,
     # marked failed, so the sweep's group shows every trial. Skipped when train() already closed one.
+    with open_dict(cfg):
+        cfg.paths.run_dir = str(run.run_dir)
     for node in cfg.logger.values():
-        logger = build(node)
+        logger = build_with(node, run=run)
         if not isinstance(logger, WandbLogger):
             continue
         if list(Path(logger.save_dir or ".").glob(f"wandb/*run-*{logger.version}")):
             continue
-        logger.log_hyperparams(logged_config(cfg, {f"choice/{k}": v for k, v in _choices().items()}))
+        logger.log_hyperparams(logged_config(cfg, {f"choice/{k}": v for k, v in run.choices.items()}))
         lines = text.strip().splitlines()  # a tunelab error's first line says what; a traceback's last line
         logger.experiment.summary["error"] = next((x for x in lines if x.startswith("tunelab:")), lines[-1])
         logger.experiment.finish(exit_code=1)
