@@ -12,7 +12,7 @@ comma := ,
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?= $(if $(HAS_GPU),,-m "not gpu")  # the gpu-marked tests run where a GPU is
 
-.PHONY: setup demo test lint clean
+.PHONY: setup demo test test-fast lint clean
 
 setup: $(STAMP)
 
@@ -29,6 +29,10 @@ demo: setup
 # pytest exits 5 when it collects no test; that is not a failure of the code under test.
 test: setup
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q $(PYTEST_ARGS); rc=$$?; if [ $$rc -eq 5 ]; then exit 0; else exit $$rc; fi
+
+# The inner loop: everything but the tests marked `slow` (multi-epoch, multi-process, sweeps) and `gpu`.
+test-fast: setup
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -m "not slow and not gpu"; rc=$$?; if [ $$rc -eq 5 ]; then exit 0; else exit $$rc; fi
 
 lint: setup
 	$(BIN)/ruff check src tests data bench

@@ -28,3 +28,8 @@ def make_cfg(tmp_path: Path, overrides: list[str] | None = None) -> DictConfig:
 @pytest.fixture
 def cfg_factory(tmp_path: Path):
     return lambda overrides=None: make_cfg(tmp_path, overrides)
+
+
+def fmt(name: str) -> dict:
+    """A built-in dataset format's config node (conf/dataset/format/<name>.yaml), for hand-written task configs."""
+    return {"_target_": f"tunelab.data.formats.{name}", "_partial_": True}

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import fmt
 from tunelab.data.datamodule import TuneDataModule, encode_task
 from tunelab.errors import DataError
 from tunelab.models import load_tokenizer
@@ -38,7 +39,7 @@ def _good(n: int, answer: str = "yes") -> list[str]:
 def _task(folder: Path, **extra) -> dict:
     return {"name": "qa", "source": {"path": str(folder), "splits": {"train": "train", "validation": "validation",
                                                                     "test": "test"}},
-            "format": "prompt_completion", "templates": TEMPLATE, **extra}
+            "format": fmt("prompt_completion"), "templates": TEMPLATE, **extra}
 
 
 def test_bad_row_is_an_error_with_file_and_line(tmp_path, tokenizer):
@@ -137,7 +138,8 @@ def test_instruction_and_chat_formats_from_files(tmp_path, tokenizer):
     alpaca = [json.dumps({"instruction": "Translate to French", "input": "cat", "output": "chat"}),
               json.dumps({"instruction": "Say hi", "output": "hi"})]
     folder = _write(tmp_path / "alpaca", {"train": alpaca, "validation": alpaca, "test": alpaca})
-    splits, _ = encode_task({"name": "a", "source": {"path": str(folder)}, "format": "instruction"}, tokenizer, 128, 0)
+    task = {"name": "a", "source": {"path": str(folder)}, "format": fmt("instruction")}
+    splits, _ = encode_task(task, tokenizer, 128, 0)
     first = tokenizer.decode(splits["train"][0].input_ids)
     assert first == ("<|im_start|>user\nTranslate to French\n\ncat<|im_end|>\n"
                      "<|im_start|>assistant\nchat<|im_end|>\n")
@@ -146,7 +148,7 @@ def test_instruction_and_chat_formats_from_files(tmp_path, tokenizer):
 
     chats = [json.dumps({"conversations": [{"from": "human", "value": "2+2?"}, {"from": "gpt", "value": "4"}]})]
     folder = _write(tmp_path / "chat", {"train": chats, "validation": chats, "test": chats})
-    splits, _ = encode_task({"name": "c", "source": {"path": str(folder)}, "format": "chat"}, tokenizer, 128, 0)
+    splits, _ = encode_task({"name": "c", "source": {"path": str(folder)}, "format": fmt("chat")}, tokenizer, 128, 0)
     item = splits["train"][0]
     supervised = [t for t, label in zip(item.input_ids, item.labels, strict=True) if label != -100]
     assert tokenizer.decode(supervised) == "4<|im_end|>"
@@ -154,7 +156,7 @@ def test_instruction_and_chat_formats_from_files(tmp_path, tokenizer):
     bad = [json.dumps({"messages": [{"role": "robot", "content": "x"}, {"role": "assistant", "content": "y"}]})]
     folder = _write(tmp_path / "bad", {"train": bad, "validation": bad, "test": bad})
     with pytest.raises(DataError, match=r"train.jsonl:1: messages\[0\].role: unknown role 'robot'"):
-        encode_task({"name": "b", "source": {"path": str(folder)}, "format": "chat"}, tokenizer, 128, 0)
+        encode_task({"name": "b", "source": {"path": str(folder)}, "format": fmt("chat")}, tokenizer, 128, 0)
 
 
 def test_seeded_val_and_test_split_from_one_file(tmp_path, tokenizer):
@@ -210,7 +212,7 @@ def test_csv_json_and_parquet_sources_with_a_column_map(tmp_path, tokenizer):
     pq.write_table(pa.Table.from_pylist(rows), tmp_path / "parquet/train.parquet")
     for kind, origin in (("csv", "train.csv:3"), ("json", "train.json:item 2"), ("parquet", "train.parquet:row 2")):
         task = {"name": kind, "source": {"path": str(tmp_path / kind), "val_size": 2, "test_size": 1},
-                "format": "prompt_completion", "column_map": {"question": "prompt", "answer": "completion"}}
+                "format": fmt("prompt_completion"), "column_map": {"question": "prompt", "answer": "completion"}}
         splits, _ = encode_task(task, tokenizer, 64, 0)
         assert {k: len(v) for k, v in splits.items()} == {"train": 3, "test": 1, "validation": 2}, kind
         everything = {e.origin.rsplit("/", 1)[-1]: e for v in splits.values() for e in v}

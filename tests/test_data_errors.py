@@ -63,7 +63,7 @@ def test_chat_row_with_wrong_types_and_roles(tmp_path):
         (folder / f"{split}.jsonl").write_text(json.dumps(good) + "\n")
     out = subprocess.run(
         [sys.executable, "-m", "tunelab.cli", "data", "preview", f"dataset.source.path={folder}",
-         "dataset.format=chat", "dataset.templates=[]"],
+         "dataset/format=chat", "dataset.templates=[]"],
         capture_output=True, text=True, timeout=300, cwd=tmp_path,
     )
     assert out.returncode == 3, out.stdout + out.stderr

@@ -6,6 +6,7 @@ import json
 
 import pytest
 
+from conftest import fmt
 from tunelab import paths
 from tunelab.data.datamodule import Collator, encode_task
 from tunelab.data.encode import IGNORE, Encoded, apply_length_policy, encode_chat, encode_text
@@ -152,7 +153,8 @@ def _write(folder, rows):
 def test_dataset_with_zero_supervised_tokens_is_refused(tok, tmp_path):
     rows = [{"prompt": "word " * 40, "completion": "positive"} for _ in range(3)]
     _write(tmp_path / "d", rows)
-    cfg = {"name": "d", "source": {"path": str(tmp_path / "d")}, "format": "prompt_completion", "overlength": "drop"}
+    cfg = {"name": "d", "source": {"path": str(tmp_path / "d")}, "format": fmt("prompt_completion"),
+           "overlength": "drop"}
     with pytest.raises(DataError) as info:
         encode_task(cfg, tok, 16, 0)  # every row is over-length and dropped: nothing left to learn from
     text = info.value.message()
@@ -223,7 +225,7 @@ def test_template_whose_prompt_is_not_a_prefix_is_refused():
 
 
 def test_template_library_draws_several_templates_reproducibly(tok):
-    cfg = {"name": "s", "source": {"path": str(paths.data_dir() / "reviews")}, "format": "prompt_completion",
+    cfg = {"name": "s", "source": {"path": str(paths.data_dir() / "reviews")}, "format": fmt("prompt_completion"),
            "templates": [{"prompt": "A {{ text }}", "completion": "{{ sentiment }}"},
                          {"prompt": "B {{ title }}: {{ text }}", "completion": "{{ sentiment }}"},
                          {"prompt": "C {{ product }}", "completion": "{{ sentiment }}"}]}

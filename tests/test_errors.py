@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from tunelab import paths
-from tunelab.config import Format
+from tunelab.config import Overlength
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline", "PYTHONUNBUFFERED": "1"}
 
@@ -44,9 +44,17 @@ CASES: dict[str, tuple[list[str], int, list[str]]] = {
         "wrong type or value 'abc'", "key hyperparams.batch_size",
         "override hyperparams.batch_size=abc on the command line", "hint: hyperparams.batch_size takes int",
     ]),
-    "wrong_enum": (["dataset.format=chatt"], 2, [
-        "wrong type or value 'chatt'", "key dataset.format", "override dataset.format=chatt on the command line",
-        "did you mean 'chat'?", "valid: " + ", ".join(sorted(f.value for f in Format)),
+    "wrong_enum": (["dataset.overlength=trunc"], 2, [
+        "wrong type or value 'trunc'", "key dataset.overlength",
+        "override dataset.overlength=trunc on the command line",
+        "did you mean 'truncate'?", "valid: " + ", ".join(sorted(o.value for o in Overlength)),
+    ]),
+    "format_as_a_value": (["dataset.format=chatt"], 2, [
+        "dataset.format is a config group, not a value: 'chatt'", "override dataset.format=chatt on the command line",
+        "choose it with dataset/format=chatt", "did you mean 'chat'?",
+    ]),
+    "unknown_format": (["dataset/format=chatt"], 2, [
+        "unknown dataset/format option 'chatt'", "did you mean 'chat'?",
     ]),
     "unknown_key_in_user_yaml": (["--config-dir", "{conf}", "model=bad"], 2, [
         "unknown key 'name_or_pth' for tunelab.models.load_causal_lm", "key model.name_or_pth",

@@ -104,8 +104,8 @@ def test_generate_refuses_missing_run_and_prompt(tmp_path, full_run):
 
 def test_sampling_group_has_greedy_default_and_creative():
     cfg = _verb_cfg("generate", [])
-    assert cfg.sampling.do_sample is False
-    creative = _verb_cfg("generate", ["sampling=creative"]).sampling
+    assert cfg.decoding.do_sample is False
+    creative = _verb_cfg("generate", ["decoding=creative"]).decoding
     assert creative.do_sample is True and 0 < creative.temperature < 1 and creative.top_p < 1
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import peft
 import pytest
 import torch
 from omegaconf import OmegaConf
@@ -36,22 +37,33 @@ def _block_params(cfg: dict) -> int:
 
 
 def expected_trainable(method: str, cfg: dict = TINY) -> int:
-    """Trainable parameters of each method on the tiny Llama, by hand from config.json and the method YAML."""
+    """Trainable parameters of a method on the tiny Llama, by hand from config.json and the method's own values
+    (rank, virtual tokens, frozen layers). Keyed by the PEFT class the YAML builds, so a new variant of a known
+    kind (a LoRA with another rank, say) is covered without editing this test."""
+    node = compose([f"method={method}"], return_hydra_config=False).method
     layers, hidden = cfg["num_hidden_layers"], cfg["hidden_size"]
     lin = _linears(cfg)
-    lora = sum(16 * (a + b) for a, b in lin.values()) * layers  # r·(in+out), r=16, every linear but lm_head
     kv_dim = cfg["num_key_value_heads"] * cfg["head_dim"]
-    return {
-        "full": sum(_block_params(cfg) for _ in range(layers)) + cfg["vocab_size"] * hidden + hidden,  # tied head
-        "lora": lora,
-        "rslora": lora,
-        "dora": lora + sum(b for _, b in lin.values()) * layers,  # + one magnitude per output row
-        "ia3": (lin["k_proj"][1] + lin["v_proj"][1] + lin["down_proj"][0]) * layers,  # down_proj: its input
-        "prompt_tuning": 16 * hidden,
+    if node.peft is None:
+        if node.get("freeze") is not None:  # the last N blocks (plus any pattern matches)
+            assert not node.freeze.patterns, f"add pattern matches of method {method} to expected_trainable"
+            return node.freeze.last_n_layers * _block_params(cfg)
+        return sum(_block_params(cfg) for _ in range(layers)) + cfg["vocab_size"] * hidden + hidden  # tied head
+    kind, peft = node.peft._target_, node.peft
+    if kind == "peft.LoraConfig":
+        assert peft.target_modules == "all-linear", f"add {method}'s target modules to expected_trainable"
+        lora = sum(peft.r * (a + b) for a, b in lin.values()) * layers  # r·(in+out), every linear but lm_head
+        if peft.get("use_dora"):
+            lora += sum(b for _, b in lin.values()) * layers  # + one magnitude per output row
+        return lora
+    if kind == "peft.IA3Config":  # a vector per target: its output, or its input for feed-forward modules
+        return sum(lin[m][0] if m in peft.feedforward_modules else lin[m][1] for m in peft.target_modules) * layers
+    if kind == "peft.PromptTuningConfig":
+        return peft.num_virtual_tokens * hidden
+    if kind == "peft.PrefixTuningConfig" and not peft.prefix_projection:
         # PEFT's prefix (no projection): virtual tokens × layers × 2 (key, value) × kv heads·head dim
-        "prefix_tuning": 16 * layers * 2 * kv_dim,
-        "freeze": 2 * _block_params(cfg),  # the last 2 blocks
-    }[method]
+        return peft.num_virtual_tokens * layers * 2 * kv_dim
+    pytest.fail(f"method {method} builds {kind}: add its expected trainable count to expected_trainable")
 
 
 @pytest.fixture(scope="module")
@@ -212,6 +224,10 @@ def test_method_configs_are_peft_objects():
         first = (REPO / f"conf/method/{name}.yaml").read_text().splitlines()[0]
         assert first.startswith("# "), name
         assert "peft" in node or "defaults" in node, name
+        method = build_method(compose([f"method={name}"], return_hydra_config=False).method)
+        if method.peft is not None:  # a PEFT method is PEFT's own config object, not a copy of its fields
+            assert isinstance(method.peft, peft.PeftConfig), name
+            assert type(method.peft).__module__.startswith("peft."), name
 
 
 @pytest.mark.gpu

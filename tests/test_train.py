@@ -22,7 +22,7 @@ from tunelab.train import train
 
 # Small and quick: a few steps, few eval samples, short generations.
 FAST = ["hyperparams.batch_size=8", "hyperparams.eval_batch_size=8", "eval.max_eval_samples=8",
-        "eval.generate_on_val=false", "generation.max_new_tokens=4"]
+        "eval.generate_on_val=false", "decoding.max_new_tokens=4"]
 FORBIDDEN = (".bin", ".pt", ".pth", ".pkl", ".pickle")
 
 

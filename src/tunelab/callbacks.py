@@ -87,8 +87,9 @@ class SaveHFModel(pl.Callback):
         pl_module.tokenizer.save_pretrained(self.dirpath)
         # The data recipe (format, prompt templates, system prompt) so eval/generate build prompts exactly
         # as training did (LlamaFactory#2509: a different template at inference costs accuracy).
-        dataset = getattr(trainer.datamodule, "dataset_cfg", {}) if trainer.datamodule else {}
-        recipe = {k: dataset.get(k) for k in ("name", "format", "templates", "system_prompt", "chat_template")}
+        dataset = getattr(trainer.datamodule, "dataset", None)
+        recipe = {k: getattr(dataset, k, None) for k in ("name", "format", "templates", "system_prompt",
+                                                         "chat_template")}
         (self.dirpath / "tunelab_recipe.json").write_text(json.dumps(recipe, indent=2, default=str) + "\n")
 
 

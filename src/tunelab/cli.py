@@ -36,7 +36,7 @@ VERBS: tuple[Verb, ...] = (
     Verb("train", "tunelab.train", "fine-tune: model=, method=, dataset=, hyperparams.*= (try: tunelab train --help)",
          "train"),
     Verb("generate", "tunelab.generate",
-         'answer with a trained run: run=<run dir> prompt="..." [interactive=true] [sampling=creative]', "generate"),
+         'answer with a trained run: run=<run dir> prompt="..." [interactive=true] [decoding=creative]', "generate"),
     Verb("export", "tunelab.export",
          "merge adapters and write a plain Hugging Face model: run=<run dir> [out=<dir>] [merge=true|false]",
          "export"),

@@ -56,13 +56,6 @@ class OnNonFinite(str, Enum):
     skip = "skip"
 
 
-class Format(str, Enum):
-    prompt_completion = "prompt_completion"
-    instruction = "instruction"
-    chat = "chat"
-    text = "text"
-
-
 class OnBadRow(str, Enum):
     error = "error"
     skip = "skip"
@@ -95,7 +88,7 @@ class HyperparamsSchema:
 
 @dataclass
 class SourceSchema:
-    path: str = MISSING
+    path: Optional[str] = None  # required for a single task; a mixture's own node has none
     subset: Optional[str] = None
     splits: dict[str, Optional[str]] = field(default_factory=dict)
     val_size: Optional[float] = None
@@ -106,7 +99,9 @@ class SourceSchema:
 class DatasetSchema:
     name: str = MISSING
     source: SourceSchema = field(default_factory=SourceSchema)
-    format: Format = Format.prompt_completion
+    # A `_target_` node naming the format function (conf/dataset/format/), called per row.
+    format: Any = field(default_factory=lambda: {"_target_": "tunelab.data.formats.prompt_completion",
+                                                 "_partial_": True})
     column_map: dict[str, str] = field(default_factory=dict)
     templates: list[Any] = field(default_factory=list)
     chat_template: Optional[str] = None
@@ -128,6 +123,14 @@ class EvalSchema:
     test: bool = True
     generate_on_val: bool = True
     max_eval_samples: Optional[int] = None
+
+
+def dataset_spec(node: Any) -> DatasetSchema:
+    """A dataset config (a mixture's tasks too) as the typed, validated object, defaults applied once."""
+    plain = OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else dict(node)
+    spec: DatasetSchema = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(DatasetSchema), plain))
+    spec.tasks = {name: dataset_spec(task) for name, task in spec.tasks.items()}
+    return spec
 
 
 SCHEMAS: dict[str, type] = {"hyperparams": HyperparamsSchema, "dataset": DatasetSchema, "eval": EvalSchema}
@@ -260,12 +263,27 @@ def _check_targets(cfg: DictConfig) -> None:
                 )
 
 
+def _check_format(cfg: DictConfig, key: str) -> None:
+    """`<key>.format` must be a format node (a config group since formats became functions), not a name."""
+    fmt = OmegaConf.select(cfg, f"{key}.format", default=None)
+    if fmt is None or isinstance(fmt, DictConfig):
+        return
+    options = sorted(p.stem for p in (paths.conf_dir() / "dataset" / "format").glob("*.yaml"))
+    raise ConfigError(
+        f"{key}.format is a config group, not a value: {fmt!r}", _where(cfg, f"{key}.format"),
+        f"choose it with dataset/format={fmt} on the command line or `- format: {fmt}` in the dataset's "
+        f"defaults list; {did_you_mean(str(fmt), options)}",
+    )
+
+
 def validate(cfg: DictConfig) -> None:
     """Raise ConfigError for unknown keys, wrong types and unimportable targets anywhere in `cfg`."""
     for name, schema in SCHEMAS.items():
         _check_schema(cfg, name, schema)
     for task in OmegaConf.select(cfg, "dataset.tasks", default=None) or {}:  # each task of a mixture
         _check_schema(cfg, f"dataset.tasks.{task}", DatasetSchema)
+    for key in ["dataset", *(f"dataset.tasks.{t}" for t in OmegaConf.select(cfg, "dataset.tasks", default={}) or {})]:
+        _check_format(cfg, key)
     _check_targets(cfg)
     try:  # every interpolation must resolve (a typo in ${...} fails here, not mid-run)
         OmegaConf.to_container(OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"]), resolve=True)

@@ -96,7 +96,7 @@ def generate(cfg: DictConfig) -> list[dict[str, str]]:
     model, tokenizer, recipe = load_run(cfg.run)
     system_prompt = cfg.system_prompt if cfg.system_prompt is not None else recipe.get("system_prompt")
     system = [{"role": "system", "content": system_prompt}] if system_prompt else []
-    settings = OmegaConf.to_container(cfg.sampling, resolve=True)
+    settings = OmegaConf.to_container(cfg.decoding, resolve=True)
     if cfg.interactive:
         return chat(model, tokenizer, system, settings, sys.stdin)
     fields = OmegaConf.to_container(cfg.fields) if isinstance(cfg.fields, DictConfig) else cfg.fields

@@ -4,26 +4,23 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterator, Mapping
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
 import torch
-from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader, Sampler
 
+from tunelab.config import DatasetSchema, OnBadRow, build, dataset_spec
 from tunelab.data.cache import cache_key, read_cache, write_cache
 from tunelab.data.encode import IGNORE, Encoded, apply_length_policy, encode_chat, encode_text
-from tunelab.data.formats import compile_templates, to_example
+from tunelab.data.formats import Format, RowContext, compile_templates
 from tunelab.data.packing import first_fit_decreasing
 from tunelab.data.sources import load_splits
 from tunelab.errors import DataError, did_you_mean
 
 log = logging.getLogger(__name__)
-
-
-def _plain(node: Any) -> Any:
-    return OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else node
 
 
 class Collator:
@@ -125,21 +122,20 @@ class TuneDataModule(pl.LightningDataModule):
         cache_dir: str | None = None,
     ) -> None:
         super().__init__()
-        self.dataset_cfg: dict[str, Any] = _plain(dataset)
+        self.dataset: DatasetSchema = dataset if isinstance(dataset, DatasetSchema) else dataset_spec(dataset)
         self.tokenizer = tokenizer
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
         self.max_seq_len, self.seed, self.packing = max_seq_len, seed, packing
         self.num_workers, self.max_eval_samples = num_workers, max_eval_samples
         self.cache_dir = Path(cache_dir) if cache_dir else None
-        self.tasks: dict[str, dict[str, Any]] = self.dataset_cfg.get("tasks") or {
-            self.dataset_cfg.get("name", "data"): self.dataset_cfg}
+        self.tasks: dict[str, DatasetSchema] = self.dataset.tasks or {self.dataset.name: self.dataset}
         self.splits: dict[str, dict[str, list[Encoded]]] = {}  # task -> split -> examples
         self.stats: dict[str, Any] = {}
 
     @property
     def task_metrics(self) -> dict[str, dict[str, Any]]:
         """Each task's metric configs (`_target_` nodes), for the module to instantiate."""
-        return {name: dict(cfg.get("metrics") or {}) for name, cfg in self.tasks.items()}
+        return {name: dict(task.metrics) for name, task in self.tasks.items()}
 
     def setup(self, stage: str | None = None) -> None:
         if self.splits:
@@ -155,14 +151,14 @@ class TuneDataModule(pl.LightningDataModule):
                     )
                 if self.max_eval_samples:
                     self.splits[name][split] = self.splits[name][split][: self.max_eval_samples]
-        weights = self.dataset_cfg.get("weights") or {}
+        weights = self.dataset.weights
         unknown = set(weights) - set(self.tasks)
         if unknown:
             raise DataError(f"weights name unknown tasks {sorted(unknown)}", "key dataset.weights",
                             did_you_mean(sorted(unknown)[0], self.tasks))
 
-    def _load_task(self, cfg: dict[str, Any]) -> tuple[dict[str, list[Encoded]], dict[str, Any]]:
-        key = cache_key(cfg, self.tokenizer, self.max_seq_len, self.seed)
+    def _load_task(self, cfg: DatasetSchema) -> tuple[dict[str, list[Encoded]], dict[str, Any]]:
+        key = cache_key(asdict(cfg), self.tokenizer, self.max_seq_len, self.seed)
         cached = read_cache(self.cache_dir, key) if self.cache_dir else None
         if cached is not None:
             return cached
@@ -175,14 +171,14 @@ class TuneDataModule(pl.LightningDataModule):
         examples = [e for name in self.tasks for e in self.splits[name]["train"]]
         if len(self.tasks) == 1:
             return examples, EpochSampler(len(examples), self.seed)
-        weights = self.dataset_cfg.get("weights") or {}
+        weights = self.dataset.weights
         total = sum(float(weights.get(name, 1.0)) for name in self.tasks)
         per_example = torch.cat([
             torch.full((len(self.splits[name]["train"]),),
                        float(weights.get(name, 1.0)) / total / len(self.splits[name]["train"]))
             for name in self.tasks
         ])
-        samples = self.dataset_cfg.get("samples_per_epoch") or len(examples)
+        samples = self.dataset.samples_per_epoch or len(examples)
         return examples, EpochSampler(len(examples), self.seed, per_example, samples)
 
     def train_dataloader(self) -> DataLoader:
@@ -206,27 +202,30 @@ class TuneDataModule(pl.LightningDataModule):
 
 
 def encode_task(
-    cfg: dict[str, Any], tokenizer: Any, max_seq_len: int, seed: int
+    cfg: DatasetSchema | Mapping[str, Any], tokenizer: Any, max_seq_len: int, seed: int
 ) -> tuple[dict[str, list[Encoded]], dict[str, Any]]:
     """Every split of one task as tokenised, masked examples, with counts of what was dropped and why.
 
     A malformed row is an error (exit 3, `file:line: field: problem`) unless `on_bad_row: skip`,
     which drops it, reports how many and which lines, and still fails past `max_bad_fraction`.
     """
-    templates = compile_templates(cfg.get("templates") or [])
-    fmt = cfg.get("format", "prompt_completion")
-    skip_bad = cfg.get("on_bad_row", "error") == "skip"
+    cfg = cfg if isinstance(cfg, DatasetSchema) else dataset_spec(cfg)
+    templates = compile_templates(cfg.templates)
+    to_example: Format = build(cfg.format)
+    skip_bad = cfg.on_bad_row == OnBadRow.skip
     splits: dict[str, list[Encoded]] = {}
     stats: dict[str, Any] = {}
-    for split, rows in load_splits(cfg["source"], seed).items():
+    for split, rows in load_splits(asdict(cfg.source), seed).items():
         encoded, dropped, bad = [], 0, []
         for index, row in enumerate(rows):
             try:
-                example = to_example(row, index, fmt, cfg.get("column_map") or {}, templates,
-                                     cfg.get("system_prompt"), seed)
-                item = (encode_text(tokenizer, example) if fmt == "text"
-                        else encode_chat(tokenizer, example, bool(cfg.get("train_on_prompt", False))))
-                item = apply_length_policy(item, max_seq_len, cfg.get("overlength", "error"))
+                if row.error:
+                    raise DataError(row.error)
+                fields = {cfg.column_map.get(k, k): v for k, v in row.fields.items()}
+                example = to_example(fields, RowContext(row.origin, index, seed, templates, cfg.system_prompt))
+                item = (encode_text(tokenizer, example) if example.text is not None
+                        else encode_chat(tokenizer, example, cfg.train_on_prompt))
+                item = apply_length_policy(item, max_seq_len, cfg.overlength.value)
             except DataError as err:
                 if not skip_bad:
                     raise
@@ -236,11 +235,11 @@ def encode_task(
                 dropped += 1
                 continue
             encoded.append(item)
-        where = rows[0].origin.rsplit(":", 1)[0] if rows else str(cfg["source"].get("path"))
+        where = rows[0].origin.rsplit(":", 1)[0] if rows else cfg.source.path
         if bad:
             log.warning("%s: skipped %d bad rows of %d (on_bad_row=skip): %s", where, len(bad), len(rows),
                         "; ".join(bad[:5]) + (" ..." if len(bad) > 5 else ""))
-            bound = float(cfg.get("max_bad_fraction", 0.05))
+            bound = cfg.max_bad_fraction
             if len(bad) / max(len(rows), 1) > bound:
                 raise DataError(
                     f"{len(bad)} of {len(rows)} rows are bad ({len(bad) / len(rows):.1%} > "

@@ -1,6 +1,8 @@
 """Turn source rows into training examples: a chat (list of role/content messages) or raw text.
 
-Formats:
+A format is a function `(fields, row) -> Example` named by `_target_` in the dataset config
+(`conf/dataset/format/<name>.yaml`, chosen with `dataset/format=<name>`); a user's own format is one
+such function and one YAML. The built-in ones:
 - `prompt_completion`: a prompt and its completion, either as columns or rendered from the row by a
   template of the dataset's template library (Jinja over the row's fields), sampled per example.
 - `instruction`: Alpaca-style `instruction`, optional `input`, and `output` columns.
@@ -11,13 +13,12 @@ Formats:
 from __future__ import annotations
 
 import random
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import jinja2
 
-from tunelab.data.sources import Row
 from tunelab.errors import ConfigError, DataError
 
 ROLES = ("system", "user", "assistant")
@@ -57,7 +58,7 @@ def compile_templates(templates: Sequence[Mapping[str, str]]) -> list[tuple[jinj
     return compiled
 
 
-def _text_field(row: Row, fields: Mapping[str, Any], name: str) -> str:
+def _text_field(row: RowContext, fields: Mapping[str, Any], name: str) -> str:
     if name not in fields:
         raise DataError(f"{row.origin}: {name}: missing", hint=f"fields present: {', '.join(sorted(fields))}")
     value = fields[name]
@@ -66,7 +67,7 @@ def _text_field(row: Row, fields: Mapping[str, Any], name: str) -> str:
     return value
 
 
-def _render(row: Row, template: jinja2.Template, fields: Mapping[str, Any], part: str) -> str:
+def _render(row: RowContext, template: jinja2.Template, fields: Mapping[str, Any], part: str) -> str:
     try:
         return template.render(**fields)
     except jinja2.UndefinedError as err:
@@ -76,7 +77,7 @@ def _render(row: Row, template: jinja2.Template, fields: Mapping[str, Any], part
         ) from None
 
 
-def _chat(row: Row, fields: Mapping[str, Any]) -> list[dict[str, str]]:
+def _chat(row: RowContext, fields: Mapping[str, Any]) -> list[dict[str, str]]:
     raw = fields.get("messages", fields.get("conversations"))
     if not isinstance(raw, list) or not raw:
         raise DataError(f"{row.origin}: messages: expected a non-empty list of role/content objects")
@@ -102,47 +103,60 @@ def _chat(row: Row, fields: Mapping[str, Any]) -> list[dict[str, str]]:
     return messages
 
 
-def to_example(
-    row: Row,
-    index: int,
-    fmt: str,
-    column_map: Mapping[str, str],
-    templates: Sequence[tuple[jinja2.Template, jinja2.Template]],
-    system_prompt: str | None,
-    seed: int,
-) -> Example:
-    """One source row as an Example; the template is drawn with `Random(seed, index)`, so it is stable."""
-    if row.error:
-        raise DataError(row.error)
-    fields = {column_map.get(k, k): v for k, v in row.fields.items()}
-    if fmt == "text":
-        return Example(row.origin, text=_text_field(row, fields, "text"))
-    if fmt == "chat":
-        messages = _chat(row, fields)
-        if system_prompt and messages[0]["role"] != "system":
-            messages.insert(0, {"role": "system", "content": system_prompt})
-        return Example(row.origin, messages=messages)
-    if fmt not in ("prompt_completion", "instruction"):
-        raise ConfigError(f"unknown dataset.format {fmt!r}", "key dataset.format",
-                          "use prompt_completion, instruction, chat or text")
-    chosen = None
-    if fmt == "instruction" and not templates:
-        prompt = _text_field(row, fields, "instruction")
-        extra = fields.get("input")
-        if extra is not None and not isinstance(extra, str):
-            raise DataError(f"{row.origin}: input: expected a string, got {type(extra).__name__}")
-        prompt = f"{prompt}\n\n{extra}" if extra and extra.strip() else prompt
-        completion = _text_field(row, fields, "output")
-    elif templates:
-        chosen = random.Random(f"{seed}:{index}").randrange(len(templates))
-        prompt_t, completion_t = templates[chosen]
-        prompt = _render(row, prompt_t, fields, "prompt")
-        completion = _render(row, completion_t, fields, "completion")
-    else:
-        prompt, completion = _text_field(row, fields, "prompt"), _text_field(row, fields, "completion")
+@dataclass(frozen=True)
+class RowContext:
+    """What a format function knows besides the row's fields: where the row came from and the dataset's recipe."""
+
+    origin: str  # file:line, for error messages
+    index: int  # the row's index in its split: the template draw depends on it and the seed only
+    seed: int
+    templates: Sequence[tuple[jinja2.Template, jinja2.Template]] = ()
+    system_prompt: str | None = None
+
+
+Format = Callable[[Mapping[str, Any], RowContext], Example]
+
+
+def _with_system(messages: list[dict[str, str]], system_prompt: str | None) -> list[dict[str, str]]:
+    if system_prompt and messages[0]["role"] != "system":
+        return [{"role": "system", "content": system_prompt}, *messages]
+    return messages
+
+
+def _single_turn(row: RowContext, prompt: str, completion: str, template: int | None = None) -> Example:
     if not completion.strip():
         raise DataError(f"{row.origin}: completion: empty")
     messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": completion}]
-    if system_prompt:
-        messages.insert(0, {"role": "system", "content": system_prompt})
-    return Example(row.origin, messages=messages, template=chosen)
+    return Example(row.origin, messages=_with_system(messages, row.system_prompt), template=template)
+
+
+def text(fields: Mapping[str, Any], row: RowContext) -> Example:
+    """A `text` column for (continued) pre-training."""
+    return Example(row.origin, text=_text_field(row, fields, "text"))
+
+
+def chat(fields: Mapping[str, Any], row: RowContext) -> Example:
+    """A `messages` (or ShareGPT `conversations`) column; the dataset's system prompt is added when absent."""
+    return Example(row.origin, messages=_with_system(_chat(row, fields), row.system_prompt))
+
+
+def prompt_completion(fields: Mapping[str, Any], row: RowContext) -> Example:
+    """One turn rendered by a template drawn with `Random(seed, index)` (stable), or `prompt`/`completion` columns."""
+    if not row.templates:
+        return _single_turn(row, _text_field(row, fields, "prompt"), _text_field(row, fields, "completion"))
+    chosen = random.Random(f"{row.seed}:{row.index}").randrange(len(row.templates))
+    prompt_t, completion_t = row.templates[chosen]
+    prompt = _render(row, prompt_t, fields, "prompt")
+    return _single_turn(row, prompt, _render(row, completion_t, fields, "completion"), chosen)
+
+
+def instruction(fields: Mapping[str, Any], row: RowContext) -> Example:
+    """Alpaca-style `instruction`, optional `input`, `output` columns (or the template library, when given)."""
+    if row.templates:
+        return prompt_completion(fields, row)
+    prompt = _text_field(row, fields, "instruction")
+    extra = fields.get("input")
+    if extra is not None and not isinstance(extra, str):
+        raise DataError(f"{row.origin}: input: expected a string, got {type(extra).__name__}")
+    prompt = f"{prompt}\n\n{extra}" if extra and extra.strip() else prompt
+    return _single_turn(row, prompt, _text_field(row, fields, "output"))

@@ -108,6 +108,9 @@ def load_splits(source: Mapping[str, Any], seed: int) -> dict[str, list[Row]]:
     A split the source lacks is carved from train with a seeded shuffle when `val_size`/`test_size`
     is set (a fraction < 1 or a count).
     """
+    if not source.get("path"):
+        raise DataError("the dataset names no source", "key dataset.source.path",
+                        "give a folder of <split>.jsonl|json|csv|parquet, one file, or a hub id")
     path_text = str(source["path"])
     path = Path(path_text).expanduser()
     names: Mapping[str, str | None] = source.get("splits") or {}
