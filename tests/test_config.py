@@ -195,6 +195,7 @@ def test_cli_help(tmp_path):
         assert f"{group}: " in out.stdout
 
 
+@pytest.mark.slow  # builds the wheel with pip
 def test_wheel_ships_config_data_and_assets(tmp_path):
     try:
         import hatchling  # noqa: F401

@@ -186,6 +186,7 @@ print(ok)
 """
 
 
+@pytest.mark.slow  # three processes racing on one cache
 def test_parallel_writers_never_leave_a_torn_entry(tmp_path):
     procs = [subprocess.Popen([sys.executable, "-c", HAMMER, str(tmp_path)], stdout=subprocess.PIPE, text=True)
              for _ in range(3)]

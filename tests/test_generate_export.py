@@ -73,12 +73,14 @@ def prompt_run(tmp_path_factory) -> Path:
     return run
 
 
+@pytest.mark.slow  # a 2-epoch training
 def test_generate_answers_the_task(full_run):
     positive = _tunelab("generate", f"run={full_run}", f"prompt={_hydra_quoted(_prompt(POSITIVE))}")
     assert positive.returncode == 0, positive.stderr[-3000:]
     assert positive.stdout.strip() == "positive"
 
 
+@pytest.mark.slow  # a 2-epoch training
 def test_generate_renders_fields_and_chats(full_run, monkeypatch, capsys):
     fields = json.dumps({"title": NEGATIVE["title"], "text": NEGATIVE["text"]})
     conversation = generate(_verb_cfg("generate", [f"run={full_run}", f"fields={_hydra_quoted(fields)}"]))

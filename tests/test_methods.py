@@ -93,6 +93,7 @@ def test_methods_are_discovered():
     assert wanted <= set(METHODS)
 
 
+@pytest.mark.slow  # one training per method
 @pytest.mark.parametrize("method", [m for m in METHODS if m != "qlora"])
 def test_method_trains_only_its_parameters(method, tmp_path, spy, fast):
     metrics = train_mod.train(make_cfg(tmp_path, [f"method={method}", *fast]))

@@ -7,12 +7,14 @@ import os
 import subprocess
 import sys
 
+import pytest
 import yaml
 from wandb.proto import wandb_internal_pb2 as pb
 
 SECRET = "hf_abcdefghijklmnopqrstuvwxyz123456"
 
 
+@pytest.mark.slow  # a 4-trial sweep
 def test_sweep_makes_one_dir_and_one_wandb_run_per_job(tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
     env.pop("WANDB_API_KEY", None)

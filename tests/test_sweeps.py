@@ -201,6 +201,7 @@ def _wandb_run(trial_dir: Path) -> dict:
     return found
 
 
+@pytest.mark.slow  # a 4-trial joblib sweep
 def test_parallel_sweep_trials_never_share_a_directory(joblib_sweep):
     trials = sorted(p.name for p in joblib_sweep.iterdir() if p.name.isdigit())
     assert trials == ["0", "1", "2", "3"]
@@ -216,6 +217,7 @@ def test_parallel_sweep_trials_never_share_a_directory(joblib_sweep):
         assert not (joblib_sweep / num / "metrics.json").exists()
 
 
+@pytest.mark.slow  # a 4-trial joblib sweep
 def test_wandb_runs_grouped_by_sweep_and_failures_marked(joblib_sweep):
     runs = {num: _wandb_run(joblib_sweep / num) for num in ("0", "1", "2", "3")}
     assert {r["group"] for r in runs.values()} == {joblib_sweep.name}
@@ -228,6 +230,7 @@ def test_wandb_runs_grouped_by_sweep_and_failures_marked(joblib_sweep):
     assert runs["1"]["config"]["lr"] == 0.003 and runs["1"]["config"]["max_seq_len"] == 8
 
 
+@pytest.mark.slow  # a 4-trial joblib sweep
 def test_sweep_report_of_a_real_sweep(joblib_sweep, capsys):
     report_main([str(joblib_sweep)])
     out = capsys.readouterr().out
@@ -246,6 +249,7 @@ def test_sweep_report_of_a_real_sweep(joblib_sweep, capsys):
     assert "paths" not in experiment and "run_id" not in experiment
 
 
+@pytest.mark.slow  # a joblib sweep and two reruns
 def test_best_config_reruns_in_parallel_processes_with_same_metric(joblib_sweep, tmp_path):
     """Two `tunelab train` started in the same instant: distinct run dirs; both reproduce the best val/loss."""
     report(joblib_sweep)

@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import pytorch_lightning as pl
 import torch
 import yaml
@@ -137,6 +138,7 @@ def test_cli_run_writes_hydra_dir(tmp_path):
     assert not [p for p in _files(run_dir) if p.suffix in FORBIDDEN]
 
 
+@pytest.mark.slow  # two DDP processes
 def test_ddp_on_two_cpu_processes_is_one_job_with_one_run_directory(tmp_path):
     """The testable stand-in for multi-GPU data parallelism: gloo DDP, 2 ranks, one run directory."""
     out = subprocess.run(
@@ -152,6 +154,7 @@ def test_ddp_on_two_cpu_processes_is_one_job_with_one_run_directory(tmp_path):
     assert {"val/loss", "test/loss", "test/accuracy"} <= set(metrics)
 
 
+@pytest.mark.slow  # three trainings, up to 2 epochs each
 def test_resumed_run_matches_the_uninterrupted_one(tmp_path):
     """Stop after epoch 1, resume from checkpoints/last.ckpt: the final weights equal those of one
     uninterrupted 2-epoch run (optimizer state restored, epoch 2 sees the same shuffle)."""
