@@ -165,6 +165,17 @@ def overrides_last(argv: list[str]) -> list[str]:
     return flags + list(overrides)
 
 
+def _answered_by_hydra(argv: list[str]) -> bool:
+    from hydra._internal.utils import get_args_parser
+
+    args = get_args_parser().parse_args(argv)
+    return bool(args.help or args.hydra_help or args.cfg or args.info or args.shell_completion)
+
+
+def _never_called(cfg: DictConfig, run: object) -> None:
+    raise AssertionError("Hydra calls no task function for --help, --cfg or --info")
+
+
 def run_verb(verb: Verb | str, argv: list[str] | None = None) -> None:
     """Run one verb as the console script would, with `argv` (default: sys.argv[1:])."""
     import importlib
@@ -185,6 +196,14 @@ def run_verb(verb: Verb | str, argv: list[str] | None = None) -> None:
         preflight(argv, verb.config)  # each verb's primary config is conf/<config>.yaml
     except TunelabError as err:
         exit_with(err)
+    if _answered_by_hydra(argv):
+        # --help, --cfg, --info: Hydra prints and exits without calling the verb, so its heavy module
+        # (torch, Lightning, transformers: seconds) is not imported; the same config tree answers.
+        from tunelab.entry import hydra_verb
+
+        sys.argv = [f"tunelab {verb.name}", *argv]
+        hydra_verb(verb.config, _never_called)()
+        return
     module = importlib.import_module(verb.module)  # after pre-flight: a typo answers before heavy imports
     # argv[0] is the verb's own file: Lightning's DDP launcher re-runs `python argv[0] argv[1:]` for each
     # extra rank, which must land in the same verb with the same overrides.

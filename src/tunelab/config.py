@@ -26,6 +26,7 @@ from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationE
 
 from tunelab import paths
 from tunelab.errors import ConfigError, TunelabError, did_you_mean
+from tunelab.signatures import Signatures
 
 INSTANTIATE_KEYS = {"_target_", "_partial_", "_recursive_", "_convert_", "_args_"}
 
@@ -242,25 +243,23 @@ def _target_nodes(node: Any, path: str = "") -> Iterator[tuple[str, DictConfig]]
 
 
 def _check_targets(cfg: DictConfig) -> None:
-    for path, node in _target_nodes(cfg):
-        target = node._get_node("_target_")._value()
-        try:
-            obj = get_object(str(target))
-        except Exception:  # hydra raises ImportError or its own InstantiationException
-            raise ConfigError(f"cannot import _target_ {target!r}", _where(cfg, f"{path}._target_"),
-                              "check the spelling of the module and class") from None
-        try:
-            params = inspect.signature(obj).parameters
-        except (TypeError, ValueError):
-            continue  # builtins without a signature: nothing to check against
-        if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
-            continue
-        for key in node:
-            if key not in INSTANTIATE_KEYS and key not in params:
-                raise ConfigError(
-                    f"unknown key {key!r} for {target}", _where(cfg, f"{path}.{key}"),
-                    did_you_mean(str(key), [p for p in params if p not in ("self", "args", "kwargs")]),
-                )
+    signatures = Signatures()  # cached on disk: no import of torch & co. once each target has been seen
+    try:
+        for path, node in _target_nodes(cfg):
+            target = str(node._get_node("_target_")._value())
+            try:
+                params = signatures.params(target)
+            except Exception:  # hydra raises ImportError or its own InstantiationException
+                raise ConfigError(f"cannot import _target_ {target!r}", _where(cfg, f"{path}._target_"),
+                                  "check the spelling of the module and class") from None
+            if params is None:
+                continue
+            for key in node:
+                if key not in INSTANTIATE_KEYS and key not in params:
+                    raise ConfigError(f"unknown key {key!r} for {target}", _where(cfg, f"{path}.{key}"),
+                                      did_you_mean(str(key), params))
+    finally:
+        signatures.save()
 
 
 def _check_format(cfg: DictConfig, key: str) -> None:
@@ -419,13 +418,13 @@ def _bad_override(
 
 def _signature_keys(target: str) -> list[str] | None:
     """The keyword arguments `target` accepts, or None when they cannot be listed (**kwargs, builtins)."""
+    signatures = Signatures()
     try:
-        params = inspect.signature(get_object(target)).parameters
-    except Exception:  # unimportable or no signature: validate() reports the import problem
+        return signatures.params(target)
+    except Exception:  # unimportable: validate() reports the import problem
         return None
-    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
-        return None
-    return [p for p in params if p not in ("self", "args", "kwargs")]
+    finally:
+        signatures.save()
 
 
 def _groups() -> list[str]:
