@@ -77,12 +77,33 @@ def preflight(argv: list[str], config_name: str = "train") -> None:
     args = get_args_parser().parse_args(argv)
     if args.help or args.hydra_help or args.info or args.shell_completion:
         return
-    for overrides in _expand(args.overrides, args.multirun, args.config_dir):
+    from hydra.errors import OverrideParseException
+
+    try:
+        combos = _expand(args.overrides, args.multirun, args.config_dir)
+    except OverrideParseException as err:  # an unbalanced quote or bracket: Hydra's grammar refuses it here
+        raise ConfigError(f"cannot parse override: {str(err).splitlines()[0]}", _unparsable(args.overrides),
+                          "overrides look like key=value, group=option, +new_key=value; quote values "
+                          "with spaces or special characters as key='a value'") from None
+    for overrides in combos:
         cfg = compose(overrides, args.config_name or config_name, args.config_dir)
         validate(cfg)
         _check_sweeper_params(cfg)
         if args.multirun:
             _check_multirun_strategy(cfg)
+
+
+def _unparsable(overrides: list[str]) -> str:
+    """`override X on the command line` for the first override Hydra's grammar refuses."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parser = OverridesParser.create()
+    for override in overrides:
+        try:
+            parser.parse_override(override)
+        except Exception:  # OverrideParseException, or a grammar error of another type
+            return f"override {override} on the command line"
+    return "command line"
 
 
 def _check_multirun_strategy(cfg: DictConfig) -> None:

@@ -248,8 +248,10 @@ def _check_targets(cfg: DictConfig) -> None:
         try:
             obj = get_object(str(target))
         except Exception:  # hydra raises ImportError or its own InstantiationException
+            from tunelab.checks import import_hint
+
             raise ConfigError(f"cannot import _target_ {target!r}", _where(cfg, f"{path}._target_"),
-                              "check the spelling of the module and class") from None
+                              import_hint(str(target))) from None
         try:
             params = inspect.signature(obj).parameters
         except (TypeError, ValueError):
@@ -265,7 +267,7 @@ def _check_targets(cfg: DictConfig) -> None:
 
 
 def validate(cfg: DictConfig) -> None:
-    """Raise ConfigError for unknown keys, wrong types and unimportable targets anywhere in `cfg`."""
+    """Raise ConfigError for unknown keys, wrong types, unimportable targets and out-of-range values in `cfg`."""
     for name, schema in SCHEMAS.items():
         _check_schema(cfg, name, schema)
     for task in OmegaConf.select(cfg, "dataset.tasks", default=None) or {}:  # each task of a mixture
@@ -277,6 +279,9 @@ def validate(cfg: DictConfig) -> None:
         if "hydra:" not in str(err) and "HydraConfig was not set" not in str(err):
             raise ConfigError(f"cannot resolve {err.full_key}: {err.msg.splitlines()[0]}",
                               f"key {err.full_key}", "check the ${...} interpolation") from None
+    from tunelab.checks import check_values
+
+    check_values(cfg)  # number ranges, names the libraries take, chat templates, output dirs
 
 
 # ---- building objects from nodes -----------------------------------------------------------

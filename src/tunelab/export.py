@@ -42,7 +42,7 @@ def export(cfg: DictConfig) -> Path:
         raise ConfigError("no run given", "key run", "tunelab export run=<run dir> [out=<dir>]")
     run_dir = Path(cfg.run)
     out = Path(cfg.out) if cfg.out is not None else run_dir / "export"
-    model, tokenizer, _ = load_run(run_dir, quantize=False)
+    model, tokenizer, _ = load_run(run_dir, quantize=False, trust_remote_code=bool(cfg.get("trust_remote_code", False)))
     is_adapter = hasattr(model, "peft_config")
     if cfg.merge and is_adapter and not _mergeable(model):
         kind = model.peft_config[model.active_adapter].peft_type.value

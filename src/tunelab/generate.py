@@ -17,7 +17,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from tunelab import paths
-from tunelab.errors import ConfigError, TunelabError, exit_with
+from tunelab.errors import CheckpointError, ConfigError, TunelabError, exit_with
 from tunelab.models import load_run
 
 
@@ -58,15 +58,24 @@ def user_message(recipe: Mapping[str, Any], prompt: str | None, fields: Any, tem
     except jinja2.UndefinedError as err:
         raise ConfigError(f"fields: {err.message}", "key fields",
                           f"template {template}: {templates[template]['prompt']!r}") from None
+    except jinja2.exceptions.SecurityError as err:  # the recipe is data: its templates render in the sandbox
+        raise CheckpointError(f"template {template} of the run's recipe tried an unsafe operation: {err}",
+                              "file model/tunelab_recipe.json", "a run directory is data; restore its recipe") from None
 
 
 def answer(model: Any, tokenizer: Any, messages: list[dict[str, str]], settings: Mapping[str, Any],
            stream: bool = True) -> str:
     """The assistant's next turn for `messages`, streamed to stdout as it is generated."""
+    import jinja2
     from transformers import TextStreamer
 
-    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True,
-                                        return_tensors="pt")
+    try:  # transformers renders the run's chat template in Jinja's sandbox; a refusal is the run's fault
+        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True,
+                                            return_tensors="pt")
+    except jinja2.TemplateError as err:
+        raise CheckpointError(f"the run's chat template cannot render: {type(err).__name__}: {err}",
+                              "file model/chat_template.jinja (or tokenizer_config.json)",
+                              "a run directory is data; restore the template saved by tunelab train") from None
     device = next(model.parameters()).device
     streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True) if stream else None
     with torch.no_grad():
@@ -104,7 +113,7 @@ def generate(cfg: DictConfig) -> list[dict[str, str]]:
     if cfg.run is None:
         raise ConfigError("no run given", "key run", "tunelab generate run=<run dir> prompt=\"...\"")
     torch.manual_seed(cfg.seed)
-    model, tokenizer, recipe = load_run(cfg.run)
+    model, tokenizer, recipe = load_run(cfg.run, trust_remote_code=bool(cfg.get("trust_remote_code", False)))
     system_prompt = cfg.system_prompt if cfg.system_prompt is not None else recipe.get("system_prompt")
     system = [{"role": "system", "content": system_prompt}] if system_prompt else []
     settings = sampling_settings(OmegaConf.to_container(cfg.sampling, resolve=True))
