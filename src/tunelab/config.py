@@ -337,6 +337,9 @@ def compose(
                           "overrides look like key=value, group=option, +new_key=value") from None
     except ConfigCompositionException as err:
         raise _bad_override(err, overrides, config_name, config_dir) from None
+    except ValueError as err:  # Hydra's own refusal of an override's shape, e.g. `=1` (no key)
+        raise ConfigError(f"cannot apply the overrides: {str(err).splitlines()[0]}", "command line",
+                          "overrides look like key=value, group=option, +new_key=value") from None
     finally:
         GlobalHydra.instance().clear()
 

@@ -121,12 +121,14 @@ def _read_csv(path: Path) -> list[Row]:
         for rec in reader:
             origin = f"{path}:{reader.line_num}"
             if None in rec or None in rec.values():  # more, or fewer, values than the header has columns
-                rows.append(Row({}, origin, f"{origin}: {len(rec) - (None in rec) + len(rec.get(None) or [])} "
-                                f"values but the header has {len(reader.fieldnames or [])} columns"))
+                count = sum(v is not None for k, v in rec.items() if k is not None) + len(rec.get(None) or [])
+                rows.append(Row({}, origin, f"{origin}: {count} values but the header has "
+                                f"{len(reader.fieldnames or [])} columns"))
                 continue
             rows.append(Row(dict(rec), origin))
     except csv.Error as err:  # a NUL byte, a field over csv's size limit, a broken quote at the end
-        raise DataError(f"{path}:{reader.line_num}: invalid CSV: {err}") from None
+        # the reader counts a line once it parsed it: the failing line is the next one
+        raise DataError(f"{path}:{reader.line_num + 1}: invalid CSV: {err}") from None
     return rows
 
 
