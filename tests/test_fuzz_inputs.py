@@ -133,7 +133,8 @@ def config_cases() -> list[Case]:
         cases.append(Case(f"key typo {key}", (f"hyperparams.{key}=1",)))
     for _ in range(3):
         group, option = rng.choice([("model", "tiny"), ("method", "lora"), ("dataset", "reviews_sentiment")])
-        cases.append(Case(f"option typo {group}", (f"{group}={_typo(rng, option)}",)))
+        typo = _typo(rng, option)
+        cases.append(Case(f"option typo {group}={typo}", (f"{group}={typo}",)))
     for _ in range(8):  # an unbalanced quote or bracket appended to a valid value
         key, value = rng.choice([("hyperparams.lr", "1e-3"), ("dataset.system_prompt", "hi"), ("tags", "[a]"),
                                  ("hyperparams.batch_size", "4")])
@@ -149,6 +150,7 @@ def config_cases() -> list[Case]:
               Case("output_dir is a file", ("paths.output_dir={file}",)),
               Case("export out under a file", ("run=x", "out={file}/model"), verb="export")]
     unique = {case.argv: case for case in cases}  # a random typo can repeat a listed case
+    assert len({c.name for c in unique.values()}) == len(unique), "case names must be unique"
     return list(unique.values())
 
 
@@ -484,3 +486,19 @@ def test_cli_path_prints_no_traceback(tmp_path):
         assert proc.returncode == code, (name, stderr[-2000:])
         assert "Traceback" not in stdout + stderr, (name, stderr[-2000:])
         assert text in stderr, (name, stderr[-2000:])
+
+
+def test_diverged_run_exits_5(tmp_path):
+    """lr=1e9 for one step: the train loss of that step is finite (computed before the update), the weights
+    after it are not; the run used to end with exit 0 and NaN val/test loss in metrics.json."""
+    from conftest import make_cfg
+    from tunelab.errors import NumericsError
+    from tunelab.train import train
+
+    cfg = make_cfg(tmp_path, ["hyperparams.lr=1e9", "hyperparams.warmup_ratio=0", "hyperparams.max_steps=1",
+                              "eval.baseline=false", "eval.generate_on_val=false", "eval.max_eval_samples=4",
+                              "logger=none", "+trainer.limit_val_batches=1", "+trainer.limit_test_batches=1"])
+    with pytest.raises(NumericsError, match=r"non-finite .*val/loss") as err:
+        train(cfg)
+    assert err.value.exit_code == 5
+    assert not (tmp_path / "metrics.json").exists()
