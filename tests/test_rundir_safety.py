@@ -146,3 +146,19 @@ def test_pickled_weights_in_the_run_are_refused(clean_run, tmp_path):
         load_run(run)
     assert err.value.exit_code == 4
     assert not marker.exists()
+
+
+def test_export_does_not_delete_a_directory_that_is_not_an_export(clean_run, tmp_path):
+    """`out=` is replaced on export; `out=.` or a folder of someone's files must not be deleted."""
+    from tunelab.errors import ConfigError
+    from tunelab.export import export
+
+    keep = tmp_path / "mine"
+    keep.mkdir()
+    (keep / "notes.txt").write_text("keep me\n")
+    for out in (keep, clean_run):
+        cfg = compose([f"run={clean_run}", f"out={out}"], config_name="export", return_hydra_config=False)
+        GlobalHydra.instance().clear()
+        with pytest.raises(ConfigError, match="is not an earlier export"):
+            export(cfg)
+    assert (keep / "notes.txt").read_text() == "keep me\n" and (clean_run / "model" / "config.json").is_file()
