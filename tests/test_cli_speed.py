@@ -10,7 +10,7 @@ import sys
 
 from tunelab.signatures import Signatures
 
-PREFLIGHT = ("from tunelab.cli import preflight; preflight(['hyperparams.lr=1e-3']); import sys; "
+PREFLIGHT = ("from tunelab.cli import preflight; preflight(['hyperparams.lr=1e-3'], deep=False); import sys; "
              "print(sorted(m for m in ('torch', 'transformers', 'peft', 'pytorch_lightning') if m in sys.modules))")
 
 

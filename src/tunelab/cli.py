@@ -104,19 +104,43 @@ def _expand(overrides: list[str], multirun: bool, config_dir: str | None = None)
     return [[a[i % len(a)] for a in axes if a] for i in range(width)]
 
 
-def preflight(argv: list[str], config_name: str = "train") -> None:
-    """Compose and validate what `argv` asks for; raise ConfigError on the first problem."""
+def preflight(argv: list[str], config_name: str = "train", deep: bool = True) -> None:
+    """Compose and validate what `argv` asks for; raise ConfigError on the first problem.
+
+    `deep=False` leaves out the checks that import the training libraries (see config.validate).
+    """
     from hydra._internal.utils import get_args_parser
 
     args = get_args_parser().parse_args(argv)
     if args.help or args.hydra_help or args.info or args.shell_completion:
         return
-    for overrides in _expand(args.overrides, args.multirun, args.config_dir):
+    from hydra.errors import OverrideParseException
+
+    try:
+        combos = _expand(args.overrides, args.multirun, args.config_dir)
+    except OverrideParseException as err:  # an unbalanced quote or bracket: Hydra's grammar refuses it here
+        raise ConfigError(f"cannot parse override: {str(err).splitlines()[0]}", _unparsable(args.overrides),
+                          "overrides look like key=value, group=option, +new_key=value; quote values "
+                          "with spaces or special characters as key='a value'") from None
+    for overrides in combos:
         cfg = compose(overrides, args.config_name or config_name, args.config_dir)
-        validate(cfg)
+        validate(cfg, deep)
         _check_sweeper_params(cfg)
         if args.multirun:
             _check_multirun_strategy(cfg)
+
+
+def _unparsable(overrides: list[str]) -> str:
+    """`override X on the command line` for the first override Hydra's grammar refuses."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parser = OverridesParser.create()
+    for override in overrides:
+        try:
+            parser.parse_override(override)
+        except Exception:  # OverrideParseException, or a grammar error of another type
+            return f"override {override} on the command line"
+    return "command line"
 
 
 def _check_multirun_strategy(cfg: DictConfig) -> None:
@@ -193,7 +217,8 @@ def run_verb(verb: Verb | str, argv: list[str] | None = None) -> None:
         # Pin the id in the config so parallel workers (joblib, SLURM) all see the same value.
         argv.append(f"run_id={new_run_id()}")
     try:
-        preflight(argv, verb.config)  # each verb's primary config is conf/<config>.yaml
+        # Each verb's primary config is conf/<config>.yaml; --cfg job only prints, so it needs no deep checks.
+        preflight(argv, verb.config, deep=not _answered_by_hydra(argv))
     except TunelabError as err:
         exit_with(err)
     if _answered_by_hydra(argv):

@@ -250,8 +250,10 @@ def _check_targets(cfg: DictConfig) -> None:
             try:
                 params = signatures.params(target)
             except Exception:  # hydra raises ImportError or its own InstantiationException
+                from tunelab.checks import import_hint
+
                 raise ConfigError(f"cannot import _target_ {target!r}", _where(cfg, f"{path}._target_"),
-                                  "check the spelling of the module and class") from None
+                                  import_hint(target)) from None
             if params is None:
                 continue
             for key in node:
@@ -275,8 +277,12 @@ def _check_format(cfg: DictConfig, key: str) -> None:
     )
 
 
-def validate(cfg: DictConfig) -> None:
-    """Raise ConfigError for unknown keys, wrong types and unimportable targets anywhere in `cfg`."""
+def validate(cfg: DictConfig, deep: bool = True) -> None:
+    """Raise ConfigError for unknown keys, wrong types, unimportable targets and out-of-range values in `cfg`.
+
+    `deep=False` skips the checks that import torch & co. (names passed to a library, a dry run of the
+    optimizer): for `--cfg job`, which runs nothing.
+    """
     for name, schema in SCHEMAS.items():
         _check_schema(cfg, name, schema)
     for task in OmegaConf.select(cfg, "dataset.tasks", default=None) or {}:  # each task of a mixture
@@ -290,6 +296,9 @@ def validate(cfg: DictConfig) -> None:
         if "hydra:" not in str(err) and "HydraConfig was not set" not in str(err):
             raise ConfigError(f"cannot resolve {err.full_key}: {err.msg.splitlines()[0]}",
                               f"key {err.full_key}", "check the ${...} interpolation") from None
+    from tunelab.checks import check_values
+
+    check_values(cfg, deep)  # number ranges, names the libraries take, chat templates, output dirs
 
 
 # ---- building objects from nodes -----------------------------------------------------------
@@ -359,6 +368,9 @@ def compose(
                           "overrides look like key=value, group=option, +new_key=value") from None
     except ConfigCompositionException as err:
         raise _bad_override(err, overrides, config_name, config_dir) from None
+    except ValueError as err:  # Hydra's own refusal of an override's shape, e.g. `=1` (no key)
+        raise ConfigError(f"cannot apply the overrides: {str(err).splitlines()[0]}", "command line",
+                          "overrides look like key=value, group=option, +new_key=value") from None
     finally:
         GlobalHydra.instance().clear()
 

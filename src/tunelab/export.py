@@ -35,13 +35,22 @@ def _save_hf(model: Any, tokenizer: Any, out: Path) -> None:
     tokenizer.save_pretrained(out)  # with the chat template used in training
 
 
+def _check_replaceable(out: Path, run_dir: Path) -> None:
+    """`out` is deleted and rewritten: only an earlier export may be (`out=.` must not delete the working dir)."""
+    looks_exported = (out / "config.json").is_file() or (out / "adapter_config.json").is_file()
+    holds_run = out.resolve() in (run_dir.resolve(), *run_dir.resolve().parents)
+    if not out.is_dir() or holds_run or (any(out.iterdir()) and not looks_exported):
+        raise ConfigError(f"out={out} exists and is not an earlier export; refusing to replace it", "key out",
+                          "give a new directory, or an earlier export's directory to overwrite it")
+
+
 def export(cfg: DictConfig) -> Path:
     """Write the run's model to `cfg.out` (default `<run>/export`); returns that directory."""
     if cfg.run is None:
         raise ConfigError("no run given", "key run", "tunelab export run=<run dir> [out=<dir>]")
     run_dir = Path(cfg.run)
     out = Path(cfg.out) if cfg.out is not None else run_dir / "export"
-    model, tokenizer, _ = load_run(run_dir, quantize=False)
+    model, tokenizer, _ = load_run(run_dir, quantize=False, trust_remote_code=bool(cfg.get("trust_remote_code", False)))
     is_adapter = hasattr(model, "peft_config")
     if cfg.merge and is_adapter and not _mergeable(model):
         kind = model.peft_config[model.active_adapter].peft_type.value
@@ -53,6 +62,7 @@ def export(cfg: DictConfig) -> Path:
     if cfg.dtype is not None:
         model = model.to(getattr(torch, cfg.dtype))
     if out.exists():
+        _check_replaceable(out, run_dir)
         shutil.rmtree(out)
     if is_adapter and cfg.merge is not False and _mergeable(model):
         model = model.merge_and_unload()

@@ -16,7 +16,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from tunelab.entry import hydra_verb
-from tunelab.errors import ConfigError
+from tunelab.errors import CheckpointError, ConfigError
 from tunelab.evaluate import decoding_settings, left_pad, prompt_ids
 from tunelab.models import load_run
 
@@ -49,14 +49,23 @@ def user_message(recipe: Mapping[str, Any], prompt: str | None, fields: Any, tem
     except jinja2.UndefinedError as err:
         raise ConfigError(f"fields: {err.message}", "key fields",
                           f"template {template}: {templates[template]['prompt']!r}") from None
+    except jinja2.exceptions.SecurityError as err:  # the recipe is data: its templates render in the sandbox
+        raise CheckpointError(f"template {template} of the run's recipe tried an unsafe operation: {err}",
+                              "file model/tunelab_recipe.json", "a run directory is data; restore its recipe") from None
 
 
 def answer(model: Any, tokenizer: Any, messages: list[dict[str, str]], settings: Mapping[str, Any],
            stream: bool = True) -> str:
     """The assistant's next turn for `messages`, streamed to stdout as it is generated."""
+    import jinja2
     from transformers import TextStreamer
 
-    ids, mask = left_pad([prompt_ids(tokenizer, messages)], tokenizer.pad_token_id)  # as evaluation renders it
+    try:  # transformers renders the run's chat template in Jinja's sandbox; a refusal is the run's fault
+        ids, mask = left_pad([prompt_ids(tokenizer, messages)], tokenizer.pad_token_id)  # as evaluation renders it
+    except jinja2.TemplateError as err:
+        raise CheckpointError(f"the run's chat template cannot render: {type(err).__name__}: {err}",
+                              "file model/chat_template.jinja (or tokenizer_config.json)",
+                              "a run directory is data; restore the template saved by tunelab train") from None
     device = next(model.parameters()).device
     streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True) if stream else None
     with torch.no_grad():
@@ -93,7 +102,7 @@ def generate(cfg: DictConfig) -> list[dict[str, str]]:
     if cfg.run is None:
         raise ConfigError("no run given", "key run", "tunelab generate run=<run dir> prompt=\"...\"")
     torch.manual_seed(cfg.seed)
-    model, tokenizer, recipe = load_run(cfg.run)
+    model, tokenizer, recipe = load_run(cfg.run, trust_remote_code=bool(cfg.get("trust_remote_code", False)))
     system_prompt = cfg.system_prompt if cfg.system_prompt is not None else recipe.get("system_prompt")
     system = [{"role": "system", "content": system_prompt}] if system_prompt else []
     settings = OmegaConf.to_container(cfg.decoding, resolve=True)

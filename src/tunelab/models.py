@@ -44,6 +44,29 @@ NAMED_CHAT_TEMPLATES: dict[str, str] = {
 }
 
 
+def chat_template_problem(value: Any) -> tuple[str, str] | None:
+    """(what, hint) when `value` is not a usable `dataset.chat_template`: a name of NAMED_CHAT_TEMPLATES, or
+    Jinja that parses and reads `messages`. Anything else ("nope", a typo of a name) would be taken as a
+    template that renders the same text for every example and trains on it."""
+    if value is None or value in NAMED_CHAT_TEMPLATES:
+        return None
+    names = did_you_mean(str(value), NAMED_CHAT_TEMPLATES)
+    hint = f"{names}; or inline Jinja that loops over messages; null: the tokenizer's own"
+    if not isinstance(value, str):
+        return f"expected a template name or Jinja text, got {type(value).__name__}", hint
+    import jinja2
+    import jinja2.meta
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    try:
+        parsed = ImmutableSandboxedEnvironment().parse(value)
+    except jinja2.TemplateSyntaxError as err:
+        return f"not a known name and not valid Jinja: {err.message} (line {err.lineno})", hint
+    if "messages" not in jinja2.meta.find_undeclared_variables(parsed):
+        return f"{value[:40]!r} is neither a known template name nor Jinja that reads `messages`", hint
+    return None
+
+
 def _is_local(name_or_path: str) -> bool:
     return Path(name_or_path).exists() or name_or_path.startswith((".", "/", "~"))
 
@@ -87,6 +110,9 @@ def load_tokenizer(
     with _loading(name_or_path, "model.tokenizer_name_or_path"):
         tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code, revision=revision)
     if chat_template is not None:
+        problem = chat_template_problem(chat_template)
+        if problem:
+            raise ConfigError(f"dataset.chat_template: {problem[0]}", "key dataset.chat_template", problem[1])
         tokenizer.chat_template = NAMED_CHAT_TEMPLATES.get(chat_template, chat_template)
     if tokenizer.eos_token is None:
         raise ConfigError(
@@ -305,13 +331,16 @@ def save_unloadable_base(model: nn.Module, dirpath: Path) -> bool:
     return True
 
 
-def load_run(run_dir: str | Path, quantize: bool = True) -> tuple[nn.Module, Any, dict[str, Any]]:
+def load_run(
+    run_dir: str | Path, quantize: bool = True, trust_remote_code: bool = False
+) -> tuple[nn.Module, Any, dict[str, Any]]:
     """(model, tokenizer, data recipe) of a run written by `tunelab train`, in eval mode.
 
     `<run>/model` holds a full model or a PEFT adapter (adapter_config.json); an adapter's base comes
     from `<run>/model/base` when the run saved it (random-init bases), else from its base_model_name_or_path.
     The run's `.hydra/config.yaml`, when present, says whether the base was quantized (QLoRA);
-    `quantize=False` loads it in full precision instead (what merging needs).
+    `quantize=False` loads it in full precision instead (what merging needs). The directory is data:
+    `trust_remote_code` comes from the caller's command line, never from the run (see tunelab.rundir).
     """
     import json
 
@@ -322,23 +351,29 @@ def load_run(run_dir: str | Path, quantize: bool = True) -> tuple[nn.Module, Any
     if not (model_dir / "config.json").is_file() and not (model_dir / "adapter_config.json").is_file():
         raise ConfigError(f"no trained model in {model_dir}", "key run",
                           "give a run directory written by `tunelab train` (it holds model/)")
+    from tunelab.rundir import check_weight_files, instantiate_saved
+
+    check_weight_files(model_dir)
     saved = run_dir / ".hydra" / "config.yaml"
-    options: dict[str, Any] = {"dtype": "auto"}
+    options: dict[str, Any] = {"dtype": "auto", "trust_remote_code": trust_remote_code}
     try:
         run_cfg = OmegaConf.load(saved) if saved.is_file() else None
     except Exception as err:  # a hand-edited or damaged file: the model directory alone still loads
         log.warning("ignoring %s, which does not parse (%s)", saved, str(err).splitlines()[0])
         run_cfg = None
     if run_cfg is not None:
-        from hydra.utils import instantiate
-
-        options["trust_remote_code"] = bool(OmegaConf.select(run_cfg, "model.trust_remote_code", default=False))
         quantization = OmegaConf.select(run_cfg, "method.quantization", default=None)
         if quantize and quantization is not None:
-            options["quantization_config"] = instantiate(quantization)
-    tokenizer = load_tokenizer(str(model_dir), trust_remote_code=options.get("trust_remote_code", False))
+            options["quantization_config"] = instantiate_saved(quantization, saved, "method.quantization")
+    tokenizer = load_tokenizer(str(model_dir), trust_remote_code=trust_remote_code)
     recipe_file = model_dir / "tunelab_recipe.json"
-    recipe = json.loads(recipe_file.read_text()) if recipe_file.is_file() else {}
+    try:
+        recipe = json.loads(recipe_file.read_text(encoding="utf-8")) if recipe_file.is_file() else {}
+    except (ValueError, OSError) as err:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise CheckpointError(f"cannot read the run's recipe: {err}", f"file {recipe_file}",
+                              "the file is written by tunelab train; restore it or retrain") from None
+    if not isinstance(recipe, dict):
+        raise CheckpointError("the run's recipe is not a JSON object", f"file {recipe_file}")
     if not (model_dir / "adapter_config.json").is_file():
         return load_causal_lm(str(model_dir), **options).eval(), tokenizer, recipe
     from peft import PeftConfig, PeftModel

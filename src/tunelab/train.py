@@ -21,7 +21,7 @@ from pytorch_lightning.loggers import WandbLogger
 from tunelab import paths, report
 from tunelab.callbacks import Throughput
 from tunelab.config import build, build_with, validate
-from tunelab.errors import ConfigError, TunelabError, exit_with
+from tunelab.errors import ConfigError, NumericsError, TunelabError, exit_with
 from tunelab.models import apply_method, build_method, count_parameters
 from tunelab.redact import redact, redact_file
 from tunelab.run import RunContext
@@ -107,6 +107,11 @@ def train(cfg: DictConfig, run: RunContext | None = None) -> dict[str, float]:
             module.eval_prefix = "test"
             trainer.test(module, datamodule=datamodule, verbose=False)
             metrics.update(_collect(trainer, "test/"))
+        bad = sorted(k for k, v in metrics.items() if k.startswith(("val/", "test/")) and k.endswith("/loss")
+                     and not math.isfinite(v))
+        if bad:  # a run that diverged is not a success (lr=1e9 ends with NaN val/test loss, exit 0 before)
+            raise NumericsError(f"training ended with non-finite {', '.join(bad)}", f"run {run_dir}",
+                                "the run diverged: lower hyperparams.lr")
         for callback in callbacks:
             if isinstance(callback, Throughput):
                 metrics.update(callback.summary(trainer.accumulate_grad_batches, module.device))

@@ -18,12 +18,33 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import jinja2
+from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from tunelab.errors import ConfigError, DataError
 
 ROLES = ("system", "user", "assistant")
 SHAREGPT_ROLES = {"human": "user", "gpt": "assistant", "system": "system", "user": "user", "assistant": "assistant"}
-_JINJA = jinja2.Environment(undefined=jinja2.StrictUndefined, keep_trailing_newline=False, autoescape=False)
+# Templates come from configs and from run directories (generate reads a run's recipe): the sandbox keeps
+# `{{ lipsum.__globals__['os'].system(...) }}` from running code. `_text` refuses a completion field that is
+# not a string: `{{ sentiment }}` over null, 3, [..] or {..} would train on "None", "3", "[...]".
+_JINJA = ImmutableSandboxedEnvironment(undefined=jinja2.StrictUndefined, keep_trailing_newline=False, autoescape=False)
+
+
+class _NotText(Exception):
+    def __init__(self, value: Any) -> None:
+        super().__init__(repr(value))
+        self.value = value
+
+
+def _text(value: Any) -> Any:
+    """`finalize` of completion templates: every `{{ ... }}` must produce a string (`|string` converts)."""
+    if not isinstance(value, str):
+        raise _NotText(value)
+    return value
+
+
+_COMPLETION_JINJA = ImmutableSandboxedEnvironment(undefined=jinja2.StrictUndefined, keep_trailing_newline=False,
+                                                  autoescape=False, finalize=_text)
 
 
 @dataclass
@@ -45,7 +66,8 @@ def compile_templates(templates: Sequence[Mapping[str, str]]) -> list[tuple[jinj
     compiled = []
     for index, template in enumerate(templates):
         try:
-            compiled.append((_JINJA.from_string(template["prompt"]), _JINJA.from_string(template["completion"])))
+            compiled.append((_JINJA.from_string(template["prompt"]),
+                             _COMPLETION_JINJA.from_string(template["completion"])))
         except (KeyError, TypeError):
             raise ConfigError(
                 f"template {index} needs a 'prompt' and a 'completion'", f"key dataset.templates[{index}]"
@@ -73,8 +95,18 @@ def _render(row: RowContext, template: jinja2.Template, fields: Mapping[str, Any
     except jinja2.UndefinedError as err:
         raise DataError(
             f"{row.origin}: {part} template: {err.message}",
-            hint=f"fields present: {', '.join(sorted(fields))}; rename with dataset.column_map",
+            hint=f"fields present: {', '.join(sorted(map(str, fields)))}; rename with dataset.column_map",
         ) from None
+    except _NotText as err:
+        name = next((k for k, v in fields.items() if v is err.value), None)
+        shown = repr(err.value) if len(repr(err.value)) <= 40 else repr(err.value)[:37] + "..."
+        raise DataError(
+            f"{row.origin}: {name or part}: the {part} renders {type(err.value).__name__} {shown}, not a string",
+            hint=f"a {part} is text: fix the row, or write {{{{ {name or 'field'} | string }}}} in the template "
+                 "to train on the value's text",
+        ) from None
+    except jinja2.exceptions.SecurityError as err:
+        raise ConfigError(f"{part} template: refused by Jinja's sandbox: {err}", "key dataset.templates") from None
 
 
 def _chat(row: RowContext, fields: Mapping[str, Any]) -> list[dict[str, str]]:

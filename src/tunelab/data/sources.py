@@ -7,6 +7,7 @@ real line number (datasets#6315 reports block-relative rows).
 from __future__ import annotations
 
 import csv
+import io
 import json
 import random
 from collections.abc import Mapping
@@ -30,36 +31,65 @@ class Row:
 
 def read_file(path: Path) -> list[Row]:
     """Every record of one local file, with `path:line` (or `path:row N`) origins."""
+    if path.is_dir():
+        raise DataError(f"{path} is a directory, not a data file", hint="check dataset.source.path and splits")
     if not path.is_file():
         raise DataError(f"data file not found: {path}", hint="check dataset.source.path")
     suffix = path.suffix.lower()
-    if suffix == ".jsonl":
-        return _read_jsonl(path)
-    if suffix == ".json":
-        return _read_json(path)
-    if suffix == ".csv":
-        with path.open(newline="", encoding="utf-8") as handle:
-            reader = csv.DictReader(handle)
-            return [Row(dict(rec), f"{path}:{reader.line_num}") for rec in reader]
-    if suffix == ".parquet":
-        import pyarrow.parquet as pq
-
-        records = pq.read_table(path).to_pylist()
-        return [Row(rec, f"{path}:row {i + 1}") for i, rec in enumerate(records)]
+    try:
+        if suffix == ".jsonl":
+            return _read_jsonl(path)
+        if suffix == ".json":
+            return _read_json(path)
+        if suffix == ".csv":
+            return _read_csv(path)
+        if suffix == ".parquet":
+            return _read_parquet(path)
+    except OSError as err:  # permissions, a file that vanished, an I/O error
+        raise DataError(f"cannot read {path}: {err.strerror or err}", hint="check the file's permissions") from None
     raise DataError(f"unsupported data file type {suffix!r}: {path}", hint=f"use one of {', '.join(SUFFIXES)}")
+
+
+def _not_utf8(data: bytes, err: UnicodeDecodeError, base: int = 0) -> str:
+    """`line:N: not UTF-8 text (...)` for a decode error at `err.start` of `data` (a file, or one line of it)."""
+    line = data.count(b"\n", 0, err.start) + 1
+    column = err.start - (data.rfind(b"\n", 0, err.start) + 1) + 1
+    return (f"{line}: not UTF-8 text (byte 0x{data[err.start]:02x} at byte offset {base + err.start}, "
+            f"column {column})")
+
+
+def _decode(path: Path) -> str:
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        raise DataError(f"{path}:{_not_utf8(data, err)}",
+                        hint="save the file as UTF-8 (e.g. iconv -f latin1 -t utf-8)") from None
 
 
 def _read_jsonl(path: Path) -> list[Row]:
     rows = []
-    with path.open(encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
+    offset = 0
+    with path.open("rb") as handle:
+        for number, raw in enumerate(handle, start=1):
+            origin = f"{path}:{number}"
+            try:
+                line = raw.decode("utf-8-sig" if number == 1 else "utf-8")
+            except UnicodeDecodeError as err:
+                where = _not_utf8(raw, err, offset).split(": ", 1)[1]
+                rows.append(Row({}, origin, f"{origin}: {where}"))
+                offset += len(raw)
+                continue
+            offset += len(raw)
             if not line.strip():
                 continue
-            origin = f"{path}:{number}"
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as err:
                 rows.append(Row({}, origin, f"{origin}: invalid JSON: {err.msg} (column {err.colno})"))
+                continue
+            except (ValueError, RecursionError) as err:  # a 5000-digit number, nesting deeper than Python's stack
+                rows.append(Row({}, origin, f"{origin}: invalid JSON: {str(err).splitlines()[0][:80] or 'too deep'}"))
                 continue
             if not isinstance(record, dict):
                 rows.append(Row({}, origin, f"{origin}: expected a JSON object, got {type(record).__name__}"))
@@ -70,14 +100,47 @@ def _read_jsonl(path: Path) -> list[Row]:
 
 def _read_json(path: Path) -> list[Row]:
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(_decode(path))
     except json.JSONDecodeError as err:
         raise DataError(f"{path}:{err.lineno}: invalid JSON: {err.msg}") from None
+    except (ValueError, RecursionError) as err:
+        raise DataError(f"{path}: invalid JSON: {str(err).splitlines()[0][:80] or 'nested too deep'}") from None
     if isinstance(data, Mapping) and len(data) == 1 and isinstance(next(iter(data.values())), list):
         data = next(iter(data.values()))  # {"data": [...]} wrappers
     if not isinstance(data, list):
         raise DataError(f"{path}: expected a list of objects at the top level")
-    return [Row(rec, f"{path}:item {i + 1}") for i, rec in enumerate(data)]
+    return [Row(rec, f"{path}:item {i + 1}") if isinstance(rec, dict) else
+            Row({}, f"{path}:item {i + 1}", f"{path}:item {i + 1}: expected a JSON object, got {type(rec).__name__}")
+            for i, rec in enumerate(data)]
+
+
+def _read_csv(path: Path) -> list[Row]:
+    reader = csv.DictReader(io.StringIO(_decode(path), newline=""))
+    rows = []
+    try:
+        for rec in reader:
+            origin = f"{path}:{reader.line_num}"
+            if None in rec or None in rec.values():  # more, or fewer, values than the header has columns
+                count = sum(v is not None for k, v in rec.items() if k is not None) + len(rec.get(None) or [])
+                rows.append(Row({}, origin, f"{origin}: {count} values but the header has "
+                                f"{len(reader.fieldnames or [])} columns"))
+                continue
+            rows.append(Row(dict(rec), origin))
+    except csv.Error as err:  # a NUL byte, a field over csv's size limit, a broken quote at the end
+        # the reader counts a line once it parsed it: the failing line is the next one
+        raise DataError(f"{path}:{reader.line_num + 1}: invalid CSV: {err}") from None
+    return rows
+
+
+def _read_parquet(path: Path) -> list[Row]:
+    import pyarrow.parquet as pq
+
+    try:
+        records = pq.read_table(path).to_pylist()
+    except Exception as err:  # pyarrow's ArrowInvalid/ArrowIOError/OSError for a damaged or foreign file
+        raise DataError(f"{path}: not a readable Parquet file: {str(err).splitlines()[0][:200]}",
+                        hint="rewrite it with pyarrow or pandas (to_parquet), or convert it to JSONL") from None
+    return [Row(rec, f"{path}:row {i + 1}") for i, rec in enumerate(records)]
 
 
 def _split_file(folder: Path, split: str) -> Path | None:

@@ -1,0 +1,164 @@
+"""A run directory is data, not code: generate/export execute nothing a tampered run directory asks for.
+
+Each test plants one attack in a hand-made run directory (the tiny model saved as `tunelab train` saves it)
+and checks that nothing ran (a marker file stays absent, a victim file keeps its bytes) and that the verb
+ends with a tunelab error. On tunelab before issue 8 the first three ran the attacker's code.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from hydra.core.global_hydra import GlobalHydra
+
+from tunelab import paths
+from tunelab.config import compose
+from tunelab.errors import CheckpointError, TunelabError
+from tunelab.generate import generate
+from tunelab.models import load_run
+
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline", "PYTHONUNBUFFERED": "1"}
+
+
+@pytest.fixture(scope="module")
+def clean_run(tmp_path_factory) -> Path:
+    """A run directory like `tunelab train` writes: model/ (safetensors, tokenizer, recipe), .hydra/config.yaml."""
+    from tunelab.models import load_causal_lm, load_tokenizer
+
+    run = tmp_path_factory.mktemp("run")
+    tiny = str(paths.assets_dir() / "tiny-llama")
+    load_causal_lm(tiny, random_init=True).save_pretrained(run / "model", safe_serialization=True)
+    load_tokenizer(tiny).save_pretrained(run / "model")
+    recipe = {"name": "x", "format": "prompt_completion", "system_prompt": None, "chat_template": None,
+              "templates": [{"prompt": "Review: {{ text }}", "completion": "{{ sentiment }}"}]}
+    (run / "model" / "tunelab_recipe.json").write_text(json.dumps(recipe))
+    (run / ".hydra").mkdir()
+    (run / ".hydra" / "config.yaml").write_text(yaml.safe_dump(
+        {"model": {"trust_remote_code": False}, "method": {"peft": None, "quantization": None}}))
+    return run
+
+
+def _copy(run: Path, dest: Path) -> Path:
+    import shutil
+
+    shutil.copytree(run, dest)
+    return dest
+
+
+def _fields(values: dict) -> str:
+    return "fields='" + json.dumps(values).replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+def _generate(run: Path, *overrides: str) -> None:
+    cfg = compose([f"run={run}", *overrides], config_name="generate", return_hydra_config=False)
+    GlobalHydra.instance().clear()
+    generate(cfg)
+
+
+def test_clean_run_loads_and_renders(clean_run):
+    """The fixture is a valid run: the attacks below fail because of what they plant, not a broken directory."""
+    _generate(clean_run, _fields({"text": "fine"}), "sampling.max_new_tokens=2")
+
+
+def test_recipe_template_cannot_run_code(clean_run, tmp_path):
+    run = _copy(clean_run, tmp_path / "run")
+    marker = tmp_path / "pwned"
+    recipe = json.loads((run / "model" / "tunelab_recipe.json").read_text())
+    recipe["templates"][0]["prompt"] = "{{ lipsum.__globals__['os'].makedirs(marker) }}"
+    (run / "model" / "tunelab_recipe.json").write_text(json.dumps(recipe))
+    with pytest.raises(CheckpointError, match="unsafe"):
+        _generate(run, _fields({"marker": str(marker)}), "sampling.max_new_tokens=2")
+    assert not marker.exists()
+
+
+def test_chat_template_in_the_run_cannot_run_code(clean_run, tmp_path):
+    run = _copy(clean_run, tmp_path / "run")
+    marker = tmp_path / "pwned"
+    for name in ("chat_template.jinja",):
+        (run / "model" / name).write_text(f"{{{{ cycler.__init__.__globals__.os.makedirs('{marker}') }}}}")
+    with pytest.raises(CheckpointError, match="chat template"):
+        _generate(run, "prompt=hi", "sampling.max_new_tokens=2")
+    assert not marker.exists()
+
+
+def test_saved_config_target_outside_the_allowlist_is_not_built(clean_run, tmp_path):
+    """`builtins.open(victim, 'w')` as method.quantization in .hydra/config.yaml would truncate the victim."""
+    run = _copy(clean_run, tmp_path / "run")
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious\n")
+    saved = yaml.safe_load((run / ".hydra" / "config.yaml").read_text())
+    saved["method"]["quantization"] = {"_target_": "builtins.open", "file": str(victim), "mode": "w"}
+    (run / ".hydra" / "config.yaml").write_text(yaml.safe_dump(saved))
+    with pytest.raises(CheckpointError, match="builtins.open") as err:
+        load_run(run)  # what generate does (quantize=True reads method.quantization)
+    assert victim.read_text() == "precious\n"
+    assert str(run / ".hydra" / "config.yaml") in err.value.message()
+    for target in ("torch.load", "transformers.AutoModelForCausalLM.from_pretrained"):
+        saved["method"]["quantization"] = {"_target_": target, "f": str(victim)}
+        (run / ".hydra" / "config.yaml").write_text(yaml.safe_dump(saved))
+        with pytest.raises(CheckpointError, match="refusing to build method.quantization"):
+            load_run(run)
+
+
+def test_trust_remote_code_comes_from_the_command_line_not_the_run(clean_run, tmp_path):
+    """The run's saved config says trust_remote_code: true and model/ ships code that AutoConfig would import:
+    `tunelab export` (through the real CLI) must not import it."""
+    run = _copy(clean_run, tmp_path / "run")
+    marker = tmp_path / "pwned"
+    saved = yaml.safe_load((run / ".hydra" / "config.yaml").read_text())
+    saved["model"]["trust_remote_code"] = True
+    (run / ".hydra" / "config.yaml").write_text(yaml.safe_dump(saved))
+    (run / "model" / "evil.py").write_text(
+        f"import os\nos.makedirs({str(marker)!r}, exist_ok=True)\n"
+        "from transformers import LlamaConfig, LlamaForCausalLM\n"
+        "class EvilConfig(LlamaConfig):\n    model_type = 'llama'\n"
+        "class EvilModel(LlamaForCausalLM):\n    config_class = EvilConfig\n")
+    config = json.loads((run / "model" / "config.json").read_text())
+    config["auto_map"] = {"AutoConfig": "evil.EvilConfig", "AutoModelForCausalLM": "evil.EvilModel"}
+    (run / "model" / "config.json").write_text(json.dumps(config))
+    out = subprocess.run([sys.executable, "-m", "tunelab.cli", "export", f"run={run}", f"out={tmp_path / 'out'}"],
+                         capture_output=True, text=True, timeout=300, cwd=tmp_path,
+                         env={**ENV, "HF_MODULES_CACHE": str(tmp_path / "modules")})
+    assert not marker.exists(), out.stderr[-2000:]
+    assert "Traceback" not in out.stderr, out.stderr[-2000:]
+    assert out.returncode == 0, out.stderr[-2000:]  # the built-in Llama code loads the weights; evil.py is ignored
+    assert (tmp_path / "out" / "model.safetensors").is_file()
+
+
+def test_pickled_weights_in_the_run_are_refused(clean_run, tmp_path):
+    run = _copy(clean_run, tmp_path / "run")
+    marker = tmp_path / "pwned"
+
+    class Payload:
+        def __reduce__(self):
+            return os.makedirs, (str(marker),)
+
+    (run / "model" / "model.safetensors").unlink()
+    (run / "model" / "pytorch_model.bin").write_bytes(pickle.dumps(Payload()))
+    with pytest.raises(TunelabError, match="pickled weight file") as err:
+        load_run(run)
+    assert err.value.exit_code == 4
+    assert not marker.exists()
+
+
+def test_export_does_not_delete_a_directory_that_is_not_an_export(clean_run, tmp_path):
+    """`out=` is replaced on export; `out=.` or a folder of someone's files must not be deleted."""
+    from tunelab.errors import ConfigError
+    from tunelab.export import export
+
+    keep = tmp_path / "mine"
+    keep.mkdir()
+    (keep / "notes.txt").write_text("keep me\n")
+    for out in (keep, clean_run):
+        cfg = compose([f"run={clean_run}", f"out={out}"], config_name="export", return_hydra_config=False)
+        GlobalHydra.instance().clear()
+        with pytest.raises(ConfigError, match="is not an earlier export"):
+            export(cfg)
+    assert (keep / "notes.txt").read_text() == "keep me\n" and (clean_run / "model" / "config.json").is_file()
