@@ -498,8 +498,9 @@ def load_served(cfg: DictConfig) -> Served:
             model, tokenizer, recipe = load_run(run_dir)
         except TunelabError:
             raise
-        except (OSError, ValueError, RuntimeError) as err:  # truncated safetensors, wrong shapes, bad JSON
-            raise CheckpointError(f"cannot load the model in {run_dir / 'model'}: {str(err).splitlines()[0]}",
+        except Exception as err:  # noqa: BLE001 - truncated safetensors, wrong shapes, bad JSON: a damaged model/
+            first = (str(err).splitlines() or [""])[0]
+            raise CheckpointError(f"cannot load the model in {run_dir / 'model'}: {type(err).__name__}: {first}",
                                   "key run", "the run directory looks damaged; retrain or export it again") from None
         name = run_dir.name if Path(str(cfg.run)).exists() else str(cfg.run).rsplit("/", 1)[-1]
     else:
