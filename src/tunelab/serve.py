@@ -532,6 +532,12 @@ def _check_limits(cfg: DictConfig) -> None:
 
 def serve(cfg: DictConfig) -> None:
     """Bind, load the model, and serve until SIGTERM/SIGINT."""
+    import importlib.util
+
+    missing = [name for name in ("fastapi", "uvicorn") if importlib.util.find_spec(name) is None]
+    if missing:
+        raise ConfigError(f"tunelab serve needs {' and '.join(missing)}, which is not installed", "command line",
+                          "pip install 'tunelab[serve]' (make installs it)")
     import uvicorn
 
     _check_limits(cfg)
