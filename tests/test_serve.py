@@ -101,7 +101,7 @@ def test_chat_completion_equals_generate_through_an_artifact_reference(server, r
     assert answer.strip()
     # `tunelab generate` with the same prompt and greedy settings, given the run as a W&B artifact reference
     ref = f"wandb-artifact://model-{run.name}:latest"
-    done = _tunelab("generate", f"run={ref}", f"prompt={_quoted(PROMPT)}", f"sampling.max_new_tokens={MAX_TOKENS}",
+    done = _tunelab("generate", f"run={ref}", f"prompt={_quoted(PROMPT)}", f"decoding.max_new_tokens={MAX_TOKENS}",
                     env={**ENV, "TUNELAB_ARTIFACT_ROOTS": str(run.parent)})
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.strip() == answer.strip()
@@ -197,7 +197,7 @@ def test_model_card_parses_and_holds_the_run(run):
     data = card.data.to_dict()
     assert data["library_name"] == "transformers" and data["datasets"] == ["reviews_sentiment"]
     assert "base_model" not in data  # the tiny base is a local directory, not a hub id
-    assert {"tunelab", "fine-tuned", "full-fine-tuning", "full"} <= set(data["tags"])
+    assert {"tunelab", "fine-tuned", "full-fine-tuning"} <= set(data["tags"])
     results = {m["type"]: m["value"] for m in data["model-index"][0]["results"][0]["metrics"]}
     assert results["accuracy"] == pytest.approx(metrics["test/accuracy"], abs=1e-6)
     assert results["loss"] == pytest.approx(metrics["test/loss"], abs=1e-6)

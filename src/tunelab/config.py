@@ -327,7 +327,10 @@ def build_with(node: Any, **runtime: Any) -> Any:
         params = inspect.signature(target).parameters
     except (TypeError, ValueError):
         params = {}
-    return build(node, **{k: v for k, v in runtime.items() if k in params})
+    passed = {k: v for k, v in runtime.items() if k in params}
+    # Hydra merges keyword arguments into the node, which turns a dataclass (the run context) into a
+    # DictConfig without its methods; a partial called with the objects passes them as they are.
+    return build(node, _partial_=True)(**passed) if passed else build(node)
 
 
 # ---- composition (used by the CLI's pre-flight check, tests and notebooks) -------------------

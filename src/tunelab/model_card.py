@@ -20,6 +20,7 @@ from typing import Any
 import yaml
 
 from tunelab.redact import redact, redact_line
+from tunelab.run import RunContext
 
 log = logging.getLogger(__name__)
 CARD = "README.md"
@@ -177,16 +178,8 @@ def _config_for_card(cfg: Any) -> tuple[dict[str, Any], str]:
     return plain, yaml.safe_dump(plain, sort_keys=False, allow_unicode=True)
 
 
-def _choice(name: str) -> str | None:
-    try:
-        from hydra.core.hydra_config import HydraConfig
-
-        return str(HydraConfig.get().runtime.choices.get(name))
-    except (ValueError, AttributeError):
-        return None
-
-
-def publish_model(cfg: Any, callbacks: Sequence[Any], loggers: Sequence[Any], metrics: Mapping[str, float]) -> None:
+def publish_model(cfg: Any, run: RunContext, callbacks: Sequence[Any], loggers: Sequence[Any],
+                  metrics: Mapping[str, float]) -> None:
     """After test: write the card into each `model/` the run saved, and log it as a W&B model artifact
     (offline too) with the final metrics as metadata. Rank zero only; nothing happens without `model/`."""
     from pytorch_lightning.loggers import WandbLogger
@@ -198,13 +191,13 @@ def publish_model(cfg: Any, callbacks: Sequence[Any], loggers: Sequence[Any], me
     if rank_zero_only.rank != 0:
         return
     config, text = _config_for_card(cfg)
-    config["method_choice"] = _choice("method")
+    config["method_choice"] = run.choices.get("method")
     for callback in callbacks:
         model_dir = getattr(callback, "dirpath", None)
         if not isinstance(callback, SaveHFModel) or not (Path(model_dir) / "config.json").is_file() and \
                 not (Path(model_dir) / "adapter_config.json").is_file():
             continue
-        write_card(Path(model_dir), config, text, metrics, name=str(cfg.get("run_id") or Path(model_dir).parent.name))
+        write_card(Path(model_dir), config, text, metrics, name=run.run_id or Path(model_dir).parent.name)
         for logger in loggers:
             if isinstance(logger, WandbLogger):
                 log_model_artifact(logger.experiment, Path(model_dir), metrics)

@@ -29,14 +29,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
 from pydantic import BaseModel, ConfigDict, Field
 
-from tunelab import paths
-from tunelab.errors import CheckpointError, ConfigError, TunelabError, exit_with
-from tunelab.generate import sampling_settings
+from tunelab.entry import hydra_verb
+from tunelab.errors import CheckpointError, ConfigError, TunelabError
+from tunelab.evaluate import decoding_settings, prompt_ids
 
 log = logging.getLogger(__name__)
 API_KEY_ENV = "TUNELAB_API_KEY"
@@ -151,13 +150,12 @@ def chat_messages(served: Served, request: Any) -> list[dict[str, str]]:
     return messages
 
 
-def prompt_ids(tokenizer: Any, messages: list[dict[str, str]]) -> list[int]:
-    """The prompt's token ids: the chat template (rendered by transformers in Jinja's sandbox) plus the
-    generation prompt, exactly as `tunelab generate` renders it."""
+def chat_prompt_ids(tokenizer: Any, messages: list[dict[str, str]]) -> list[int]:
+    """The prompt's token ids, rendered by tunelab's one prompt path (`evaluate.prompt_ids`: the chat template,
+    which transformers renders in Jinja's sandbox, plus the generation prompt), as generate and eval do."""
     if not tokenizer.chat_template:
         raise APIError(400, "this model has no chat template; use /v1/completions with a raw prompt", "messages")
-    out = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True)
-    return list(out["input_ids"])
+    return list(prompt_ids(tokenizer, messages))
 
 
 def generation_kwargs(served: Served, request: Any) -> dict[str, Any]:
@@ -378,7 +376,7 @@ def build_app(served: Served) -> Any:
     async def chat_completions(request: ChatRequest) -> Any:
         check_model(request.model)
         settings = generation_kwargs(served, request)
-        ids = prompt_ids(served.tokenizer, chat_messages(served, request))
+        ids = chat_prompt_ids(served.tokenizer, chat_messages(served, request))
         _check_length(served, ids, settings)
         rid, created, stops = f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), stop_strings(request)
         if request.stream:
@@ -513,7 +511,7 @@ def load_served(cfg: DictConfig) -> Served:
         recipe, name = {}, str(cfg.model.name_or_path).rstrip("/").rsplit("/", 1)[-1]
     system_prompt = cfg.system_prompt if cfg.system_prompt is not None else recipe.get("system_prompt")
     return Served(model=model, tokenizer=tokenizer, model_id=str(cfg.served_model_name or name), recipe=recipe,
-                  defaults=sampling_settings(OmegaConf.to_container(cfg.sampling, resolve=True)),
+                  defaults=decoding_settings(OmegaConf.to_container(cfg.decoding, resolve=True)),
                   system_prompt=system_prompt, max_tokens=int(cfg.max_tokens), max_concurrent=int(cfg.max_concurrent),
                   max_waiting=int(cfg.max_waiting), max_request_bytes=int(cfg.max_request_bytes),
                   api_key=_api_key(cfg))
@@ -564,13 +562,7 @@ def serve(cfg: DictConfig) -> None:
     Server(config).run(sockets=[sock])
 
 
-@hydra.main(config_path=str(paths.conf_dir()), config_name="serve", version_base="1.3")
-def main(cfg: DictConfig) -> None:
-    """Hydra entry point of `tunelab serve`."""
-    try:
-        serve(cfg)
-    except TunelabError as err:
-        exit_with(err)
+main = hydra_verb("serve", lambda cfg, run: serve(cfg))
 
 
 if __name__ == "__main__":

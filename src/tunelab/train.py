@@ -112,7 +112,7 @@ def train(cfg: DictConfig, run: RunContext | None = None) -> dict[str, float]:
             if isinstance(callback, Throughput):
                 metrics.update(callback.summary(trainer.accumulate_grad_batches, module.device))
         # model/README.md (a model card with the final test figures) and the W&B model artifact
-        publish_model(cfg, callbacks, loggers, {**metrics, "params/trainable": trainable, "params/total": total})
+        publish_model(cfg, run, callbacks, loggers, {**metrics, "params/trainable": trainable, "params/total": total})
         completed = True
     finally:
         for logger in loggers:
