@@ -150,7 +150,7 @@ def test_errors_are_openai_json_with_status(server):
 def test_sigterm_drains_and_exits(server):
     base, _, proc = server  # runs last in this module: it stops the server
     proc.send_signal(signal.SIGTERM)
-    assert proc.wait(timeout=60) in (0, -signal.SIGTERM)
+    assert proc.wait(timeout=60) == -signal.SIGTERM  # uvicorn re-raises the signal once drained: 143 in a shell
     assert "Shutting down" in proc.stderr.read()
 
 

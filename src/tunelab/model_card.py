@@ -199,8 +199,12 @@ def publish_model(cfg: Any, run: RunContext, callbacks: Sequence[Any], loggers: 
             continue
         write_card(Path(model_dir), config, text, metrics, name=run.run_id or Path(model_dir).parent.name)
         for logger in loggers:
-            if isinstance(logger, WandbLogger):
+            if not isinstance(logger, WandbLogger):
+                continue
+            try:
                 log_model_artifact(logger.experiment, Path(model_dir), metrics)
+            except Exception as err:  # noqa: BLE001 - the trained model is on disk; a tracker hiccup must not fail the run
+                log.warning("could not log %s as a W&B artifact: %s", model_dir, err)
 
 
 def write_export_card(run_dir: Path, out: Path, note: str) -> Path:

@@ -292,12 +292,14 @@ def build_app(served: Served) -> Any:
             raise APIError(404, f"the model {name!r} does not exist; this server has {served.model_id!r}",
                            "model", "model_not_found")
 
-    def admit() -> None:
+    def admit(count: bool = True) -> None:
+        """429 when `max_concurrent` generate and `max_waiting` wait; else count the request in (a stream
+        counts itself in once its body starts, so a client gone before that leaves nothing counted)."""
         if admitted["n"] >= served.max_concurrent + served.max_waiting:
             raise APIError(429, f"too many requests: {served.max_concurrent} generating and {served.max_waiting} "
                                 "waiting", code="rate_limit_exceeded", kind="rate_limit_error",
                            headers={"Retry-After": "1"})
-        admitted["n"] += 1
+        admitted["n"] += 1 if count else 0
 
     async def complete(ids: list[int], settings: dict[str, Any], stops: list[str]) -> tuple[str, str, int]:
         """Non-streamed generation in a worker thread: (text, finish reason, completion tokens)."""
@@ -315,6 +317,7 @@ def build_app(served: Served) -> Any:
         """Server-sent events: one chunk per piece of text from transformers' TextIteratorStreamer."""
         from transformers import TextIteratorStreamer
 
+        admitted["n"] += 1
         try:
             async with slots:
                 streamer = TextIteratorStreamer(served.tokenizer, skip_prompt=True, skip_special_tokens=True,
@@ -380,7 +383,7 @@ def build_app(served: Served) -> Any:
         _check_length(served, ids, settings)
         rid, created, stops = f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), stop_strings(request)
         if request.stream:
-            admit()
+            admit(count=False)
             first = [True]
 
             def chunk(text: str | None, finish: str | None) -> dict[str, Any]:
@@ -410,7 +413,7 @@ def build_app(served: Served) -> Any:
         _check_length(served, ids, settings)
         rid, created, stops = f"cmpl-{uuid.uuid4().hex}", int(time.time()), stop_strings(request)
         if request.stream:
-            admit()
+            admit(count=False)
 
             def chunk(text: str | None, finish: str | None) -> dict[str, Any]:
                 return {"id": rid, "object": "text_completion", "created": created, "model": served.model_id,
