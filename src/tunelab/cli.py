@@ -40,6 +40,8 @@ VERBS: tuple[Verb, ...] = (
     Verb("export", "tunelab.export",
          "merge adapters and write a plain Hugging Face model: run=<run dir> [out=<dir>] [merge=true|false]",
          "export"),
+    Verb("serve", "tunelab.serve", "an OpenAI-compatible HTTP API over a run: run=<run dir or W&B artifact> [port=]",
+         "serve"),
     Verb("data preview", "tunelab.preview",
          "tokenised samples with supervised tokens marked, length percentiles: dataset=<name>", "data"),
     Verb("sweep-report", "tunelab.sweep_report",

@@ -15,8 +15,10 @@ from typing import Any
 import torch
 from omegaconf import DictConfig
 
+from tunelab.artifacts import resolve_run
 from tunelab.entry import hydra_verb
 from tunelab.errors import ConfigError
+from tunelab.model_card import write_export_card
 from tunelab.models import adapter_base, load_run
 
 
@@ -48,7 +50,7 @@ def export(cfg: DictConfig) -> Path:
     """Write the run's model to `cfg.out` (default `<run>/export`); returns that directory."""
     if cfg.run is None:
         raise ConfigError("no run given", "key run", "tunelab export run=<run dir> [out=<dir>]")
-    run_dir = Path(cfg.run)
+    run_dir = resolve_run(str(cfg.run))  # a run directory, or a W&B model artifact reference
     out = Path(cfg.out) if cfg.out is not None else run_dir / "export"
     model, tokenizer, _ = load_run(run_dir, quantize=False, trust_remote_code=bool(cfg.get("trust_remote_code", False)))
     is_adapter = hasattr(model, "peft_config")
@@ -77,6 +79,7 @@ def export(cfg: DictConfig) -> Path:
     else:
         note = "full fine-tuning: the weights are the model"
     _save_hf(model, tokenizer, out)
+    write_export_card(run_dir, out, note)
     print(f"tunelab: exported {run_dir} to {out} ({note})")
     return out
 

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from tunelab.artifacts import resolve_run
 from tunelab.entry import hydra_verb
 from tunelab.errors import CheckpointError, ConfigError
 from tunelab.evaluate import decoding_settings, left_pad, prompt_ids
@@ -102,7 +103,9 @@ def generate(cfg: DictConfig) -> list[dict[str, str]]:
     if cfg.run is None:
         raise ConfigError("no run given", "key run", "tunelab generate run=<run dir> prompt=\"...\"")
     torch.manual_seed(cfg.seed)
-    model, tokenizer, recipe = load_run(cfg.run, trust_remote_code=bool(cfg.get("trust_remote_code", False)))
+    # a run directory or a W&B artifact reference; trust_remote_code only from this command line
+    trust = bool(cfg.get("trust_remote_code", False))
+    model, tokenizer, recipe = load_run(resolve_run(str(cfg.run)), trust_remote_code=trust)
     system_prompt = cfg.system_prompt if cfg.system_prompt is not None else recipe.get("system_prompt")
     system = [{"role": "system", "content": system_prompt}] if system_prompt else []
     settings = OmegaConf.to_container(cfg.decoding, resolve=True)

@@ -22,6 +22,7 @@ from tunelab import paths, report
 from tunelab.callbacks import Throughput
 from tunelab.config import build, build_with, validate
 from tunelab.errors import ConfigError, NumericsError, TunelabError, exit_with
+from tunelab.model_card import publish_model
 from tunelab.models import apply_method, build_method, count_parameters
 from tunelab.redact import redact, redact_file
 from tunelab.run import RunContext
@@ -115,6 +116,8 @@ def train(cfg: DictConfig, run: RunContext | None = None) -> dict[str, float]:
         for callback in callbacks:
             if isinstance(callback, Throughput):
                 metrics.update(callback.summary(trainer.accumulate_grad_batches, module.device))
+        # model/README.md (a model card with the final test figures) and the W&B model artifact
+        publish_model(cfg, run, callbacks, loggers, {**metrics, "params/trainable": trainable, "params/total": total})
         completed = True
     finally:
         for logger in loggers:

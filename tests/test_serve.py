@@ -1,0 +1,248 @@
+"""Deploy: `tunelab serve` answers the official `openai` client like `tunelab generate`; every model/ and
+export carries a model card; the W&B offline run holds the model artifact, and a reference to it resolves."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+from hydra.core.global_hydra import GlobalHydra
+
+from conftest import REPO, make_cfg
+from tunelab.artifacts import offline_artifacts, parse_reference, resolve_run
+from tunelab.config import compose
+from tunelab.errors import CheckpointError, ConfigError
+from tunelab.export import export
+from tunelab.serve import serve
+from tunelab.train import train
+
+pytestmark = pytest.mark.slow  # trains twice, then spawns a server and several CLI processes
+openai = pytest.importorskip("openai", reason="the dev extra installs the openai client")
+
+SECRET = "sk-" + "a1" * 12  # looks like an API key: must never reach the model card
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline", "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+ROW = json.loads((REPO / "data/reviews/test.jsonl").read_text().splitlines()[0])
+PROMPT = f"Is the following review positive or negative?\n\nTitle: {ROW['title']}\nReview: {ROW['text']}"
+MAX_TOKENS = 12
+
+
+def _tunelab(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "tunelab.cli", *args], capture_output=True, text=True,
+                          env=env or ENV, timeout=300)
+
+
+def _quoted(text: str) -> str:
+    return "'" + text.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory) -> Path:
+    """The tiny model trained a few dozen steps, logged to an offline W&B run (the default logger)."""
+    run_dir = tmp_path_factory.mktemp("served")
+    train(make_cfg(run_dir, ["hyperparams.max_steps=16", "eval.baseline=false", "eval.generate_on_val=false",
+                             "eval.max_eval_samples=16", f"tags=[{SECRET}]"]))
+    return run_dir
+
+
+@pytest.fixture(scope="module")
+def lora_run(tmp_path_factory) -> Path:
+    run_dir = tmp_path_factory.mktemp("lora")
+    train(make_cfg(run_dir, ["method=lora", "hyperparams.max_steps=2", "logger=none", "eval.test=false",
+                             "eval.generate_on_val=false", "eval.max_eval_samples=4"]))
+    return run_dir
+
+
+@pytest.fixture(scope="module")
+def server(run):
+    """`tunelab serve` as a real subprocess on a free localhost port; yields (base url, model id, process)."""
+    proc = subprocess.Popen([sys.executable, "-m", "tunelab.cli", "serve", f"run={run}", "port=0",
+                             f"max_tokens={MAX_TOKENS * 4}"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=ENV)
+    try:
+        line = proc.stdout.readline()
+        match = re.search(r"serving '([^']+)' on (http://127\.0\.0\.1:\d+/v1)", line)
+        assert match, line + (proc.stderr.read()[-3000:] if proc.poll() is not None else "")
+        model_id, base = match.group(1), match.group(2)
+        for _ in range(300):  # the socket listens at once; uvicorn answers once the app started
+            try:
+                with urllib.request.urlopen(base.removesuffix("/v1") + "/health", timeout=2) as response:
+                    if json.load(response)["status"] == "ok":
+                        break
+            except (urllib.error.URLError, ConnectionError):
+                time.sleep(0.2)
+        yield base, model_id, proc
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def _client(base: str) -> openai.OpenAI:
+    return openai.OpenAI(base_url=base, api_key="unused-on-localhost", max_retries=0, timeout=120)
+
+
+def test_chat_completion_equals_generate_through_an_artifact_reference(server, run):
+    base, model_id, _ = server
+    reply = _client(base).chat.completions.create(
+        model=model_id, messages=[{"role": "user", "content": PROMPT}], temperature=0, max_tokens=MAX_TOKENS)
+    answer = reply.choices[0].message.content
+    assert reply.choices[0].finish_reason in ("stop", "length") and reply.usage.completion_tokens >= 1
+    assert answer.strip()
+    # `tunelab generate` with the same prompt and greedy settings, given the run as a W&B artifact reference
+    ref = f"wandb-artifact://model-{run.name}:latest"
+    done = _tunelab("generate", f"run={ref}", f"prompt={_quoted(PROMPT)}", f"decoding.max_new_tokens={MAX_TOKENS}",
+                    env={**ENV, "TUNELAB_ARTIFACT_ROOTS": str(run.parent)})
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.strip() == answer.strip()
+
+
+def test_streamed_chat_and_fields_match_the_plain_answer(server):
+    base, model_id, _ = server
+    client = _client(base)
+    plain = client.chat.completions.create(model=model_id, messages=[{"role": "user", "content": PROMPT}],
+                                           temperature=0, max_tokens=MAX_TOKENS).choices[0].message.content
+    chunks = list(client.chat.completions.create(model=model_id, messages=[{"role": "user", "content": PROMPT}],
+                                                 temperature=0, max_tokens=MAX_TOKENS, stream=True))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == plain
+    assert chunks[-1].choices[0].finish_reason in ("stop", "length")
+    # The run's training template renders raw fields into the same prompt (an extra body field).
+    fields = {"title": ROW["title"], "text": ROW["text"]}
+    templated = client.chat.completions.create(model=model_id, messages=[], temperature=0, max_tokens=MAX_TOKENS,
+                                               extra_body={"fields": fields})
+    assert templated.choices[0].message.content == plain
+    text = client.completions.create(model=model_id, prompt="Title:", temperature=0, max_tokens=4)
+    assert text.object == "text_completion" and 1 <= text.usage.completion_tokens <= 4  # EOS counts as a token
+    assert [m.id for m in client.models.list().data] == [model_id]
+
+
+def test_errors_are_openai_json_with_status(server):
+    base, model_id, _ = server
+    client = _client(base)
+    with pytest.raises(openai.NotFoundError) as unknown:
+        client.chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "hi"}])
+    assert unknown.value.status_code == 404 and unknown.value.code == "model_not_found"
+    with pytest.raises(openai.BadRequestError) as too_long:
+        client.chat.completions.create(model=model_id, messages=[{"role": "user", "content": "hi"}], max_tokens=10**6)
+    assert too_long.value.code == "max_tokens_exceeded" and "over this server's limit" in too_long.value.message
+    with pytest.raises(openai.BadRequestError, match="fields: 'text' is undefined"):
+        client.chat.completions.create(model=model_id, messages=[], extra_body={"fields": {"title": "x"}})
+    for body, status in ((b"{not json", 400), (b'{"messages": []}', 422), (b'{"model": 1, "messages": "x"}', 422)):
+        request = urllib.request.Request(base + "/chat/completions", data=body,
+                                         headers={"Content-Type": "application/json"})
+        with pytest.raises(urllib.error.HTTPError) as err:
+            urllib.request.urlopen(request, timeout=30)
+        assert err.value.code == status
+        assert set(json.loads(err.value.read())["error"]) == {"message", "type", "param", "code"}
+
+
+def test_sigterm_drains_and_exits(server):
+    base, _, proc = server  # runs last in this module: it stops the server
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=60) == -signal.SIGTERM  # uvicorn re-raises the signal once drained: 143 in a shell
+    assert "Shutting down" in proc.stderr.read()
+
+
+def _serve_cfg(overrides: list[str]):
+    cfg = compose(overrides, config_name="serve", return_hydra_config=False)
+    GlobalHydra.instance().clear()
+    return cfg
+
+
+def test_bad_input_is_refused_before_serving(run, tmp_path, monkeypatch):
+    monkeypatch.delenv("TUNELAB_API_KEY", raising=False)
+    with pytest.raises(ConfigError, match="no trained model in"):
+        serve(_serve_cfg([f"run={tmp_path}", "port=0"]))
+    with pytest.raises(ConfigError, match="without an API key"):
+        serve(_serve_cfg([f"run={run}", "host=0.0.0.0", "port=0"]))
+    with pytest.raises(ConfigError, match="over the limit|at least 1"):
+        serve(_serve_cfg([f"run={run}", "max_concurrent=0"]))
+    with pytest.raises(ConfigError, match="run directory not found"):
+        serve(_serve_cfg(["run=/nonexistent/run", "port=0"]))
+    with pytest.raises(ConfigError, match="give exactly one of run= and model="):
+        serve(_serve_cfg(["port=0"]))
+    # The command line: one `tunelab:` line and the documented exit code, never a traceback.
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen(1)
+        in_use = _tunelab("serve", f"run={run}", f"port={busy.getsockname()[1]}")
+    assert in_use.returncode == 2 and "tunelab: config error: cannot listen on 127.0.0.1" in in_use.stderr, \
+        in_use.stderr[-2000:]
+    broken = tmp_path / "broken"
+    shutil.copytree(run / "model", broken / "model")
+    weights = broken / "model" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])  # a truncated download or a full disk
+    damaged = _tunelab("serve", f"run={broken}", "port=0")
+    assert damaged.returncode == 4 and "tunelab: checkpoint error: cannot load the model" in damaged.stderr, \
+        damaged.stderr[-2000:]
+    assert "Traceback" not in in_use.stderr + damaged.stderr
+
+
+def test_model_card_parses_and_holds_the_run(run):
+    from huggingface_hub import ModelCard
+
+    card = ModelCard.load(run / "model" / "README.md")
+    metrics = json.loads((run / "metrics.json").read_text())
+    data = card.data.to_dict()
+    assert data["library_name"] == "transformers" and data["datasets"] == ["reviews_sentiment"]
+    assert "base_model" not in data  # the tiny base is a local directory, not a hub id
+    assert {"tunelab", "fine-tuned", "full-fine-tuning"} <= set(data["tags"])
+    results = {m["type"]: m["value"] for m in data["model-index"][0]["results"][0]["metrics"]}
+    assert results["accuracy"] == pytest.approx(metrics["test/accuracy"], abs=1e-6)
+    assert results["loss"] == pytest.approx(metrics["test/loss"], abs=1e-6)
+    assert f"trainable parameters: {int(metrics['params/trainable']):,}" in card.text
+    assert "Title: {{ title }}" in card.text and "<|im_start|>" in card.text  # templates: recipe and chat
+    assert "lr: " in card.text and "max_steps: 16" in card.text  # the composed training config
+    assert "AutoModelForCausalLM.from_pretrained" in card.text
+    assert SECRET not in card.content and "***" in card.content
+
+
+def test_lora_model_card_and_export_card(lora_run, tmp_path):
+    from huggingface_hub import ModelCard
+
+    data = ModelCard.load(lora_run / "model" / "README.md").data.to_dict()
+    assert data["library_name"] == "peft" and "lora" in data["tags"]
+    assert "model-index" not in data  # eval.test was not run: no figures to claim
+    cfg = compose([f"run={lora_run}", f"out={tmp_path / 'export'}"], config_name="export", return_hydra_config=False)
+    GlobalHydra.instance().clear()
+    out = export(cfg)
+    exported = ModelCard.load(out / "README.md")
+    assert exported.data.to_dict()["library_name"] == "transformers"  # merged: plain transformers loads it
+    assert "merged the adapter into the base weights" in exported.text and "Title: {{ title }}" in exported.text
+
+
+def test_wandb_offline_run_holds_the_model_artifact(run, tmp_path):
+    logs = list((run / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert len(logs) == 1
+    artifacts = list(offline_artifacts(logs[0]))
+    assert [(a["name"], a["type"]) for a in artifacts] == [(f"model-{run.name}", "model")]
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert artifacts[0]["metadata"]["test/accuracy"] == pytest.approx(metrics["test/accuracy"])
+    assert {"latest", "final"} <= set(artifacts[0]["aliases"])
+    assert "model/model.safetensors" in artifacts[0]["files"]
+    # Resolution: by reference, offline, to the run that logged it; files checked against the manifest.
+    os.environ["TUNELAB_ARTIFACT_ROOTS"] = str(run.parent)
+    try:
+        assert resolve_run(f"tunelab/model-{run.name}:final") == run
+        assert parse_reference(str(run)) is None  # an existing path stays a path
+        with pytest.raises(ConfigError, match="not among the local offline runs"):
+            resolve_run("model-nope:latest")
+        copy = tmp_path / "copy"
+        shutil.copytree(run, copy)
+        os.environ["TUNELAB_ARTIFACT_ROOTS"] = str(tmp_path)
+        (copy / "model" / "tokenizer.json").write_text("{}")  # changed since it was logged
+        with pytest.raises(CheckpointError, match="missing or changed"):
+            resolve_run(f"wandb-artifact://model-{run.name}:latest")
+    finally:
+        os.environ.pop("TUNELAB_ARTIFACT_ROOTS", None)
