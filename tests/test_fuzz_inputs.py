@@ -26,6 +26,7 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf, open_dict
 
+from conftest import fmt
 from tunelab.cli import preflight
 from tunelab.config import compose, validate
 from tunelab.errors import TunelabError
@@ -140,7 +141,8 @@ def config_cases() -> list[Case]:
                                  ("hyperparams.batch_size", "4")])
         cases.append(Case(f"syntax {key} {_}", (key + "=" + value + rng.choice(['"', "'", "[", "{", "("]),)))
     cases += [Case("syntax a=b\"", ('a=b"',)), Case("syntax bare =1", ("=1",)),
-              Case("wrong type", ("hyperparams.batch_size=abc",)), Case("wrong enum", ("dataset.format=chatt",)),
+              Case("wrong type", ("hyperparams.batch_size=abc",)), Case("wrong enum", ("dataset.overlength=trunc",)),
+              Case("format as a value", ("dataset.format=chatt",)), Case("unknown format", ("dataset/format=chatt",)),
               Case("wrong bool", ("hyperparams.packing=maybe",)),
               Case("weights all 0", ("dataset.weights.sentiment=0", "dataset.weights.rating=0"),
                    base=("dataset=reviews_mix",))]
@@ -382,12 +384,12 @@ def data_cases() -> list[DataCase]:
         data = _jsonl([CHAT_GOOD, row, CHAT_GOOD])
         good = _jsonl([CHAT_GOOD])
         cases.append(DataCase(f"chat {name}", {"train.jsonl": data, "validation.jsonl": good, "test.jsonl": good},
-                              settings=(("format", "chat"), ("templates", [])), expect=f"train.jsonl:2: {expect}"))
+                              settings=(("format", fmt("chat")), ("templates", [])), expect=f"train.jsonl:2: {expect}"))
     for value in (None, 7, ["a"]):
         good = _jsonl([{"text": "some text"}])
         cases.append(DataCase(f"text {type(value).__name__}",
                               {"train.jsonl": _jsonl([{"text": "ok"}, {"text": value}]), "validation.jsonl": good,
-                               "test.jsonl": good}, settings=(("format", "text"), ("templates", [])),
+                               "test.jsonl": good}, settings=(("format", fmt("text")), ("templates", [])),
                               expect="train.jsonl:2: text: expected a string"))
     instruction = {"instruction": "Say hi", "input": "", "output": "hi"}
     good = _jsonl([instruction])
@@ -395,7 +397,8 @@ def data_cases() -> list[DataCase]:
                               ("input int", {**instruction, "input": 3}, "input: expected a string"),
                               ("output list", {**instruction, "output": ["hi"]}, "output: expected a string")]:
         files = {"train.jsonl": _jsonl([instruction, row]), "validation.jsonl": good, "test.jsonl": good}
-        cases.append(DataCase(f"instruction {name}", files, settings=(("format", "instruction"), ("templates", [])),
+        cases.append(DataCase(f"instruction {name}", files,
+                              settings=(("format", fmt("instruction")), ("templates", [])),
                               expect=f"train.jsonl:2: {expect}"))
     for i in range(4):  # random bytes spliced into one line of an otherwise good file
         rows = [json.dumps(GOOD).encode()] * 5

@@ -64,7 +64,7 @@ def _generate(run: Path, *overrides: str) -> None:
 
 def test_clean_run_loads_and_renders(clean_run):
     """The fixture is a valid run: the attacks below fail because of what they plant, not a broken directory."""
-    _generate(clean_run, _fields({"text": "fine"}), "sampling.max_new_tokens=2")
+    _generate(clean_run, _fields({"text": "fine"}), "decoding.max_new_tokens=2")
 
 
 def test_recipe_template_cannot_run_code(clean_run, tmp_path):
@@ -74,7 +74,7 @@ def test_recipe_template_cannot_run_code(clean_run, tmp_path):
     recipe["templates"][0]["prompt"] = "{{ lipsum.__globals__['os'].makedirs(marker) }}"
     (run / "model" / "tunelab_recipe.json").write_text(json.dumps(recipe))
     with pytest.raises(CheckpointError, match="unsafe"):
-        _generate(run, _fields({"marker": str(marker)}), "sampling.max_new_tokens=2")
+        _generate(run, _fields({"marker": str(marker)}), "decoding.max_new_tokens=2")
     assert not marker.exists()
 
 
@@ -84,7 +84,7 @@ def test_chat_template_in_the_run_cannot_run_code(clean_run, tmp_path):
     for name in ("chat_template.jinja",):
         (run / "model" / name).write_text(f"{{{{ cycler.__init__.__globals__.os.makedirs('{marker}') }}}}")
     with pytest.raises(CheckpointError, match="chat template"):
-        _generate(run, "prompt=hi", "sampling.max_new_tokens=2")
+        _generate(run, "prompt=hi", "decoding.max_new_tokens=2")
     assert not marker.exists()
 
 

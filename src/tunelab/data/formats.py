@@ -38,6 +38,8 @@ class _NotText(Exception):
 
 def _text(value: Any) -> Any:
     """`finalize` of completion templates: every `{{ ... }}` must produce a string (`|string` converts)."""
+    if isinstance(value, jinja2.Undefined):
+        return str(value)  # StrictUndefined raises here: a missing field is reported as missing, not as non-text
     if not isinstance(value, str):
         raise _NotText(value)
     return value
