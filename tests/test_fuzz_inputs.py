@@ -95,15 +95,15 @@ BAD_VALUES: dict[str, tuple[tuple[str, ...], list[str]]] = {
     "method.peft.lora_alpha": (("method=lora",), ["0"]),
     "method.peft.num_virtual_tokens": (("method=prompt_tuning",), ["0"]),
     "method.freeze.last_n_layers": (("method=freeze",), ["-1"]),
-    "generation.max_new_tokens": ((), ["0"]),
-    "generation.top_p": ((), ["0", "1.5"]),
+    "decoding.max_new_tokens": ((), ["0"]),
+    "decoding.top_p": ((), ["0", "1.5"]),
     "callbacks.checkpoint.save_top_k": ((), ["-2"]),
     "callbacks.throughput.window": ((), ["0"]),
     "model.dtype": ((), ["float33", "int8"]),
 }
 VERB_BAD_VALUES: dict[str, dict[str, list[str]]] = {
-    "generate": {"sampling.temperature": ["0", "-1"], "sampling.top_p": ["2"], "sampling.top_k": ["-1"],
-                 "sampling.max_new_tokens": ["0"], "sampling.repetition_penalty": ["0"], "seed": ["-1"],
+    "generate": {"decoding.temperature": ["0", "-1"], "decoding.top_p": ["2"], "decoding.top_k": ["-1"],
+                 "decoding.max_new_tokens": ["0"], "decoding.repetition_penalty": ["0"], "seed": ["-1"],
                  "template": ["-1"]},
     "export": {"dtype": ["float33", "int4"]},
 }

@@ -95,7 +95,7 @@ NON_NEGATIVE = Range(low=0)
 AT_LEAST_ONE = Range(low=1, integer=True)
 FRACTION = Range(low=0, high=1)
 SEED = Range(low=0, high=2**32 - 1, integer=True)  # numpy's seed range; Lightning seeds numpy with it
-DECODING = ("generation", "sampling", "decoding")  # the decoding group's names, before and after issue 14's merge
+DECODING = ("decoding",)  # the one decoding group (train, generate, eval, serve)
 
 # key pattern (fnmatch over dotted paths; `*` spans dots) -> what it accepts. First rows first: a bad
 # hyperparams.epochs is reported under its own name, not as the trainer.max_epochs it is interpolated into.
