@@ -124,7 +124,7 @@ def test_target_nodes_bind_to_their_signatures(rel: Path, base_choices):
     ("model", "name_or_pth", "name_or_path"),
     ("method.peft", "rr", "r"),
     ("hyperparams.optimizer", "betass", "betas"),
-    ("callbacks.checkpoint", "save_top", "save_top_k"),
+    ("callbacks.best", "save_top", "save_top_k"),
 ])
 def test_validate_rejects_an_injected_bad_key(node, bad, suggestion):
     cfg = compose(["method=lora"])

@@ -97,7 +97,10 @@ BAD_VALUES: dict[str, tuple[tuple[str, ...], list[str]]] = {
     "method.freeze.last_n_layers": (("method=freeze",), ["-1"]),
     "decoding.max_new_tokens": ((), ["0"]),
     "decoding.top_p": ((), ["0", "1.5"]),
-    "callbacks.checkpoint.save_top_k": ((), ["-2"]),
+    "callbacks.best.save_top_k": ((), ["-2"]),
+    "callbacks.checkpoint.every_n_steps": ((), ["0", "-5"]),
+    "callbacks.checkpoint.every_minutes": ((), ["0", "-1.5", "nan"]),
+    "callbacks.checkpoint.keep_last": ((), ["0"]),
     "callbacks.throughput.window": ((), ["0"]),
     "model.dtype": ((), ["float33", "int8"]),
 }

@@ -47,7 +47,8 @@ VERBS: tuple[Verb, ...] = (
     Verb("sweep-report", "tunelab.sweep_report",
          "rank the trials of a multirun directory, plot them, write the best config (--help)"),
 )
-EXIT_CODES = "exit codes: 0 ok, 1 unexpected bug, 2 config or usage error, 3 data error, 4 checkpoint error, 5 numerics"
+EXIT_CODES = ("exit codes: 0 ok, 1 unexpected bug, 2 config or usage error, 3 data error, 4 checkpoint error,"
+              " 5 numerics, 130/143 stopped by SIGINT/SIGTERM after writing a checkpoint (resume=<run dir> continues)")
 
 
 def usage() -> str:
@@ -221,6 +222,10 @@ def run_verb(verb: Verb | str, argv: list[str] | None = None) -> None:
     try:
         # Each verb's primary config is conf/<config>.yaml; --cfg job only prints, so it needs no deep checks.
         preflight(argv, verb.config, deep=not _answered_by_hydra(argv))
+        if not _answered_by_hydra(argv):
+            from tunelab.checkpointing import prepare_run_dir  # after preflight: a typo fails before torch loads
+
+            argv = prepare_run_dir(argv, verb.config)  # busy run dir (exit 2), bad resume= (exit 4): before Hydra
     except TunelabError as err:
         exit_with(err)
     if _answered_by_hydra(argv):

@@ -20,8 +20,10 @@ from pytorch_lightning.loggers import WandbLogger
 
 from tunelab import paths, report
 from tunelab.callbacks import Throughput
+from tunelab.checkpointing import find_resume, identity
 from tunelab.config import build, build_with, validate
 from tunelab.errors import ConfigError, NumericsError, TunelabError, exit_with
+from tunelab.lock import RunDirLock
 from tunelab.model_card import publish_model
 from tunelab.models import apply_method, build_method, count_parameters
 from tunelab.redact import redact, redact_file
@@ -58,6 +60,7 @@ def train(cfg: DictConfig, run: RunContext | None = None) -> dict[str, float]:
     for saved in [*(run_dir / ".hydra").glob("*.yaml"), *sweep_config]:
         redact_file(saved)
     pl.seed_everything(cfg.hyperparams.seed, workers=True, verbose=False)
+    resume = find_resume(cfg.get("resume"), run_dir, identity(cfg))  # a bad resume= is exit 4 before anything is built
 
     method = build_method(cfg.method)  # PEFT config, quantization, freeze rule; bad combinations refused here
     if cfg.hyperparams.packing and getattr(method.peft, "is_prompt_learning", False):
@@ -77,8 +80,10 @@ def train(cfg: DictConfig, run: RunContext | None = None) -> dict[str, float]:
     tasks = build(datamodule.task_metrics, _convert_="all")  # task -> metric name -> scorer
     module = build(cfg.module, model=model, tokenizer=tokenizer, tasks=tasks, _convert_="all")
 
+    resume.continue_logger_runs(cfg.logger)  # resumed in place: the same W&B run
     loggers = [build_with(node, run=run) for node in cfg.logger.values()]
     callbacks = [build(node) for node in cfg.callbacks.values()]
+    resume.prepare(callbacks, module, identity(cfg))  # refuses another model's tensors; tags checkpoints with ours
     if not loggers:  # Lightning refuses a learning-rate monitor with nothing to log to
         callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
     trainer: pl.Trainer = build(cfg.trainer, callbacks=callbacks, logger=loggers or False,
@@ -98,7 +103,7 @@ def train(cfg: DictConfig, run: RunContext | None = None) -> dict[str, float]:
             trainer.test(module, datamodule=datamodule, verbose=False)
             metrics.update(_collect(trainer, "baseline/"))
         # Our own run's checkpoint: tensors and plain containers only, so Lightning can load it weights_only.
-        trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("resume"), weights_only=True)
+        trainer.fit(module, datamodule=datamodule, ckpt_path=resume.ckpt_path, weights_only=True)
         if not _collect(trainer, "val/"):
             # max_steps can end training between validations; sweeps need a final val/ figure.
             trainer.validate(module, datamodule=datamodule, verbose=False)
@@ -141,7 +146,8 @@ def main(cfg: DictConfig) -> float | None:
     """
     run = RunContext.from_hydra()  # the one place Hydra's global state is read
     try:
-        metrics = train(cfg, run)
+        with RunDirLock(run.run_dir):  # a second job aimed at this directory is refused (exit 2)
+            metrics = train(cfg, run)
     except TunelabError as err:
         if not run.multirun:
             exit_with(err)

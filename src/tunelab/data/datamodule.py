@@ -17,6 +17,7 @@ from tunelab.data.cache import cache_key, read_cache, write_cache
 from tunelab.data.encode import IGNORE, Encoded, apply_length_policy, encode_chat, encode_text
 from tunelab.data.formats import Format, RowContext, compile_templates
 from tunelab.data.packing import first_fit_decreasing
+from tunelab.data.resumable import ResumableLoader
 from tunelab.data.sources import load_splits
 from tunelab.errors import DataError, did_you_mean
 
@@ -86,18 +87,25 @@ class EpochSampler(Sampler[int]):
         self.size, self.seed, self.weights = size, seed, weights
         self.samples = samples or size
         self.epoch = 0
+        self._skip = 0
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
+
+    def skip_next(self, count: int) -> None:
+        """The next iteration starts `count` indices in (a resumed run's position within the epoch)."""
+        self._skip = count
 
     def __len__(self) -> int:
         return self.samples
 
     def __iter__(self) -> Iterator[int]:
         generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        skip, self._skip = self._skip, 0
         if self.weights is None:
-            return iter(torch.randperm(self.size, generator=generator).tolist())
-        return iter(torch.multinomial(self.weights, self.samples, replacement=True, generator=generator).tolist())
+            return iter(torch.randperm(self.size, generator=generator).tolist()[skip:])
+        drawn = torch.multinomial(self.weights, self.samples, replacement=True, generator=generator)
+        return iter(drawn.tolist()[skip:])
 
 
 class TuneDataModule(pl.LightningDataModule):
@@ -183,7 +191,7 @@ class TuneDataModule(pl.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         examples, sampler = self._train_sampler()
-        return DataLoader(
+        return ResumableLoader(  # its position is saved in checkpoints: a mid-epoch resume continues exactly
             examples, batch_size=self.batch_size, sampler=sampler,
             collate_fn=Collator(self.tokenizer.pad_token_id, False, self.packing, self.max_seq_len),
             num_workers=self.num_workers,

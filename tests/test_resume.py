@@ -1,0 +1,220 @@
+"""Checkpoint files and `resume=`: atomic writes and completion markers, a full disk, incomplete checkpoints
+skipped with a note, every bad `resume=` a one-line checkpoint error (exit 4), another model's or method's
+checkpoint refused with what differs, time-based checkpoints with keep-last pruning, and two jobs aimed at
+one run directory (the second is refused, exit 2)."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import time
+from pathlib import Path
+
+import pytest
+import pytorch_lightning as pl
+import torch
+from torch import nn
+
+from conftest import make_cfg
+from forkrun import fork_tunelab, wait_for
+from tunelab import checkpointing
+from tunelab.checkpointing import (
+    CheckpointInfo,
+    Resume,
+    complete_checkpoints,
+    find_resume,
+    identity,
+    marker_path,
+    save_atomic,
+)
+from tunelab.errors import CheckpointError
+
+
+def _checkpoint(step: int, ident: dict | None = None) -> dict:
+    return {"global_step": step, "epoch": 0, "state_dict": {"model.w": torch.full((3, 2), float(step))},
+            "tunelab": {"identity": ident or {}, "step_boundary": True, "resumable": True}}
+
+
+@pytest.fixture(scope="module")
+def identities() -> dict[str, dict]:
+    return {name: identity(make_cfg(Path("/nonexistent"), overrides))
+            for name, overrides in {"full": [], "lora": ["method=lora"], "moe": ["model=tiny_moe"]}.items()}
+
+
+def test_atomic_save_writes_checkpoint_then_marker(tmp_path):
+    path = tmp_path / "checkpoints" / "step3.ckpt"
+    save_atomic(_checkpoint(3), path)
+    marker = json.loads(marker_path(path).read_text())
+    assert marker["bytes"] == path.stat().st_size and marker["step"] == 3
+    assert torch.load(path, weights_only=True)["global_step"] == 3
+    assert sorted(p.name for p in path.parent.iterdir()) == ["step3.ckpt", "step3.ckpt.done"]
+
+
+def test_a_full_disk_is_a_checkpoint_error_and_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    path = tmp_path / "last.ckpt"
+    save_atomic(_checkpoint(2), path)
+    before = path.read_bytes()
+
+    def save_half_then_fail(obj, file):  # what a filling disk does: some bytes land, then ENOSPC
+        file.write(b"PK\x03\x04" + b"\0" * 1000)
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(checkpointing.torch, "save", save_half_then_fail)
+    with pytest.raises(CheckpointError) as err:
+        save_atomic(_checkpoint(4), path)
+    assert err.value.exit_code == 4 and "No space left on device" in err.value.message()
+    assert str(path) in err.value.message()
+    assert path.read_bytes() == before  # the previous checkpoint of that name is untouched and still complete
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt", "last.ckpt.done"]
+    assert complete_checkpoints(tmp_path)[0][0][0]["step"] == 2
+
+
+def test_incomplete_checkpoints_are_skipped_with_a_note(tmp_path):
+    run = tmp_path / "run"
+    directory = run / "checkpoints"
+    save_atomic(_checkpoint(2), directory / "step2.ckpt")
+    save_atomic(_checkpoint(4), directory / "step4.ckpt")
+    marker_path(directory / "step4.ckpt").unlink()  # killed between the rename and the marker
+    save_atomic(_checkpoint(6), directory / "step6.ckpt")
+    with open(directory / "step6.ckpt", "r+b") as file:  # truncated behind the marker's back
+        file.truncate(100)
+    (directory / ".step8.ckpt.tmp-123").write_bytes(b"PK")  # killed while writing
+    found, notes = complete_checkpoints(directory)
+    assert [p.name for _, p in found] == ["step2.ckpt"]
+    assert len(notes) == 3 and all("skipping" in n for n in notes)
+    plan = find_resume(str(run), run)
+    assert plan.path == directory / "step2.ckpt" and plan.in_place and len(plan.notes) == 3
+    assert find_resume("auto", run).path == directory / "step2.ckpt"
+    assert find_resume("auto", tmp_path / "fresh").path is None  # auto in a new directory: start from scratch
+
+
+BAD = {
+    "missing": lambda d: d / "nope.ckpt",
+    "empty": lambda d: (d / "empty.ckpt").write_bytes(b"") or d / "empty.ckpt",
+    "text": lambda d: (d / "notes.ckpt").write_text("resume from here\n") or d / "notes.ckpt",
+    "random bytes": lambda d: (d / "random.ckpt").write_bytes(os.urandom(4096)) or d / "random.ckpt",
+    "truncated": lambda d: _truncated(d),
+    "a torch file that is not a checkpoint": lambda d: torch.save({"w": torch.ones(2)}, d / "w.pt") or d / "w.pt",
+    "a directory": lambda d: (d / "somewhere").mkdir() or d / "somewhere",
+    "killed before any checkpoint": lambda d: _killed_early(d),
+}
+
+
+def _truncated(directory: Path) -> Path:
+    path = directory / "step2.ckpt"
+    save_atomic(_checkpoint(2), path)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    marker_path(path).unlink()
+    return path
+
+
+def _killed_early(directory: Path) -> Path:
+    run = directory / "run"
+    (run / ".hydra").mkdir(parents=True)
+    (run / "checkpoints").mkdir()
+    (run / "checkpoints" / ".step2.ckpt.tmp-77").write_bytes(b"PK\x03")
+    return run
+
+
+@pytest.mark.parametrize("kind", list(BAD))
+def test_every_bad_resume_is_a_checkpoint_error(tmp_path, kind):
+    value = BAD[kind](tmp_path)
+    with pytest.raises(CheckpointError) as err:
+        find_resume(str(value), tmp_path / "this-run")
+    text = err.value.message()
+    assert text.startswith("tunelab: checkpoint error: ") and str(value) in text and "\n  hint: " in text
+    assert err.value.exit_code == 4
+
+
+@pytest.mark.parametrize(("saved", "here", "differs"), [
+    ("lora", "full", "method.peft._target_: 'peft.LoraConfig' in the checkpoint, None here"),
+    ("moe", "full", "model.name_or_path: '<assets>/tiny-moe' in the checkpoint, '<assets>/tiny-llama' here"),
+])
+def test_another_model_or_method_is_refused_saying_what_differs(tmp_path, identities, saved, here, differs):
+    save_atomic(_checkpoint(2, identities[saved]), tmp_path / "step2.ckpt")
+    assert find_resume(str(tmp_path / "step2.ckpt"), tmp_path, identities[saved]).info.step == 2
+    with pytest.raises(CheckpointError) as err:
+        find_resume(str(tmp_path / "step2.ckpt"), tmp_path, identities[here])
+    assert "is of another model or method" in err.value.message() and differs in err.value.message()
+
+
+def test_a_foreign_checkpoint_is_checked_tensor_by_tensor():
+    class Tiny(pl.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = nn.Linear(2, 3)
+
+    plan = Resume(Path("x.ckpt"), CheckpointInfo(Path("x.ckpt"), 1, 0, {}, {"model.weight": (3, 2)}))
+    with pytest.raises(CheckpointError, match=r"1 tensors missing \(e.g. model.bias\)"):
+        plan.check_tensors(Tiny())
+    plan.info.state_shapes = {"model.weight": (3, 2), "model.bias": (3,)}
+    plan.check_tensors(Tiny())
+
+
+def test_bad_resume_on_the_command_line_is_exit_4_before_anything_is_written(tmp_path):
+    """The CLI path of the cases above (they share find_resume): a run killed before its first checkpoint."""
+    value, log = _killed_early(tmp_path), tmp_path / "cli.log"
+    code = fork_tunelab(["logger=none", f"paths.output_dir={tmp_path}/out", f"resume={value}"], log)
+    text = log.read_text()
+    assert code == 4, text[-2000:]
+    assert text.startswith(f"tunelab: checkpoint error: no complete checkpoint in {value}/checkpoints")
+    assert "Traceback" not in text and "partial" not in text
+    assert not (tmp_path / "out").exists() and not (value / ".hydra" / "config.yaml").exists()  # nothing written
+
+
+class Pause(pl.Callback):
+    """Test-only: after the first optimizer step, say so (`started`) and wait for `release` (bounded)."""
+
+    def __init__(self, started: str, release: str) -> None:
+        self.started, self.release = Path(started), Path(release)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step == 1:
+            self.started.touch()
+            deadline = time.monotonic() + 300
+            while not self.release.exists() and time.monotonic() < deadline:
+                time.sleep(0.05)
+
+
+@pytest.mark.slow
+def test_two_jobs_aimed_at_one_run_directory_and_time_based_checkpoints(tmp_path):
+    """Job A holds its run directory; job B aimed at it is refused (exit 2) and writes nothing there.
+    A's checkpoints: one per step by time (every_minutes tiny), the newest two kept, last.ckpt = the newest,
+    each loadable with weights_only=True and holding RNG states, data position and identity."""
+    args = ["logger=none", "eval.baseline=false", "eval.test=false", "eval.generate_on_val=false",
+            "hyperparams.max_steps=3", "hyperparams.batch_size=4", "eval.max_eval_samples=4",
+            "+trainer.limit_val_batches=1", "callbacks.checkpoint.every_n_steps=null",
+            "callbacks.checkpoint.every_minutes=1e-9", "callbacks.checkpoint.keep_last=2",
+            f"paths.output_dir={tmp_path}", f"paths.cache_dir={tmp_path.parent}/cache", "run_id=shared"]
+    run_dir = tmp_path / "runs" / "shared"
+    started, release = tmp_path / "started", tmp_path / "release"
+    pause = [f"+callbacks.pause._target_={__name__}.Pause", f"+callbacks.pause.started={started}",
+             f"+callbacks.pause.release={release}"]
+    job_a = fork_tunelab([*args, *pause], tmp_path / "a.log", wait=False)
+    deadline = time.monotonic() + 300
+    while not started.exists() and time.monotonic() < deadline:
+        if os.waitpid(job_a, os.WNOHANG)[0]:
+            pytest.fail("job A ended early: " + (tmp_path / "a.log").read_text()[-3000:])
+        time.sleep(0.1)
+    assert started.exists()
+    overrides = (run_dir / ".hydra" / "overrides.yaml").read_text()
+    code = fork_tunelab([*args, "hyperparams.lr=1e-4"], tmp_path / "b.log")
+    text = (tmp_path / "b.log").read_text()
+    assert code == 2, text[-2000:]
+    assert "tunelab: config error: run directory" in text and "in use by another job (pid" in text
+    assert (run_dir / ".hydra" / "overrides.yaml").read_text() == overrides  # B wrote nothing into A's directory
+    release.touch()
+    assert wait_for(job_a) == 0
+    assert (run_dir / "metrics.json").is_file(), (tmp_path / "a.log").read_text()[-3000:]
+
+    found, notes = complete_checkpoints(run_dir / "checkpoints")
+    names = sorted(p.name for _, p in found)
+    assert names == ["last.ckpt", "step2.ckpt", "step3.ckpt"] and not notes, (names, notes)
+    assert os.path.samefile(run_dir / "checkpoints" / "last.ckpt", run_dir / "checkpoints" / "step3.ckpt")
+    saved = torch.load(run_dir / "checkpoints" / "step3.ckpt", weights_only=True)
+    assert saved["global_step"] == 3
+    assert set(saved["tunelab"]["rng"]) >= {"torch", "numpy", "python"}
+    assert saved["loops"]["fit_loop"]["state_dict"]["combined_loader"] == [{"epoch": 0, "batches": 3}]
+    assert saved["tunelab"]["identity"]["method"] == {"peft": None}
