@@ -470,6 +470,7 @@ def load_served(cfg: DictConfig) -> Served:
     from tunelab.artifacts import resolve_run
     from tunelab.models import load_run, load_tokenizer
 
+    torch.manual_seed(int(cfg.seed))  # a random-init model option is the same model every launch
     if (cfg.run is None) == (cfg.get("model") is None):
         raise ConfigError("give exactly one of run= and model=", "command line",
                           "tunelab serve run=<run dir>, or tunelab serve model=<option>")
