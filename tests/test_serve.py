@@ -154,6 +154,40 @@ def test_sigterm_drains_and_exits(server):
     assert "Shutting down" in proc.stderr.read()
 
 
+def test_limits_and_sigterm_drain_with_a_request_in_flight():
+    """One generation at a time, none waiting: a second request is 429 while a long one streams; SIGTERM
+    lets that stream finish, and the server exits as killed by SIGTERM."""
+    proc = subprocess.Popen([sys.executable, "-m", "tunelab.cli", "serve", "model=tiny", "port=0", "max_concurrent=1",
+                             "max_waiting=0", "max_tokens=400", "served_model_name=tiny"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
+    try:
+        base = re.search(r"on (http://127\.0\.0\.1:\d+/v1)", proc.stdout.readline()).group(1)
+        client = _client(base)
+        for _ in range(300):
+            try:
+                client.models.list()
+                break
+            except openai.APIConnectionError:
+                time.sleep(0.2)
+        # The random-init tiny model never says end-of-turn: 400 tokens keep its one slot busy for a while.
+        stream = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}],
+                                                max_tokens=400, stream=True)
+        first = next(iter(stream))
+        with pytest.raises(openai.RateLimitError) as busy:
+            client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=1)
+        assert busy.value.status_code == 429 and busy.value.response.headers["retry-after"] == "1"
+        proc.send_signal(signal.SIGTERM)
+        rest = list(stream)  # the request in flight is answered to the end
+        assert rest[-1].choices[0].finish_reason == "length"
+        text = (first.choices[0].delta.content or "") + "".join(c.choices[0].delta.content or "" for c in rest)
+        assert text
+        assert proc.wait(timeout=60) == -signal.SIGTERM
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
 def _serve_cfg(overrides: list[str]):
     cfg = compose(overrides, config_name="serve", return_hydra_config=False)
     GlobalHydra.instance().clear()

@@ -448,25 +448,6 @@ def _api_key(cfg: DictConfig) -> str | None:
     return key or None
 
 
-def _check_run_trust(run_dir: Path, trust_remote_code: bool) -> None:
-    """A run directory is data: refuse one whose saved config would widen trust (remote code, or a
-    quantization `_target_` outside transformers) unless the command line itself allows remote code."""
-    saved = run_dir / ".hydra" / "config.yaml"
-    try:
-        run_cfg = OmegaConf.load(saved) if saved.is_file() else None
-    except Exception:  # noqa: BLE001 - a damaged file is ignored by load_run too
-        return
-    if run_cfg is None:
-        return
-    if bool(OmegaConf.select(run_cfg, "model.trust_remote_code", default=False)) and not trust_remote_code:
-        raise ConfigError("the run's saved config asks for trust_remote_code, which a run directory cannot turn on",
-                          f"file {saved}", "serve it with trust_remote_code=true on the command line if you trust it")
-    target = str(OmegaConf.select(run_cfg, "method.quantization._target_", default="") or "")
-    if target and not target.startswith("transformers."):
-        raise ConfigError(f"the run's saved config builds {target!r}, which serve will not execute", f"file {saved}",
-                          "only transformers quantization configs are built from a run directory")
-
-
 def _bind(host: str, port: int) -> socket.socket:
     """The listening socket, bound before the model loads: a port in use fails at once with exit 2."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
@@ -489,14 +470,14 @@ def load_served(cfg: DictConfig) -> Served:
     from tunelab.artifacts import resolve_run
     from tunelab.models import load_run, load_tokenizer
 
+    torch.manual_seed(int(cfg.seed))  # a random-init model option is the same model every launch
     if (cfg.run is None) == (cfg.get("model") is None):
         raise ConfigError("give exactly one of run= and model=", "command line",
                           "tunelab serve run=<run dir>, or tunelab serve model=<option>")
     if cfg.run is not None:
         run_dir = resolve_run(str(cfg.run))
-        _check_run_trust(run_dir, bool(cfg.trust_remote_code))
-        try:
-            model, tokenizer, recipe = load_run(run_dir)
+        try:  # trust_remote_code only from this command line, never from the run directory (it is data)
+            model, tokenizer, recipe = load_run(run_dir, trust_remote_code=bool(cfg.trust_remote_code))
         except TunelabError:
             raise
         except Exception as err:  # noqa: BLE001 - truncated safetensors, wrong shapes, bad JSON: a damaged model/
