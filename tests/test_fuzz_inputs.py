@@ -344,7 +344,8 @@ def data_cases() -> list[DataCase]:
         cases.append(DataCase(f"completion {value!r}", _splits(data), expect=f"train.jsonl:{line}: completion: empty"))
     for field in ("sentiment", "title"):
         data, line = _with_bad(rng, json.dumps({k: v for k, v in GOOD.items() if k != field}))
-        cases.append(DataCase(f"missing {field}", _splits(data), expect=f"train.jsonl:{line}:"))
+        cases.append(DataCase(f"missing {field}", _splits(data), expect=f"train.jsonl:{line}: "
+                              f"{'completion' if field == 'sentiment' else 'prompt'} template: '{field}' is undefined"))
     rows = _csv([GOOD] * 4).split(b"\n")
     cases += [DataCase("csv extra value", _splits(b"\n".join([*rows[:2], rows[2] + b",extra", *rows[3:]]), "train.csv"),
                        expect="train.csv:3: 7 values but the header has 6 columns"),
