@@ -381,9 +381,9 @@ def data_cases() -> list[DataCase]:
                  "messages[0].content: expected a string"),
                 ("content null", {"messages": [CHAT_GOOD["messages"][0], {"role": "assistant", "content": None}]},
                  "messages[1].content: expected a string"),
-                ("last not assistant", {"messages": CHAT_GOOD["messages"][:1]}, "the last message must be"),
+                ("last not assistant", {"messages": CHAT_GOOD["messages"][:1]}, "messages: the last message must be"),
                 ("empty assistant", {"messages": [CHAT_GOOD["messages"][0], {"role": "assistant", "content": " "}]},
-                 "empty assistant message")]
+                 "messages[1].content: empty assistant message")]
     for name, row, expect in chat_bad:
         data = _jsonl([CHAT_GOOD, row, CHAT_GOOD])
         good = _jsonl([CHAT_GOOD])
