@@ -97,11 +97,14 @@ BAD_VALUES: dict[str, tuple[tuple[str, ...], list[str]]] = {
     "method.freeze.last_n_layers": (("method=freeze",), ["-1"]),
     "decoding.max_new_tokens": ((), ["0"]),
     "decoding.top_p": ((), ["0", "1.5"]),
+    "decoding.temperature": ((), ["0", "-1"]),
+    "decoding.top_k": ((), ["-1"]),
+    "decoding.repetition_penalty": ((), ["0"]),
     "callbacks.best.save_top_k": ((), ["-2"]),
     "callbacks.checkpoint.every_n_steps": ((), ["0", "-5"]),
     "callbacks.checkpoint.every_minutes": ((), ["0", "-1.5", "nan"]),
     "callbacks.checkpoint.keep_last": ((), ["0"]),
-    "callbacks.throughput.window": ((), ["0"]),
+    "+callbacks.throughput.window": ((), ["0"]),  # not in the YAML: added, then range-checked
     "model.dtype": ((), ["float33", "int8"]),
 }
 VERB_BAD_VALUES: dict[str, dict[str, list[str]]] = {
@@ -154,7 +157,7 @@ def config_cases() -> list[Case]:
               Case("cache_dir under a file", ("paths.cache_dir={file}/cache",)),
               Case("output_dir is a file", ("paths.output_dir={file}",)),
               Case("export out under a file", ("run=x", "out={file}/model"), verb="export")]
-    unique = {case.argv: case for case in cases}  # a random typo can repeat a listed case
+    unique = {(c.verb, c.base, c.argv): c for c in cases}  # a random typo can repeat a listed case
     assert len({c.name for c in unique.values()}) == len(unique), "case names must be unique"
     return list(unique.values())
 
@@ -223,7 +226,7 @@ def a_file(tmp_path_factory) -> Path:
 
 def test_bad_configs_are_refused_with_exit_2(a_file):
     assert len(CONFIG_CASES) >= 100
-    assert len({c.argv for c in CONFIG_CASES}) == len(CONFIG_CASES), "duplicate cases"
+    assert len({(c.verb, c.base, c.argv) for c in CONFIG_CASES}) == len(CONFIG_CASES), "duplicate cases"
     results = {case.name: _run_case(case, a_file, fast=True) for case in CONFIG_CASES}
     crashed = {n: m for n, (kind, m) in results.items() if kind == "crashed"}
     accepted = [n for n, (kind, _) in results.items() if kind == "accepted"]
@@ -235,6 +238,12 @@ def test_bad_configs_are_refused_with_exit_2(a_file):
         message = results[case.name][1]
         assert message.startswith("2 tunelab: config error: ") and "\n  hint: " in message, message
         assert "command line" in message or ".yaml" in message or "key " in message, message
+    valued = [(c, key.lstrip("+")) for c in CONFIG_CASES for key in [c.argv[0].split("=", 1)[0]]
+              if (key in BAD_VALUES or key in VERB_BAD_VALUES.get(c.verb, {})) and not key.endswith("_target_")]
+    for case, key in valued:  # refused for its value, not because the key went missing from conf/
+        message = results[case.name][1]
+        named = key in message or f"key {key.rsplit('.', 1)[0]} " in message  # the key, or the node built with it
+        assert "unknown key" not in message and named, (case.name, message)
 
 
 def test_fast_path_equals_preflight(a_file):
@@ -388,7 +397,8 @@ def data_cases() -> list[DataCase]:
         data = _jsonl([CHAT_GOOD, row, CHAT_GOOD])
         good = _jsonl([CHAT_GOOD])
         cases.append(DataCase(f"chat {name}", {"train.jsonl": data, "validation.jsonl": good, "test.jsonl": good},
-                              settings=(("format", fmt("chat")), ("templates", [])), expect=f"train.jsonl:2: {expect}"))
+                              settings=(("format", fmt("chat")), ("templates", [])),
+                              expect=f"train.jsonl:2: {expect}"))
     for value in (None, 7, ["a"]):
         good = _jsonl([{"text": "some text"}])
         cases.append(DataCase(f"text {type(value).__name__}",

@@ -153,7 +153,7 @@ class TuneDataModule(pl.LightningDataModule):
             for split in ("validation", "test"):
                 if split not in self.splits[name]:
                     raise DataError(
-                        f"task {name!r} has no {split} split", f"dataset {name} (source {cfg['source'].get('path')})",
+                        f"task {name!r} has no {split} split", f"dataset {name} (source {cfg.source.path})",
                         "name it in dataset.source.splits, or carve it from train with "
                         "dataset.source.val_size/test_size",
                     )
