@@ -112,6 +112,8 @@ VERB_BAD_VALUES: dict[str, dict[str, list[str]]] = {
                  "decoding.max_new_tokens": ["0"], "decoding.repetition_penalty": ["0"], "seed": ["-1"],
                  "template": ["-1"]},
     "export": {"dtype": ["float33", "int4"]},
+    "serve": {"port": ["-1", "70000"], "max_tokens": ["0"], "max_concurrent": ["0"], "max_waiting": ["-1"],
+              "max_request_bytes": ["0"], "graceful_timeout_s": ["-5"]},
 }
 SCHEDULERS = ["linear", "cosine", "constant_with_warmup", "polynomial", "inverse_sqrt"]
 HYPERPARAMS = ["lr", "batch_size", "epochs", "weight_decay", "warmup_ratio", "max_seq_len", "packing", "seed"]

@@ -160,6 +160,13 @@ RANGES: dict[str, Range] = {
     **{f"{group}.num_beams": AT_LEAST_ONE for group in DECODING},
     "seed": SEED,  # `tunelab generate seed=...`
     "template": Range(low=0, integer=True),  # `tunelab generate template=...`
+    # `tunelab serve ...`
+    "port": Range(low=0, high=65535, integer=True, note="0: any free port"),
+    "max_tokens": AT_LEAST_ONE,
+    "max_concurrent": AT_LEAST_ONE,
+    "max_waiting": Range(low=0, integer=True),
+    "max_request_bytes": AT_LEAST_ONE,
+    "graceful_timeout_s": NON_NEGATIVE,
 }
 
 # Keys taking one of a few words (None: null allowed); names a `_target_`'s annotation lists are checked by
