@@ -483,6 +483,7 @@ def test_bad_datasets_are_refused_with_exit_3(tmp_path, tokenizer, dataset_cfg):
 
 
 # ---- the real command line, one case per path a failure takes ---------------------------------------
+@pytest.mark.slow  # three console-script processes
 def test_cli_path_prints_no_traceback(tmp_path):
     """Each path a refusal takes reaches the terminal as one `tunelab:` message with its exit code: the
     pre-flight check (a range), the override parser (a syntax error) and a job's data loading (undecodable
