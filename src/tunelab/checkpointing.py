@@ -462,6 +462,7 @@ class Checkpointing(pl.Callback):
         self._pending_rng: dict[str, Any] | None = None  # restored when the first resumed batch starts
         self._loader_states: list[dict[str, Any]] = []
         self._saving = False  # True while this callback writes: marks the checkpoint as one to resume from
+        self._check_epoch_progress = False
         self.last_path: Path | None = None
 
     # -- lifecycle
@@ -492,6 +493,16 @@ class Checkpointing(pl.Callback):
         if state is not None:
             set_rng_states(state)
         self._pending_rng = None
+        if self._check_epoch_progress:
+            self._check_epoch_progress = False
+            # Resumed from a checkpoint written after an epoch's last batch, Lightning (2.6) starts the next
+            # epoch without counting it started: a checkpoint of this run would then say "epoch not started"
+            # and a second resume repeats the epoch (4 extra steps, measured). In a training batch the epoch
+            # is always started and not yet processed; restore that.
+            progress = trainer.fit_loop.epoch_progress
+            if progress.total.started == progress.total.processed:
+                progress.increment_ready()
+                progress.increment_started()
         self._step_boundary = False
 
     def _capture_rng(self) -> None:
@@ -511,6 +522,7 @@ class Checkpointing(pl.Callback):
     def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                            checkpoint: dict[str, Any]) -> None:
         self._pending_rng = (checkpoint.get("tunelab") or {}).get("rng")
+        self._check_epoch_progress = True
         loop = (checkpoint.get("loops") or {}).get("fit_loop") or {}
         self._loader_states = (loop.get("state_dict") or {}).get("combined_loader") or []
 
