@@ -72,3 +72,47 @@ def test_bundled_entity_targets_parse_back_to_their_lists(split: str) -> None:
         expected = [(kind, normalize(name)) for kind in ("person", "organisation", "location") for name in row[kind]]
         assert parse_entities(row["entities"]) == expected, row["id"]
         assert entity_f1(row["entities"], row["entities"]) == 1.0
+
+
+# ---- library metrics, corpus metrics and bootstrap intervals (issue 10) ----------------------------------
+def test_library_overlap_metrics_exact_values() -> None:
+    from tunelab.metrics import bleu, chrf, corpus_bleu, rouge_l
+
+    # LCS "the cat on the mat": 5 of 6 tokens in each, so P = R = F = 5/6.
+    assert rouge_l("the cat sat on the mat", "the cat lay on the mat") == pytest.approx(5 / 6)
+    assert rouge_l("twenty mg twice daily", "twenty mg twice daily") == 1.0
+    assert rouge_l("nothing alike", "different words") == 0.0
+    assert bleu("store at room temperature", "store at room temperature") == pytest.approx(1.0)
+    assert chrf("refrigerate", "refrigerate") == pytest.approx(1.0)
+    assert 0.0 < chrf("refrigerated", "refrigerate") < 1.0
+    # Corpus BLEU pools n-gram counts: not the mean of sentence BLEUs.
+    preds, refs = ["a b c d", "x y"], ["a b c d", "x z"]
+    assert corpus_bleu(preds, refs) != pytest.approx((bleu(preds[0], refs[0]) + bleu(preds[1], refs[1])) / 2)
+
+
+def test_macro_f1_weights_classes_equally() -> None:
+    from tunelab.metrics import macro_f1
+
+    refs = ["positive"] * 8 + ["negative"] * 2
+    always_positive = ["positive"] * 10
+    # positive: tp 8, fp 2, fn 0 -> F1 16/18; negative: tp 0 -> 0; macro = 8/18, while accuracy is 0.8.
+    assert macro_f1(always_positive, refs) == pytest.approx(8 / 18)
+    assert macro_f1(refs, refs) == 1.0
+    assert macro_f1(["Positive."] + refs[1:], refs) == 1.0  # normalised like exact_match
+
+
+def test_bootstrap_ci_known_sample() -> None:
+    from tunelab.metrics import corpus_ci, macro_f1, mean_ci
+
+    half = [1.0] * 50 + [0.0] * 50
+    est = mean_ci(half, resamples=2000, seed=0)
+    # Binomial: mean 0.5, standard error sqrt(0.25/100) = 0.05, so the 95% interval is about 0.5 +- 0.098.
+    assert est.value == 0.5 and est.n == 100
+    assert est.low == pytest.approx(0.402, abs=0.015) and est.high == pytest.approx(0.598, abs=0.015)
+    assert mean_ci(half, seed=0) == mean_ci(half, seed=0)  # seeded: the same interval every time
+    assert mean_ci([1.0] * 30).as_dict() == {"value": 1.0, "ci_low": 1.0, "ci_high": 1.0, "n": 30}
+    # A corpus metric resamples (answer, reference) pairs; all-correct stays at 1.0, a mixed sample spreads.
+    refs = ["a", "b"] * 20
+    assert corpus_ci(macro_f1, refs, refs, resamples=200).low == 1.0
+    mixed = corpus_ci(macro_f1, ["a"] * 40, refs, resamples=200)
+    assert mixed.low < mixed.value < mixed.high

@@ -1,9 +1,20 @@
-"""Scorers of generated answers against references: each returns 1.0 or 0.0 (or a fraction) per example."""
+"""Scorers of generated answers against references, corpus-level metrics, and bootstrap confidence intervals.
+
+Per-example scorers `(prediction, reference) -> float` are averaged over a split (a dataset's `metrics:`);
+corpus metrics `(predictions, references) -> float` see the whole split at once (a dataset's
+`corpus_metrics:`: macro-F1, corpus BLEU/chrF), because their value is not a mean of per-example values.
+"""
 
 from __future__ import annotations
 
+import functools
 import re
 import string
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
 
 _PUNCT = re.compile(f"[{re.escape(string.punctuation)}]")
 
@@ -65,3 +76,124 @@ def entity_f1(prediction: str, reference: str) -> float:
     """
     pred, ref = parse_entities(prediction), parse_entities(reference) or []
     return 0.0 if pred is None else _f1(pred, ref)
+
+
+# ---- generative overlap metrics from the reference libraries (rouge-score, sacrebleu) -----------------
+# Per-example scores in [0, 1], averaged like the others; the corpus versions below are the figures the
+# libraries' authors report (BLEU is defined over a corpus, its sentence form needs smoothing).
+@functools.cache
+def _rouge_scorer() -> Any:
+    from rouge_score import rouge_scorer
+
+    # Porter stemming as in the ROUGE paper's official script (and most published ROUGE-L figures).
+    return rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+
+
+def rouge_l(prediction: str, reference: str) -> float:
+    """ROUGE-L F-measure (longest common subsequence) of one answer, from Google's `rouge-score`."""
+    return float(_rouge_scorer().score(reference, prediction)["rougeL"].fmeasure)
+
+
+def bleu(prediction: str, reference: str) -> float:
+    """Sentence BLEU / 100 from `sacrebleu` (exponential smoothing, its default for sentences)."""
+    import sacrebleu
+
+    return float(sacrebleu.sentence_bleu(prediction, [reference]).score) / 100.0
+
+
+def chrf(prediction: str, reference: str) -> float:
+    """Character n-gram F-score (chrF) / 100 from `sacrebleu`; kinder than BLEU to short answers."""
+    import sacrebleu
+
+    return float(sacrebleu.sentence_chrf(prediction, [reference]).score) / 100.0
+
+
+# ---- corpus-level metrics: one number from all answers at once (not a mean of per-example scores) -----
+def corpus_bleu(predictions: Sequence[str], references: Sequence[str]) -> float:
+    """Corpus BLEU / 100 (sacrebleu): n-gram counts pooled over the whole split, as BLEU is defined."""
+    import sacrebleu
+
+    return float(sacrebleu.corpus_bleu(list(predictions), [list(references)]).score) / 100.0
+
+
+def corpus_chrf(predictions: Sequence[str], references: Sequence[str]) -> float:
+    """Corpus chrF / 100 (sacrebleu): character n-gram statistics pooled over the split."""
+    import sacrebleu
+
+    return float(sacrebleu.corpus_chrf(list(predictions), [list(references)]).score) / 100.0
+
+
+def macro_f1(predictions: Sequence[str], references: Sequence[str], normalized: bool = True) -> float:
+    """Macro-averaged F1 over the reference labels: each class's F1 (one-vs-rest) averaged with equal weight,
+    so a model answering the majority label everywhere scores low on an unbalanced split. An answer that is no
+    label counts as wrong for its reference's class. Classes are the labels that occur in `references`."""
+    clean = normalize if normalized else str.strip
+    preds, refs = [clean(p) for p in predictions], [clean(r) for r in references]
+    scores = []
+    for label in sorted(set(refs)):
+        tp = sum(p == label and r == label for p, r in zip(preds, refs, strict=True))
+        fp = sum(p == label and r != label for p, r in zip(preds, refs, strict=True))
+        fn = sum(p != label and r == label for p, r in zip(preds, refs, strict=True))
+        scores.append(0.0 if tp == 0 else 2 * tp / (2 * tp + fp + fn))
+    return sum(scores) / len(scores) if scores else 0.0
+
+
+# ---- confidence intervals ----------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Estimate:
+    """A metric's value on the whole sample and its percentile-bootstrap confidence interval."""
+
+    value: float
+    low: float
+    high: float
+    n: int
+
+    def as_dict(self) -> dict[str, float]:
+        return {"value": self.value, "ci_low": self.low, "ci_high": self.high, "n": self.n}
+
+
+def bootstrap_ci(
+    n: int,
+    statistic: Callable[[np.ndarray], float],
+    resamples: int = 1000,
+    confidence: float = 0.95,
+    seed: int = 0,
+) -> Estimate:
+    """Percentile bootstrap of `statistic(indices)` over `n` examples: the statistic on the whole sample, and
+    the (1-confidence)/2 and (1+confidence)/2 quantiles of the statistic over `resamples` seeded resamples
+    drawn with replacement (Efron & Tibshirani 1993, ch. 13). Works for a mean of per-example scores and
+    for corpus metrics (BLEU, macro-F1) alike, since the statistic sees the resampled indices."""
+    if n == 0:
+        return Estimate(float("nan"), float("nan"), float("nan"), 0)
+    rng = np.random.default_rng(seed)
+    draws = rng.integers(0, n, size=(resamples, n))
+    values = np.array([statistic(idx) for idx in draws])
+    tail = (1.0 - confidence) / 2.0
+    low, high = np.quantile(values, [tail, 1.0 - tail])
+    return Estimate(float(statistic(np.arange(n))), float(low), float(high), n)
+
+
+def mean_ci(scores: Sequence[float], resamples: int = 1000, confidence: float = 0.95, seed: int = 0) -> Estimate:
+    """The mean of per-example scores with its bootstrap CI (vectorised: one draw matrix, one mean per row)."""
+    values = np.asarray(scores, dtype=float)
+    if values.size == 0:
+        return Estimate(float("nan"), float("nan"), float("nan"), 0)
+    rng = np.random.default_rng(seed)
+    means = values[rng.integers(0, values.size, size=(resamples, values.size))].mean(axis=1)
+    tail = (1.0 - confidence) / 2.0
+    low, high = np.quantile(means, [tail, 1.0 - tail])
+    return Estimate(float(values.mean()), float(low), float(high), int(values.size))
+
+
+def corpus_ci(
+    metric: Callable[[Sequence[str], Sequence[str]], float],
+    predictions: Sequence[str],
+    references: Sequence[str],
+    resamples: int = 1000,
+    confidence: float = 0.95,
+    seed: int = 0,
+) -> Estimate:
+    """A corpus-level metric on all answers, with its bootstrap CI over resampled (answer, reference) pairs."""
+    preds, refs = list(predictions), list(references)
+    return bootstrap_ci(len(preds), lambda idx: metric([preds[i] for i in idx], [refs[i] for i in idx]),
+                        resamples, confidence, seed)
