@@ -64,9 +64,14 @@ class Throughput(pl.Callback):
             return {}
         return {"perf/tokens_per_s": self.total_tokens / self.total_seconds,
                 "perf/s_per_step": self.total_seconds * accumulate / max(self.total_batches, 1),
-                "perf/peak_mem_gb": peak_memory_gb(device)}
+                "perf/peak_mem_gb": peak_memory_gb(device),
+                "perf/train_s": self.total_seconds}  # training steps only, validation excluded (compare reads it)
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._start is not None:  # the epoch's last, partial window still counts towards the totals
+            self.total_tokens += self._tokens
+            self.total_batches += self._batches
+            self.total_seconds += time.perf_counter() - self._start
         self._tokens, self._batches, self._start = 0, 0, None  # validation time is not training time
 
 

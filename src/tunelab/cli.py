@@ -37,6 +37,8 @@ VERBS: tuple[Verb, ...] = (
          "train"),
     Verb("generate", "tunelab.generate",
          'answer with a trained run: run=<run dir> prompt="..." [interactive=true] [decoding=creative]', "generate"),
+    Verb("eval", "tunelab.eval",
+         "score a run or a model on a test split: run=<dir> | model=, dataset=, prompting=few_shot|retrieval", "eval"),
     Verb("export", "tunelab.export",
          "merge adapters and write a plain Hugging Face model: run=<run dir> [out=<dir>] [merge=true|false]",
          "export"),

@@ -47,22 +47,20 @@ class Prompt:
     meta: dict[str, Any] = field(default_factory=dict)
 
 
-@dataclass
 class Setting:
-    """What every strategy may draw on. `train` must hold train-split samples only (checked)."""
+    """What every strategy may draw on. `train` must hold train-split samples only (checked).
 
-    tokenizer: Any
-    train: list[Sample]
-    max_prompt_tokens: int
-    cache_dir: Path | None = None
-    seed: int = 0
-    render: Callable[[Any, list[dict[str, str]]], list[int]] | None = None  # messages -> prompt ids
+    A plain class, not a dataclass: Hydra would turn a dataclass passed to `instantiate` into a config node.
+    """
 
-    def __post_init__(self) -> None:
-        leaked = [s.example.origin for s in self.train if s.split != "train"]
+    def __init__(self, tokenizer: Any, train: list[Sample], max_prompt_tokens: int, cache_dir: Path | None = None,
+                 seed: int = 0, render: Callable[[Any, list[dict[str, str]]], list[int]] | None = None) -> None:
+        leaked = [s.example.origin for s in train if s.split != "train"]
         if leaked:  # few-shot examples and passages come from train only, never from what is scored
             raise ConfigError(f"prompting was given {len(leaked)} samples not from the train split "
-                              f"(first: {leaked[0]})", "key prompting", "this is a bug in the caller")
+                              f"(first: {leaked[0]})", "key prompting", "few-shot and retrieval draw on train only")
+        self.tokenizer, self.train, self.max_prompt_tokens = tokenizer, list(train), max_prompt_tokens
+        self.cache_dir, self.seed, self.render = cache_dir, seed, render  # render: messages -> prompt ids
 
     def ids(self, messages: list[dict[str, str]]) -> list[int]:
         if self.render is not None:
@@ -183,7 +181,7 @@ class Retrieval:
     (sandboxed: `passages` (id, text, title), `question`). Reports whether the passage the dataset names as
     holding the answer (`documents.gold_column`) was among those placed in the prompt: the hit rate."""
 
-    def __init__(self, setting: Setting, documents: dict[str, Any], retriever: Callable[..., Any], k: int = 3,
+    def __init__(self, setting: Setting, documents: Mapping[str, Any] | None, retriever: Callable[..., Any], k: int = 3,
                  template: str = DEFAULT_CONTEXT_TEMPLATE) -> None:
         from jinja2 import StrictUndefined, TemplateSyntaxError
         from jinja2.sandbox import ImmutableSandboxedEnvironment

@@ -1,0 +1,279 @@
+"""`tunelab eval`: score a trained run or a model as it is on datasets' held-out split, with a prompting strategy.
+
+compose → load the model (`run=<run dir>`: full or base + adapter with the prompt recipe it was trained
+with; or `model=<option>`) → format the split as training does → build each prompt with the prompting
+strategy (zero-shot, few-shot, retrieval; drawing on train or a document source, never on test) →
+answer and score through `tunelab.evaluate.evaluate` (the scoring path `train` uses too) → per-metric
+bootstrap confidence intervals, corpus metrics, slices → the eval directory:
+
+    .hydra/            the composed config and overrides
+    metrics.json       `test/<metric>` (+ `/ci_low`, `/ci_high`), `test/<dataset>/<metric>` with several
+                       datasets, slices `test/<field>=<value>/<metric>`, prompt tokens, latency, hit rate
+    predictions.jsonl  one row per example: prompt, retrieved context, reference, answer, per-metric score,
+                       prompt tokens, latency
+    wandb/             the W&B run (job_type=eval): the metrics and a Table of the predictions
+
+`evaluate_cfg(cfg)` is importable and returns the metrics; `main` is the thin Hydra entry point.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import hydra
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from tunelab import paths
+from tunelab.config import build, validate
+from tunelab.errors import CheckpointError, ConfigError, TunelabError, exit_with
+from tunelab.evaluate import EvalItem, evaluate, prompt_ids
+from tunelab.metrics import Estimate, corpus_ci, mean_ci
+from tunelab.prompting import Sample, Setting, load_samples
+from tunelab.redact import redact_file
+
+log = logging.getLogger(__name__)
+
+
+# ---- the model: a run directory or a model option ----------------------------------------------------
+def _run_settings(run_dir: Path) -> dict[str, Any]:
+    """Plain values of the run's saved config and metrics (seed, eval batch size, cost); nothing is built
+    from a run directory (ARCHITECTURE: a run directory is data, not code)."""
+    out: dict[str, Any] = {}
+    saved = run_dir / ".hydra" / "config.yaml"
+    if saved.is_file():
+        try:
+            run_cfg = OmegaConf.load(saved)
+            for key, name in (("hyperparams.seed", "seed"), ("hyperparams.eval_batch_size", "batch_size")):
+                value = OmegaConf.select(run_cfg, key, default=None, throw_on_resolution_failure=False)
+                if isinstance(value, int):
+                    out[name] = value
+        except Exception as err:  # a damaged file: the model directory alone still loads
+            log.warning("ignoring %s (%s)", saved, str(err).splitlines()[0])
+    metrics_file = run_dir / "metrics.json"
+    if metrics_file.is_file():
+        metrics = json.loads(metrics_file.read_text())
+        for key in ("params/trainable", "params/total", "perf/train_s"):
+            if isinstance(metrics.get(key), (int, float)):
+                out[key] = float(metrics[key])
+    return out
+
+
+def run_dir_of(cfg: DictConfig) -> Path | None:
+    """`cfg.run` as a checked run directory (one that holds model/), or None when a model option is scored."""
+    if cfg.run is None:
+        return None
+    run_dir = Path(str(cfg.run)).expanduser()
+    if not run_dir.is_dir():
+        raise ConfigError(f"run directory not found: {run_dir}", f"override run={cfg.run} on the command line",
+                          "give a directory written by `tunelab train` (outputs/runs/<id>)")
+    if not (run_dir / "model").is_dir():
+        raise CheckpointError(f"{run_dir} is not a run directory: it has no model/", "key run",
+                              "give a directory written by `tunelab train` that finished (it holds model/)")
+    return run_dir
+
+
+def load_model(cfg: DictConfig, run_dir: Path | None, seed: int) -> tuple[Any, Any, dict[str, Any]]:
+    """(model, tokenizer, recipe): the run's when given, else the `model` option as it is (no training)."""
+    if run_dir is not None:
+        from tunelab.models import load_run
+
+        return load_run(run_dir)
+    torch.manual_seed(seed)  # a random-init model (model=tiny) is the same base `train` starts from
+    tokenizer = build(cfg.tokenizer)
+    return build(cfg.model).eval(), tokenizer, {}
+
+
+def _with_recipe(dataset: dict[str, Any], recipe: Mapping[str, Any]) -> dict[str, Any]:
+    """The dataset config with the run's training recipe (templates, system prompt, format) when the run was
+    trained on this dataset: prompts are then exactly those the run was trained and tested on."""
+    if not recipe or recipe.get("name") != dataset.get("name"):
+        return dataset
+    return {**dataset, **{k: recipe[k] for k in ("format", "templates", "system_prompt") if k in recipe}}
+
+
+# ---- figures ----------------------------------------------------------------------------------------
+def figures(rows: Sequence[Mapping[str, Any]], scorers: Mapping[str, Any], corpus: Mapping[str, Any],
+            bootstrap: Mapping[str, Any]) -> dict[str, Estimate]:
+    """Each metric over `rows` with its bootstrap CI: means of per-example scores, and corpus metrics."""
+    out = {name: mean_ci([r[name] for r in rows], **bootstrap) for name in scorers}
+    answers, references = [r["answer"] for r in rows], [r["reference"] for r in rows]
+    out.update({name: corpus_ci(metric, answers, references, **bootstrap) for name, metric in corpus.items()})
+    hits = [r["retrieval_hit"] for r in rows if "retrieval_hit" in r]
+    if hits:
+        out["retrieval_hit"] = mean_ci(hits, **bootstrap)
+    return out
+
+
+def flatten(prefix: str, estimates: Mapping[str, Estimate]) -> dict[str, float]:
+    flat: dict[str, float] = {}
+    for name, est in estimates.items():
+        flat[f"{prefix}/{name}"] = est.value
+        flat[f"{prefix}/{name}/ci_low"], flat[f"{prefix}/{name}/ci_high"] = est.low, est.high
+    return flat
+
+
+def summarize(rows: Sequence[Mapping[str, Any]], prefix: str, scorers: Mapping[str, Any],
+              corpus: Mapping[str, Any], bootstrap: Mapping[str, Any], slice_by: Sequence[str]) -> dict[str, float]:
+    """metrics.json figures of one dataset: metrics with CIs, cost per answer, and each slice's metrics."""
+    flat = flatten(prefix, figures(rows, scorers, corpus, bootstrap))
+    flat[f"{prefix}/n"] = len(rows)
+    for key in ("prompt_tokens", "latency_s", "shots", "passages"):
+        values = [float(r[key]) for r in rows if key in r]
+        if values:
+            flat[f"{prefix}/{key}"] = sum(values) / len(values)
+    for field in slice_by:
+        values = sorted({json.dumps(r.get(field)) for r in rows if field in r})
+        if not values:
+            raise ConfigError(f"slice_by names {field!r}, which no row of the dataset has", "key slice_by",
+                              "name a column of the dataset's rows, e.g. slice_by=[changed] on knowledge_updated")
+        for value in values:
+            part = [r for r in rows if json.dumps(r.get(field)) == value]
+            flat.update(flatten(f"{prefix}/{field}={json.loads(value)}",
+                                figures(part, scorers, corpus, bootstrap)))
+            flat[f"{prefix}/{field}={json.loads(value)}/n"] = len(part)
+    return flat
+
+
+# ---- the verb ---------------------------------------------------------------------------------------
+def evaluate_cfg(cfg: DictConfig) -> dict[str, float]:
+    """Evaluate as `cfg` describes, write the eval directory, return the figures written to metrics.json."""
+    validate(cfg)
+    out_dir = Path(cfg.paths.run_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for saved in (out_dir / ".hydra").glob("*.yaml"):
+        redact_file(saved)
+    run_dir = run_dir_of(cfg)
+    run_settings = _run_settings(run_dir) if run_dir is not None else {}
+    seed = int(cfg.seed if cfg.seed is not None else run_settings.get("seed", 0))  # the run's: same templates
+    model, tokenizer, recipe = load_model(cfg, run_dir, seed)
+    device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
+                          "cpu" if cfg.device == "auto" else str(cfg.device))
+    model.to(device)
+    decoding = OmegaConf.to_container(cfg.generation, resolve=True)
+    context = getattr(getattr(model, "config", None), "max_position_embeddings", None) or 2048
+    budget = int(cfg.max_prompt_tokens or context - int(decoding.get("max_new_tokens", 64)))
+    batch_size = int(cfg.batch_size or run_settings.get("batch_size", 32))
+    bootstrap = OmegaConf.to_container(cfg.bootstrap, resolve=True)
+
+    dataset = OmegaConf.to_container(cfg.dataset, resolve=True)
+    tasks = dataset.get("tasks") or {dataset["name"]: dataset}  # a mixture is scored task by task
+    metrics: dict[str, float] = {k: v for k, v in run_settings.items() if "/" in k}  # params/*, perf/train_s
+    if run_dir is not None and "params/trainable" not in metrics:
+        from tunelab.models import count_parameters
+
+        metrics["params/trainable"], metrics["params/total"] = count_parameters(model)
+    all_rows: list[dict[str, Any]] = []
+    notes: list[str] = []
+    for name, task in tasks.items():
+        task = _with_recipe(task, recipe)
+        splits = load_samples(task, seed)
+        if cfg.split not in splits:
+            raise ConfigError(f"dataset {name!r} has no {cfg.split} split", "key split",
+                              f"splits: {', '.join(splits)}")
+        held_out = splits[cfg.split][: cfg.max_samples or None]
+        setting = Setting(tokenizer, splits.get("train", []), budget, Path(cfg.paths.cache_dir), seed, prompt_ids)
+        strategy = build(cfg.prompting, setting=setting)
+        items = [_item(strategy(sample), sample, name, tokenizer, cfg.slice_by) for sample in held_out]
+        if getattr(strategy, "summary", None) and strategy.summary():
+            notes.append(f"{name}: {strategy.summary()}")
+            log.warning(notes[-1])
+        scorers = build(task.get("metrics") or {}, _convert_="all")
+        corpus = build(task.get("corpus_metrics") or {}, _convert_="all")
+        began = time.perf_counter()
+        result = evaluate(model, tokenizer, items, {name: scorers}, decoding, batch_size)
+        log.info("%s: %d answers in %.1f s", name, len(items), time.perf_counter() - began)
+        prefix = cfg.split if len(tasks) == 1 else f"{cfg.split}/{name}"
+        metrics.update(summarize(result.rows, prefix, scorers, corpus, bootstrap, list(cfg.slice_by)))
+        all_rows.extend({"dataset": name, **row} for row in result.rows)
+
+    with (out_dir / "predictions.jsonl").open("w") as handle:
+        for row in all_rows:
+            handle.write(json.dumps(row, ensure_ascii=False, default=str) + "\n")
+    (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
+    if notes:
+        (out_dir / "notes.txt").write_text("\n".join(notes) + "\n")
+    _log(cfg, metrics, all_rows)
+    _print(out_dir, metrics, notes)
+    return metrics
+
+
+def _item(prompt: Any, sample: Sample, task: str, tokenizer: Any, slice_by: Sequence[str]) -> EvalItem:
+    meta = {"id": sample.fields.get("id", sample.example.origin), "origin": sample.example.origin,
+            "prompt": tokenizer.decode(prompt.ids), **prompt.meta}
+    meta.update({field: sample.fields[field] for field in slice_by if field in sample.fields})
+    return EvalItem(prompt.ids, sample.example.reference or "", task, meta)
+
+
+def _log(cfg: DictConfig, metrics: dict[str, float], rows: list[dict[str, Any]]) -> None:
+    """The W&B run (job_type from the logger config: `eval`): summary metrics and a Table of predictions."""
+    from pytorch_lightning.loggers import WandbLogger
+
+    from tunelab.redact import redact
+
+    resolved = OmegaConf.to_container(OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"]), resolve=True)
+    for node in cfg.logger.values():
+        logger = build(node)
+        completed = False
+        try:
+            if isinstance(logger, WandbLogger):
+                import wandb
+
+                run = logger.experiment
+                run.config.update(redact(resolved), allow_val_change=True)  # secrets masked, as train does
+                run.summary.update(metrics)
+                columns = sorted({k for row in rows for k in row})
+                table = wandb.Table(columns=columns,
+                                    data=[[_cell(row.get(c)) for c in columns] for row in rows])
+                run.log({"predictions": table})
+            else:
+                logger.log_metrics(metrics)
+            completed = True
+        finally:
+            if isinstance(logger, WandbLogger):
+                logger.experiment.finish(exit_code=0 if completed else 1)
+            else:
+                logger.finalize("success" if completed else "failed")
+
+
+def _cell(value: Any) -> Any:
+    return json.dumps(value) if isinstance(value, (list, dict)) else value
+
+
+def _print(out_dir: Path, metrics: dict[str, float], notes: list[str]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    table = Table(title="tunelab eval")
+    for column in ("metric", "value", "95% CI"):
+        table.add_column(column, justify="left" if column == "metric" else "right")
+    for key in sorted(metrics):
+        if key.endswith(("/ci_low", "/ci_high")) or key.startswith(("params/", "perf/")):
+            continue
+        low, high = metrics.get(f"{key}/ci_low"), metrics.get(f"{key}/ci_high")
+        table.add_row(key, f"{metrics[key]:.4f}", "" if low is None else f"[{low:.4f}, {high:.4f}]")
+    console.print(table)
+    for note in notes:
+        console.print(f"note: {note}")
+    console.print(f"eval directory: {out_dir}")
+
+
+@hydra.main(config_path=str(paths.conf_dir()), config_name="eval", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    """Hydra entry point of `tunelab eval`."""
+    try:
+        evaluate_cfg(cfg)
+    except TunelabError as err:
+        exit_with(err)
+
+
+if __name__ == "__main__":
+    from tunelab.cli import run_verb
+
+    run_verb("eval")
