@@ -1,0 +1,234 @@
+"""`tunelab eval` and prompting: never test in the prompt, cached retrieval, exact agreement with `train` and export."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import open_dict
+
+from conftest import REPO, make_cfg
+from tunelab import paths
+from tunelab.config import compose, validate
+from tunelab.errors import CheckpointError, ConfigError, DataError
+
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline", "PYTHONUNBUFFERED": "1"}
+KNOWLEDGE = REPO / "data" / "knowledge"
+QUIET_TRAIN = ["eval.baseline=false", "eval.generate_on_val=false", "logger=none"]
+
+
+def eval_cfg(out: Path, overrides: list[str]):
+    """A composed `tunelab eval` config writing to `out`, as the Hydra job would see it."""
+    cfg = compose([*overrides, f"paths.output_dir={out}"], config_name="eval")
+    with open_dict(cfg):
+        cfg.paths.run_dir = str(out)
+        cfg.hydra.runtime.output_dir = str(out)
+        cfg.hydra.job.num = 0
+    HydraConfig.instance().set_config(cfg)
+    return cfg
+
+
+def run_eval(out: Path, overrides: list[str]) -> dict[str, float]:
+    from tunelab.eval import evaluate_cfg
+
+    return evaluate_cfg(eval_cfg(out, ["logger=none", *overrides]))
+
+
+def _rows(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
+
+
+# ---- configs ----------------------------------------------------------------------------------------
+EVAL_GROUPS = ("prompting", "documents")
+OPTIONS = sorted(f"{g}={p.stem}" for g in EVAL_GROUPS for p in (paths.conf_dir() / g).glob("*.yaml"))
+
+
+def test_eval_options_are_discovered():
+    assert {"prompting=zero_shot", "prompting=few_shot", "prompting=retrieval", "documents=knowledge"} <= set(OPTIONS)
+
+
+@pytest.mark.parametrize("override", OPTIONS)
+def test_every_eval_option_composes_and_validates(override):
+    cfg = compose([override, "prompting=retrieval" if override.startswith("documents") else override],
+                  config_name="eval")
+    validate(cfg)
+    assert cfg.task_name == "eval" and "_target_" in cfg.prompting
+
+
+# ---- prompting never draws from test ----------------------------------------------------------------
+def _samples(dataset: str):
+    from omegaconf import OmegaConf
+
+    from tunelab.prompting import load_samples
+
+    cfg = compose([f"dataset={dataset}"], config_name="eval", return_hydra_config=False)
+    return load_samples(OmegaConf.to_container(cfg.dataset, resolve=True), 0)
+
+
+def test_few_shot_never_draws_from_test():
+    from transformers import AutoTokenizer
+
+    from tunelab.evaluate import prompt_ids
+    from tunelab.prompting import FewShot, Setting
+
+    splits = _samples("knowledge")
+    tokenizer = AutoTokenizer.from_pretrained(str(paths.assets_dir() / "tiny-llama"))
+    with pytest.raises(ConfigError, match="not from the train split"):
+        Setting(tokenizer, splits["train"] + splits["test"][:1], 448)
+    setting = Setting(tokenizer, splits["train"], 448, None, 0, prompt_ids)
+    test_questions = {s.question for s in splits["test"]}
+    train_origins = {s.example.origin for s in splits["train"]}
+    for selection in ("random", "similar"):
+        strategy = FewShot(setting, k=3, selection=selection)
+        for sample in splits["test"][:40]:
+            prompt = strategy(sample)
+            assert prompt.meta["shots"] == 3 and set(prompt.meta["shot_origins"]) <= train_origins
+            earlier = [m["content"] for m in prompt.messages[:-1]]
+            assert not test_questions & set(earlier), "a test question appeared as a shot"
+            assert prompt.messages[-1] == sample.example.messages[-2]  # the question itself comes last
+    # similar: the closest train question is about the same drug and fact
+    sample = splits["test"][0]
+    best = FewShot(setting, k=1, selection="similar").shots(sample)[0]
+    assert best.fields["drug"] == sample.fields["drug"]
+    with pytest.raises(ConfigError, match="prompting.k=401 but the train split has 400"):
+        FewShot(setting, k=401)
+
+
+def test_few_shot_says_how_many_fit():
+    from transformers import AutoTokenizer
+
+    from tunelab.evaluate import prompt_ids
+    from tunelab.prompting import FewShot, Setting
+
+    splits = _samples("knowledge")
+    tokenizer = AutoTokenizer.from_pretrained(str(paths.assets_dir() / "tiny-llama"))
+    strategy = FewShot(Setting(tokenizer, splits["train"], 200, None, 0, prompt_ids), k=8)
+    prompts = [strategy(s) for s in splits["test"][:10]]
+    assert all(len(p.ids) <= 200 for p in prompts)
+    assert all(0 < p.meta["shots"] < 8 for p in prompts)  # dropped whole shots, never cut the prompt
+    assert "10 of 10 prompts cannot hold 8 shots within 200 tokens" in strategy.summary()
+
+
+# ---- retrieval ----------------------------------------------------------------------------------------
+def test_retrieval_index_cache_hit_and_invalidation(tmp_path):
+    from tunelab.retrieval import Bm25Retriever, load_documents
+
+    source = {"path": str(KNOWLEDGE / "documents.jsonl"), "text_column": "text", "id_column": "id",
+              "title_column": "title"}
+    passages = load_documents(source)
+    first = Bm25Retriever(passages, tmp_path)
+    second = Bm25Retriever(passages, tmp_path)
+    assert (first.cache_hit, second.cache_hit) == (False, True)
+    query = "How should Caldamab be stored?"
+    assert [p.id for p, _ in first.search(query, 3)] == [p.id for p, _ in second.search(query, 3)]
+    assert first.search(query, 1)[0][0].id == "caldamab-handling"
+    # the updated formulary differs in content: a new index, the old one untouched
+    updated = load_documents({**source, "path": str(KNOWLEDGE / "updated" / "documents.jsonl")})
+    third = Bm25Retriever(updated, tmp_path)
+    assert not third.cache_hit and third.key != first.key
+    assert len(list((tmp_path / "retrieval").iterdir())) == 2
+    assert Bm25Retriever(passages, tmp_path, k1=1.2).key != first.key  # settings are part of the key
+
+
+def test_document_source_without_text_column(tmp_path):
+    from tunelab.retrieval import load_documents
+
+    (tmp_path / "docs.jsonl").write_text('{"id": "a", "body": "x"}\n')
+    with pytest.raises(DataError, match="no column 'text'") as err:
+        load_documents({"path": str(tmp_path / "docs.jsonl"), "text_column": "text", "id_column": "id"})
+    assert err.value.where == "key documents.text_column" and "body" in err.value.hint
+
+
+# ---- the verb -----------------------------------------------------------------------------------------
+GOLDEN = {  # the first test row of the knowledge task, retrieval k=2, the tiny random-init model (seed 0)
+    "dataset": "knowledge", "task": "knowledge", "id": "caldamab-dose-q3",
+    "prompt": "<|im_start|>user\nUse the following passages to answer.\n\n"
+              "[caldamab-handling] Caldamab is made by Corvane Labs. The Harbourside Clinic keeps Caldamab away "
+              "from light.\n[caldamab-dosing] Caldamab is an antiemetic. The standard adult dose of Caldamab is "
+              "250 mg twice daily, and the maximum daily dose is 1000 mg.\n\nAnswer from the Harbourside Clinic "
+              "formulary.\nQuestion: According to the formulary, how is Caldamab dosed in adults?<|im_end|>\n"
+              "<|im_start|>assistant\n",
+    "context": "Caldamab is made by Corvane Labs. The Harbourside Clinic keeps Caldamab away from light.\n"
+               "Caldamab is an antiemetic. The standard adult dose of Caldamab is 250 mg twice daily, and the "
+               "maximum daily dose is 1000 mg.",
+    "retrieved": ["caldamab-handling", "caldamab-dosing"], "passages": 2, "retrieval_hit": 1.0,
+    "reference": "250 mg twice daily", "answer": "etoothetoothetoothetoothetoothetoothetoothetooth",
+    "prompt_tokens": 198, "exact_match": 0.0, "token_f1": 0.0, "rouge_l": 0.0,
+}
+
+
+def test_golden_predictions_row(tmp_path):
+    metrics = run_eval(tmp_path, ["dataset=knowledge", "prompting=retrieval", "prompting.k=2",
+                                  "documents=knowledge", "max_samples=4", "generation.max_new_tokens=8"])
+    row = _rows(tmp_path)[0]
+    assert {k: row[k] for k in GOLDEN} == GOLDEN
+    assert row["origin"].endswith("data/knowledge/test.jsonl:1")
+    assert set(row) == {*GOLDEN, "origin", "latency_s"} and row["latency_s"] > 0
+    assert metrics["test/retrieval_hit"] == 1.0 and metrics["test/n"] == 4
+    for key in ("exact_match", "token_f1", "rouge_l", "chrf"):  # chrf: the dataset's corpus metric
+        assert metrics[f"test/{key}/ci_low"] <= metrics[f"test/{key}"] <= metrics[f"test/{key}/ci_high"]
+    saved = json.loads((tmp_path / "metrics.json").read_text())
+    assert saved == pytest.approx(metrics)
+
+
+@pytest.fixture(scope="module")
+def short_run(tmp_path_factory) -> tuple[Path, dict[str, float]]:
+    """A demo-like run (full fine-tuning of the tiny model on reviews), scored on 64 test examples by train."""
+    from tunelab.train import train
+
+    run = tmp_path_factory.mktemp("run")
+    metrics = train(make_cfg(run, [*QUIET_TRAIN, "hyperparams.max_steps=60", "eval.max_eval_samples=64"]))
+    return run, metrics
+
+
+@pytest.mark.slow
+def test_eval_reproduces_the_runs_own_test_accuracy(short_run, tmp_path):
+    run, trained = short_run
+    metrics = run_eval(tmp_path, [f"run={run}", "max_samples=64"])
+    assert 0.0 < trained["test/accuracy"] < 1.0, trained  # a figure that can disagree
+    assert metrics["test/accuracy"] == trained["test/accuracy"]
+    assert metrics["params/trainable"] == trained["params/trainable"]
+
+
+@pytest.mark.slow
+def test_adapter_run_equals_its_merged_export(tmp_path):
+    from tunelab.export import export
+    from tunelab.train import train
+
+    run = tmp_path / "lora"
+    train(make_cfg(run, ["method=lora", "hyperparams.lr=3e-3", *QUIET_TRAIN, "eval.test=false",
+                         "hyperparams.max_steps=20"]))
+    out = export(compose([f"run={run}", f"out={tmp_path / 'merged'}"], config_name="export",
+                         return_hydra_config=False))
+    common = ["max_samples=24", "prompting=few_shot", "prompting.k=2", "generation.max_new_tokens=16"]
+    adapter = run_eval(tmp_path / "a", [f"run={run}", *common])
+    merged = run_eval(tmp_path / "m", [*common, f"model.name_or_path={out}", "model.random_init=false"])
+    assert [r["answer"] for r in _rows(tmp_path / "a")] == [r["answer"] for r in _rows(tmp_path / "m")]
+    assert adapter["test/accuracy"] == merged["test/accuracy"]
+
+
+# ---- bad input ------------------------------------------------------------------------------------------
+def test_bad_input_messages(tmp_path):
+    with pytest.raises(ConfigError, match="unknown prompting option 'fewshot'") as err:
+        compose(["prompting=fewshot"], config_name="eval")
+    assert "few_shot" in err.value.hint
+    with pytest.raises(ConfigError, match="prompting.k=5000 but the train split has 400"):
+        run_eval(tmp_path / "k", ["dataset=knowledge", "prompting=few_shot", "prompting.k=5000"])
+    (tmp_path / "notarun").mkdir()
+    with pytest.raises(CheckpointError, match="is not a run directory"):
+        run_eval(tmp_path / "r", [f"run={tmp_path / 'notarun'}"])
+
+
+def test_cli_exit_code_for_a_directory_that_is_not_a_run(tmp_path):
+    (tmp_path / "notarun").mkdir()
+    proc = subprocess.run([sys.executable, "-m", "tunelab.cli", "eval", f"run={tmp_path / 'notarun'}",
+                           "logger=none", f"paths.output_dir={tmp_path}"], capture_output=True, text=True,
+                          env=ENV, timeout=300)
+    assert proc.returncode == 4, proc.stderr[-2000:]
+    assert "tunelab: checkpoint error:" in proc.stderr and "hint:" in proc.stderr
+    assert "Traceback" not in proc.stderr
