@@ -10,6 +10,11 @@ its weights (after fine-tuning on train) or from retrieved passages (RAG).
   fact is asked in four phrasings: train holds phrasings 0 and 1 of every fact, validation phrasing 2 of a
   seeded sample, test phrasing 3 of every fact. The test questions' wording never occurs in train; their
   facts do (the task measures recall of facts from the documents, as a closed-book QA benchmark does).
+* ``openbook/``: reading practice for retrieval-augmented fine-tuning (as in RAFT, Zhang et al. 2024): the
+  same questions, each with a passage in a field ``passage``, but the facts in these passages are drawn
+  afresh (``OPENBOOK_WORLDS`` random formularies), so the answer can only come from the passage, not from
+  memory. A model trained on them learns to read a retrieved passage; ``knowledge_raft`` mixes them with
+  the closed-book questions.
 * ``updated/``: the same formulary after an update in which a seeded quarter of the facts changed (new
   dose, new maker, new storage...): ``documents.jsonl`` and the three splits with the new answers and
   ``"changed": true|false`` per row, so accuracy on changed facts can be reported on its own.
@@ -30,6 +35,7 @@ from pathlib import Path
 N_DRUGS = 40
 VALIDATION_FACTS = 60
 CHANGED_SHARE = 0.25
+OPENBOOK_WORLDS = 3
 CLINIC = "Harbourside Clinic"
 
 # fmt: off
@@ -133,10 +139,32 @@ def make(seed: int) -> dict[str, list[dict]]:
         return splits
 
     out = dict(rows(facts, False))
+    out.update({f"openbook/{name}": items for name, items in openbook(rng, drugs, keys, seed).items()})
     out["documents"] = [p for d in drugs for p in passages(d, facts[d])]
     out.update({f"updated/{name}": items for name, items in rows(updated, True).items()})
     out["updated/documents"] = [p for d in drugs for p in passages(d, updated[d])]
     return out
+
+
+def openbook(rng: random.Random, drugs: list[str], keys: list[tuple[str, str]], seed: int) -> dict[str, list[dict]]:
+    """Questions with the passage to read them from, in random formularies unrelated to the real one."""
+    splits: dict[str, list[dict]] = {"train": [], "validation": [], "test": []}
+    for world in range(OPENBOOK_WORLDS):
+        facts = {d: {fact: rng.choice(options) for fact, options in CHOICES.items()} for d in drugs}
+        for drug, fact in keys:
+            kind, phrasings = QUESTIONS[fact]
+            text = next(p["text"] for p in passages(drug, facts[drug]) if p["id"].endswith(kind))
+            wanted = [("train", world % 2)] + ([("validation", 2)] if world == 0 and rng.random() < 0.15 else [])
+            wanted += [("test", 3)] if world == 1 and rng.random() < 0.25 else []
+            for split, phrasing in wanted:
+                splits[split].append({
+                    "id": f"{drug.lower()}-{fact}-w{world}-q{phrasing}", "drug": drug, "fact": fact,
+                    "question": phrasings[phrasing].format(drug=drug), "answer": facts[drug][fact],
+                    "passage_id": f"{drug.lower()}-{kind}", "passage": text,
+                })
+    for name, split_rows in splits.items():
+        random.Random(f"{seed}:openbook:{name}").shuffle(split_rows)
+    return splits
 
 
 def main() -> None:

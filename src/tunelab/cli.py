@@ -39,6 +39,8 @@ VERBS: tuple[Verb, ...] = (
          'answer with a trained run: run=<run dir> prompt="..." [interactive=true] [decoding=creative]', "generate"),
     Verb("eval", "tunelab.eval",
          "score a run or a model on a test split: run=<dir> | model=, dataset=, prompting=few_shot|retrieval", "eval"),
+    Verb("compare", "tunelab.compare",
+         "base zero-/few-shot, retrieval, fine-tuned (+retrieval) on one test split: run=<dir> dataset=", "compare"),
     Verb("export", "tunelab.export",
          "merge adapters and write a plain Hugging Face model: run=<run dir> [out=<dir>] [merge=true|false]",
          "export"),

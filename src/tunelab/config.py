@@ -186,7 +186,7 @@ def _where(cfg: DictConfig, key_path: str) -> str:
 def _check_schema(cfg: DictConfig, name: str, schema: type) -> None:
     """Check the node at key path `name` against a dataclass schema (unknown keys, types, enum values)."""
     node = OmegaConf.select(cfg, name, default=None)
-    if node is None:
+    if not isinstance(node, DictConfig):  # absent, or another verb's plain value (compare's `dataset: <option>`)
         return
     try:
         OmegaConf.merge(OmegaConf.structured(schema), OmegaConf.to_container(node, resolve=False))

@@ -1,0 +1,263 @@
+"""`tunelab compare`: should I fine-tune? Prompting, retrieval and fine-tuning scored side by side.
+
+Each arm is one `tunelab eval` (the same composed eval config, the same scoring path) on the same test split:
+by default the base model zero-shot, few-shot and with retrieval, the fine-tuned run, and the fine-tuned run
+with retrieval. The comparison directory holds each arm's eval directory, and:
+
+    compare.md / compare.csv   the headline metric with its 95% CI per arm, the other metrics, retrieval hit
+                               rate, mean prompt tokens, latency per answer, trainable parameters, training time
+    compare.png                a bar chart of the headline metric with CI whiskers
+    reading.txt                one paragraph read off the table (also at the end of compare.md)
+
+Every arm's W&B run (job_type=eval) is in one W&B group, the comparison's id.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, open_dict
+
+from tunelab import paths
+from tunelab.config import compose
+from tunelab.errors import ConfigError, TunelabError, exit_with
+
+log = logging.getLogger(__name__)
+
+
+def arm_overrides(cfg: DictConfig, arm: Mapping[str, Any]) -> list[str]:
+    """The `tunelab eval` overrides of one arm: the shared choices, the run if the arm uses it, its own."""
+    shared = [f"model={cfg.model}", f"dataset={cfg.dataset}", f"documents={cfg.documents}",
+              f"logger={cfg.logger}", f"group={cfg.group}"]
+    run = [f"run={cfg.run}"] if arm.get("run") else []
+    return [*shared, *run, *cfg.overrides, *arm.get("overrides", [])]
+
+
+def arm_configs(cfg: DictConfig, out_dir: Path) -> dict[str, DictConfig]:
+    """Every arm's composed and validated eval config, before any arm runs (a typo fails at once)."""
+    from tunelab.config import validate
+
+    configs: dict[str, DictConfig] = {}
+    for name, arm in cfg.arms.items():
+        if arm.get("run") and cfg.run is None:
+            log.warning("arm %r needs a fine-tuned run (run=<dir>); skipped", name)
+            continue
+        arm_dir = out_dir / str(name)
+        overrides = [*arm_overrides(cfg, arm), f"paths.output_dir={cfg.paths.output_dir}"]  # shared cache
+        eval_cfg = compose(overrides, config_name="eval")
+        with open_dict(eval_cfg):
+            eval_cfg.paths.run_dir = str(arm_dir)
+            eval_cfg.hydra.runtime.output_dir = str(arm_dir)
+            eval_cfg.hydra.job.num = 0
+            if "wandb" in eval_cfg.logger:  # one W&B run per arm, unique across comparisons, named by the arm
+                eval_cfg.logger.wandb.id = f"{out_dir.name}-{name}"
+                eval_cfg.logger.wandb.name = f"{name}"
+        validate(eval_cfg)
+        configs[str(name)] = eval_cfg
+    if not configs:
+        raise ConfigError("no arm to run", "key arms", "give run=<run dir> for the fine-tuned arms, or base arms")
+    return configs
+
+
+def run_arms(cfg: DictConfig, out_dir: Path) -> dict[str, dict[str, float]]:
+    """Evaluate every arm (skipping fine-tuned arms without a run) into `<out>/<arm>/`; arm -> metrics."""
+    from tunelab.eval import evaluate_cfg
+
+    configs = arm_configs(cfg, out_dir)
+    outer = HydraConfig.instance().cfg if HydraConfig.initialized() else None  # the whole config, as set
+    results: dict[str, dict[str, float]] = {}
+    try:
+        for name, eval_cfg in configs.items():
+            HydraConfig.instance().set_config(eval_cfg)  # what the arm's loggers read, as in its own job
+            log.info("arm %s: tunelab eval %s", name, " ".join(arm_overrides(cfg, cfg.arms[name])))
+            results[name] = evaluate_cfg(eval_cfg)
+            (Path(eval_cfg.paths.run_dir) / "overrides.json").write_text(
+                json.dumps(arm_overrides(cfg, cfg.arms[name])) + "\n")
+    finally:
+        if outer is not None:
+            HydraConfig.instance().set_config(outer)
+    return results
+
+
+# ---- the table -----------------------------------------------------------------------------------------
+def _metric_names(metrics: Mapping[str, float], split: str) -> list[str]:
+    """Top-level metric names with a CI (`<split>/<name>/ci_low` exists), in their order of appearance."""
+    names = []
+    for key in metrics:
+        if key.startswith(f"{split}/") and key.endswith("/ci_low"):
+            name = key[len(split) + 1:-len("/ci_low")]
+            if "/" not in name and name != "retrieval_hit":
+                names.append(name)
+    return sorted(names)
+
+
+def _slices(metrics: Mapping[str, float], split: str, metric: str) -> list[str]:
+    """Slice prefixes (`changed=True`, ...) that hold the headline metric."""
+    return sorted({k[len(split) + 1:].rsplit("/", 1)[0] for k in metrics
+                   if k.startswith(f"{split}/") and "=" in k and k.endswith(f"/{metric}")})
+
+
+def table_rows(results: Mapping[str, Mapping[str, float]], metric: str, split: str = "test") -> list[dict[str, Any]]:
+    """One row per arm: the headline metric and its CI, the other metrics, slices, cost."""
+    rows = []
+    for arm, m in results.items():
+        row: dict[str, Any] = {"arm": arm, metric: m.get(f"{split}/{metric}"),
+                               f"{metric}_ci_low": m.get(f"{split}/{metric}/ci_low"),
+                               f"{metric}_ci_high": m.get(f"{split}/{metric}/ci_high")}
+        for name in _metric_names(m, split):
+            if name != metric:
+                row[name] = m[f"{split}/{name}"]
+        for part in _slices(m, split, metric):
+            row[f"{metric} ({part})"] = m[f"{split}/{part}/{metric}"]
+            row[f"{metric} ({part})_ci_low"] = m[f"{split}/{part}/{metric}/ci_low"]
+            row[f"{metric} ({part})_ci_high"] = m[f"{split}/{part}/{metric}/ci_high"]
+        row["retrieval_hit"] = m.get(f"{split}/retrieval_hit")
+        row["prompt_tokens"] = m.get(f"{split}/prompt_tokens")
+        row["latency_ms"] = 1000 * m[f"{split}/latency_s"] if f"{split}/latency_s" in m else None
+        row["trainable_params"] = m.get("params/trainable")
+        row["train_s"] = m.get("perf/train_s")
+        row["n"] = m.get(f"{split}/n")
+        rows.append(row)
+    return rows
+
+
+def _fmt(value: Any, digits: int = 3) -> str:
+    if value is None:
+        return "–"
+    if isinstance(value, float) and value.is_integer() and abs(value) >= 100:
+        return f"{int(value):,}"
+    return f"{value:.{digits}f}" if isinstance(value, float) else str(value)
+
+
+def markdown(rows: Sequence[Mapping[str, Any]], metric: str) -> str:
+    """The table as GitHub markdown: CI columns folded into `value [low, high]`."""
+    keys = [k for k in rows[0] if not k.endswith(("_ci_low", "_ci_high"))]
+    keys = [k for k in keys if any(r.get(k) is not None for r in rows)]
+    header = [f"{k} [95% CI]" if f"{k}_ci_low" in rows[0] else k for k in keys]
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" if k == "arm" else "---:" for k in keys) + "|"]
+    for row in rows:
+        cells = []
+        for key in keys:
+            cell = _fmt(row.get(key), 1 if key in ("prompt_tokens", "latency_ms", "train_s") else 3)
+            if f"{key}_ci_low" in row and row.get(key) is not None:
+                cell += f" [{_fmt(row[f'{key}_ci_low'])}, {_fmt(row[f'{key}_ci_high'])}]"
+            cells.append(cell)
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def chart(rows: Sequence[Mapping[str, Any]], metric: str, title: str, path: Path) -> None:
+    """Bars of the headline metric per arm with 95% CI whiskers (and per slice, side by side)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    series = [metric] + [k for k in rows[0] if k.startswith(f"{metric} (") and not k.endswith(("_low", "_high"))]
+    fig, ax = plt.subplots(figsize=(1.6 + 1.5 * len(rows), 3.6))
+    width = 0.8 / len(series)
+    for s, key in enumerate(series):
+        xs = [i + (s - (len(series) - 1) / 2) * width for i in range(len(rows))]
+        values = [r.get(key) or 0.0 for r in rows]
+        errors = [[max(v - (r.get(f"{key}_ci_low") or v), 0) for v, r in zip(values, rows, strict=True)],
+                  [max((r.get(f"{key}_ci_high") or v) - v, 0) for v, r in zip(values, rows, strict=True)]]
+        ax.bar(xs, values, width, yerr=errors, capsize=3, label=key)
+    ax.set_xticks(range(len(rows)), [str(r["arm"]).replace("_", "\n") for r in rows], fontsize=8)
+    ax.set_ylabel(metric)
+    ax.set_ylim(0, 1.05)
+    ax.set_title(title, fontsize=9)
+    if len(series) > 1:
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def reading(rows: Sequence[Mapping[str, Any]], metric: str) -> str:
+    """One plain paragraph read off the table: who wins, by how much, whether the CIs separate, at what cost."""
+    by_arm = {r["arm"]: r for r in rows if r.get(metric) is not None}
+    best = max(by_arm.values(), key=lambda r: r[metric])
+
+    def ci(r: Mapping[str, Any]) -> str:
+        return f"[{r[f'{metric}_ci_low']:.2f}, {r[f'{metric}_ci_high']:.2f}]"
+
+    def versus(a: Mapping[str, Any], b: Mapping[str, Any]) -> str:
+        gap = a[metric] - b[metric]
+        apart = a[f"{metric}_ci_low"] > b[f"{metric}_ci_high"] or b[f"{metric}_ci_low"] > a[f"{metric}_ci_high"]
+        tokens = ""
+        if a.get("prompt_tokens") and b.get("prompt_tokens"):
+            tokens = f" at {100 * a['prompt_tokens'] / b['prompt_tokens']:.0f}% of its prompt length"
+        verdict = ("the 95% intervals do not overlap" if apart
+                   else "the 95% intervals overlap, so the gap is not resolved")
+        return f"{a['arm']} {'gains' if gap >= 0 else 'loses'} {gap:+.2f} {metric} over {b['arm']}{tokens} ({verdict})"
+
+    text = [f"{best['arm']} scores highest: {metric} {best[metric]:.2f} {ci(best)}."]
+    prompting = [r for name, r in by_arm.items() if r.get("trainable_params") is None]
+    tuned = [r for name, r in by_arm.items() if r.get("trainable_params") is not None]
+    if prompting and tuned:
+        best_prompt = max(prompting, key=lambda r: r[metric])
+        best_tuned = max(tuned, key=lambda r: r[metric])
+        text.append(f"Of the fine-tuned arms, {versus(best_tuned, best_prompt)}.")
+        if best_tuned.get("train_s"):
+            text.append(f"That run trained {int(best_tuned['trainable_params']):,} parameters in "
+                        f"{best_tuned['train_s']:.0f} s.")
+    hits = [r for r in by_arm.values() if r.get("retrieval_hit") is not None]
+    if hits:
+        text.append("Retrieval put the passage holding the answer into the prompt for "
+                    + ", ".join(f"{100 * r['retrieval_hit']:.0f}% ({r['arm']})" for r in hits) + " of questions.")
+    changed = next((k for k in best if k.startswith(f"{metric} (") and k.endswith("=True)")), None)
+    if changed:
+        parts = [f"{r['arm']} {r[changed]:.2f}" for r in by_arm.values() if r.get(changed) is not None]
+        text.append(f"On the facts that changed ({changed.split('(')[1].rstrip(')')}): " + ", ".join(parts) + ".")
+    if all(r[metric] == 0 for r in by_arm.values()):
+        text.append("Every arm scores 0: the model cannot do this task in any setting here.")
+    return " ".join(text)
+
+
+def compare(cfg: DictConfig) -> list[dict[str, Any]]:
+    """Run every arm, write the table, chart and reading; returns the table rows."""
+    out_dir = Path(cfg.paths.run_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    results = run_arms(cfg, out_dir)
+    first = next(iter(results.values()))
+    metric = cfg.metric or (_metric_names(first, "test") or [None])[0]
+    if metric is None or f"test/{metric}" not in first:
+        raise ConfigError(f"metric {metric!r} is not among the eval's figures", "key metric",
+                          f"one of: {', '.join(_metric_names(first, 'test'))}")
+    rows = table_rows(results, metric)
+    with (out_dir / "compare.csv").open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    text = reading(rows, metric)
+    title = f"{cfg.dataset}: {metric} per arm (model={cfg.model}" + (f", run={Path(str(cfg.run)).name})" if cfg.run
+                                                                    else ")")
+    chart(rows, metric, title, out_dir / "compare.png")
+    (out_dir / "reading.txt").write_text(text + "\n")
+    (out_dir / "compare.md").write_text(f"## {title}\n\n{markdown(rows, metric)}\n{text}\n")
+    print(markdown(rows, metric))
+    print(text)
+    print(f"comparison: {out_dir}/compare.md, compare.csv, compare.png")
+    return rows
+
+
+@hydra.main(config_path=str(paths.conf_dir()), config_name="compare", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    """Hydra entry point of `tunelab compare`."""
+    try:
+        compare(cfg)
+    except TunelabError as err:
+        exit_with(err)
+
+
+if __name__ == "__main__":
+    from tunelab.cli import run_verb
+
+    run_verb("compare")
