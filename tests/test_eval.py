@@ -232,3 +232,50 @@ def test_cli_exit_code_for_a_directory_that_is_not_a_run(tmp_path):
     assert proc.returncode == 4, proc.stderr[-2000:]
     assert "tunelab: checkpoint error:" in proc.stderr and "hint:" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+# ---- the comparison ---------------------------------------------------------------------------------------
+def test_reading_is_generated_from_the_numbers():
+    from tunelab.compare import markdown, reading
+
+    def row(arm, acc, low, high, tokens, params=None, train_s=None, hit=None, changed=None):
+        out = {"arm": arm, "accuracy": acc, "accuracy_ci_low": low, "accuracy_ci_high": high,
+               "retrieval_hit": hit, "prompt_tokens": tokens, "trainable_params": params, "train_s": train_s}
+        if changed is not None:
+            out.update({"accuracy (changed=True)": changed, "accuracy (changed=True)_ci_low": changed,
+                        "accuracy (changed=True)_ci_high": changed})
+        return out
+
+    rows = [row("base_few_shot", 0.50, 0.40, 0.60, 400.0, changed=0.1),
+            row("base_retrieval", 0.55, 0.45, 0.65, 300.0, hit=0.9, changed=0.5),
+            row("finetuned", 0.81, 0.75, 0.87, 48.0, params=2016960.0, train_s=61.0, changed=0.0)]
+    text = reading(rows, "accuracy")
+    assert text.startswith("finetuned scores highest: accuracy 0.81 [0.75, 0.87].")
+    assert ("finetuned gains +0.26 accuracy over base_retrieval at 16% of its prompt length "
+            "(the 95% intervals do not overlap)") in text
+    assert "trained 2,016,960 parameters in 61 s" in text
+    assert "90% (base_retrieval)" in text
+    assert "On the facts that changed (changed=True): base_few_shot 0.10, base_retrieval 0.50, finetuned 0.00." in text
+    table = markdown(rows, "accuracy")
+    assert "| arm | accuracy [95% CI] |" in table and "| finetuned | 0.810 [0.750, 0.870] |" in table
+
+
+@pytest.mark.slow
+def test_compare_end_to_end(short_run, tmp_path):
+    from tunelab.compare import compare
+
+    run, _ = short_run
+    cfg = compose([f"run={run}", "logger=none", f"paths.output_dir={tmp_path}",
+                   'overrides=["max_samples=16","generation.max_new_tokens=4"]'], config_name="compare")
+    with open_dict(cfg):
+        cfg.paths.run_dir = str(tmp_path / "cmp")
+    rows = compare(cfg)
+    assert [r["arm"] for r in rows] == ["base_zero_shot", "base_few_shot", "base_retrieval", "finetuned",
+                                        "finetuned_retrieval"]
+    by_arm = {r["arm"]: r for r in rows}
+    assert by_arm["finetuned"]["trainable_params"] == 2016960 and by_arm["base_zero_shot"]["trainable_params"] is None
+    assert by_arm["base_few_shot"]["prompt_tokens"] > 2 * by_arm["base_zero_shot"]["prompt_tokens"]
+    for name in ("compare.md", "compare.csv", "compare.png", "reading.txt"):
+        assert (tmp_path / "cmp" / name).stat().st_size > 0
+    for arm in by_arm:  # each arm is a complete eval directory
+        assert (tmp_path / "cmp" / arm / "predictions.jsonl").is_file()
