@@ -9,7 +9,6 @@ import sys
 from pathlib import Path
 
 import pytest
-from hydra.core.hydra_config import HydraConfig
 from omegaconf import open_dict
 
 from conftest import REPO, make_cfg
@@ -27,9 +26,6 @@ def eval_cfg(out: Path, overrides: list[str]):
     cfg = compose([*overrides, f"paths.output_dir={out}"], config_name="eval")
     with open_dict(cfg):
         cfg.paths.run_dir = str(out)
-        cfg.hydra.runtime.output_dir = str(out)
-        cfg.hydra.job.num = 0
-    HydraConfig.instance().set_config(cfg)
     return cfg
 
 

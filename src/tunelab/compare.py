@@ -21,13 +21,12 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import hydra
-from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, open_dict
 
-from tunelab import paths
 from tunelab.config import compose
-from tunelab.errors import ConfigError, TunelabError, exit_with
+from tunelab.entry import hydra_verb
+from tunelab.errors import ConfigError
+from tunelab.run import RunContext
 
 log = logging.getLogger(__name__)
 
@@ -54,11 +53,6 @@ def arm_configs(cfg: DictConfig, out_dir: Path) -> dict[str, DictConfig]:
         eval_cfg = compose(overrides, config_name="eval")
         with open_dict(eval_cfg):
             eval_cfg.paths.run_dir = str(arm_dir)
-            eval_cfg.hydra.runtime.output_dir = str(arm_dir)
-            eval_cfg.hydra.job.num = 0
-            if "wandb" in eval_cfg.logger:  # one W&B run per arm, unique across comparisons, named by the arm
-                eval_cfg.logger.wandb.id = f"{out_dir.name}-{name}"
-                eval_cfg.logger.wandb.name = f"{name}"
         validate(eval_cfg)
         configs[str(name)] = eval_cfg
     if not configs:
@@ -66,23 +60,18 @@ def arm_configs(cfg: DictConfig, out_dir: Path) -> dict[str, DictConfig]:
     return configs
 
 
-def run_arms(cfg: DictConfig, out_dir: Path) -> dict[str, dict[str, float]]:
+def run_arms(cfg: DictConfig, run: RunContext) -> dict[str, dict[str, float]]:
     """Evaluate every arm (skipping fine-tuned arms without a run) into `<out>/<arm>/`; arm -> metrics."""
     from tunelab.eval import evaluate_cfg
 
-    configs = arm_configs(cfg, out_dir)
-    outer = HydraConfig.instance().cfg if HydraConfig.initialized() else None  # the whole config, as set
     results: dict[str, dict[str, float]] = {}
-    try:
-        for name, eval_cfg in configs.items():
-            HydraConfig.instance().set_config(eval_cfg)  # what the arm's loggers read, as in its own job
-            log.info("arm %s: tunelab eval %s", name, " ".join(arm_overrides(cfg, cfg.arms[name])))
-            results[name] = evaluate_cfg(eval_cfg)
-            (Path(eval_cfg.paths.run_dir) / "overrides.json").write_text(
-                json.dumps(arm_overrides(cfg, cfg.arms[name])) + "\n")
-    finally:
-        if outer is not None:
-            HydraConfig.instance().set_config(outer)
+    for name, eval_cfg in arm_configs(cfg, run.run_dir).items():
+        overrides = arm_overrides(cfg, cfg.arms[name])
+        log.info("arm %s: tunelab eval %s", name, " ".join(overrides))
+        # Each arm its own job: its own directory and a W&B id unique across comparisons.
+        arm = RunContext.local(eval_cfg.paths.run_dir, run_id=f"{run.run_id}-{name}", overrides=tuple(overrides))
+        results[name] = evaluate_cfg(eval_cfg, arm)
+        (arm.run_dir / "overrides.json").write_text(json.dumps(overrides) + "\n")
     return results
 
 
@@ -221,11 +210,12 @@ def reading(rows: Sequence[Mapping[str, Any]], metric: str) -> str:
     return " ".join(text)
 
 
-def compare(cfg: DictConfig) -> list[dict[str, Any]]:
+def compare(cfg: DictConfig, run: RunContext | None = None) -> list[dict[str, Any]]:
     """Run every arm, write the table, chart and reading; returns the table rows."""
-    out_dir = Path(cfg.paths.run_dir)
+    run = run or RunContext.local(cfg.paths.run_dir)
+    out_dir = run.run_dir
     out_dir.mkdir(parents=True, exist_ok=True)
-    results = run_arms(cfg, out_dir)
+    results = run_arms(cfg, run)
     first = next(iter(results.values()))
     metric = cfg.metric or (_metric_names(first, "test") or [None])[0]
     if metric is None or f"test/{metric}" not in first:
@@ -248,13 +238,7 @@ def compare(cfg: DictConfig) -> list[dict[str, Any]]:
     return rows
 
 
-@hydra.main(config_path=str(paths.conf_dir()), config_name="compare", version_base="1.3")
-def main(cfg: DictConfig) -> None:
-    """Hydra entry point of `tunelab compare`."""
-    try:
-        compare(cfg)
-    except TunelabError as err:
-        exit_with(err)
+main = hydra_verb("compare", compare)
 
 
 if __name__ == "__main__":

@@ -25,17 +25,17 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import hydra
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
-from tunelab import paths
-from tunelab.config import build, validate
-from tunelab.errors import CheckpointError, ConfigError, TunelabError, exit_with
+from tunelab.config import build, build_with, validate
+from tunelab.entry import hydra_verb
+from tunelab.errors import CheckpointError, ConfigError
 from tunelab.evaluate import EvalItem, evaluate, prompt_ids
 from tunelab.metrics import Estimate, corpus_ci, mean_ci
 from tunelab.prompting import Sample, Setting, load_samples
 from tunelab.redact import redact_file
+from tunelab.run import RunContext
 
 log = logging.getLogger(__name__)
 
@@ -141,10 +141,16 @@ def summarize(rows: Sequence[Mapping[str, Any]], prefix: str, scorers: Mapping[s
 
 
 # ---- the verb ---------------------------------------------------------------------------------------
-def evaluate_cfg(cfg: DictConfig) -> dict[str, float]:
-    """Evaluate as `cfg` describes, write the eval directory, return the figures written to metrics.json."""
+def evaluate_cfg(cfg: DictConfig, run: RunContext | None = None) -> dict[str, float]:
+    """Evaluate as `cfg` describes, write the eval directory, return the figures written to metrics.json.
+
+    `run` says where the job writes (Hydra's job directory); without it, `cfg.paths.run_dir`.
+    """
+    run = run or RunContext.local(cfg.paths.run_dir)
+    with open_dict(cfg):
+        cfg.paths.run_dir = str(run.run_dir)
     validate(cfg)
-    out_dir = Path(cfg.paths.run_dir)
+    out_dir = run.run_dir
     out_dir.mkdir(parents=True, exist_ok=True)
     for saved in (out_dir / ".hydra").glob("*.yaml"):
         redact_file(saved)
@@ -198,7 +204,7 @@ def evaluate_cfg(cfg: DictConfig) -> dict[str, float]:
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
     if notes:
         (out_dir / "notes.txt").write_text("\n".join(notes) + "\n")
-    _log(cfg, metrics, all_rows)
+    _log(cfg, run, metrics, all_rows)
     _print(out_dir, metrics, notes)
     return metrics
 
@@ -210,7 +216,7 @@ def _item(prompt: Any, sample: Sample, task: str, tokenizer: Any, slice_by: Sequ
     return EvalItem(prompt.ids, sample.example.reference or "", task, meta)
 
 
-def _log(cfg: DictConfig, metrics: dict[str, float], rows: list[dict[str, Any]]) -> None:
+def _log(cfg: DictConfig, run: RunContext, metrics: dict[str, float], rows: list[dict[str, Any]]) -> None:
     """The W&B run (job_type from the logger config: `eval`): summary metrics and a Table of predictions."""
     from pytorch_lightning.loggers import WandbLogger
 
@@ -218,19 +224,19 @@ def _log(cfg: DictConfig, metrics: dict[str, float], rows: list[dict[str, Any]])
 
     resolved = OmegaConf.to_container(OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"]), resolve=True)
     for node in cfg.logger.values():
-        logger = build(node)
+        logger = build_with(node, run=run)
         completed = False
         try:
             if isinstance(logger, WandbLogger):
                 import wandb
 
-                run = logger.experiment
-                run.config.update(redact(resolved), allow_val_change=True)  # secrets masked, as train does
-                run.summary.update(metrics)
+                experiment = logger.experiment
+                experiment.config.update(redact(resolved), allow_val_change=True)  # secrets masked, as train does
+                experiment.summary.update(metrics)
                 columns = sorted({k for row in rows for k in row})
                 table = wandb.Table(columns=columns,
                                     data=[[_cell(row.get(c)) for c in columns] for row in rows])
-                run.log({"predictions": table})
+                experiment.log({"predictions": table})
             else:
                 logger.log_metrics(metrics)
             completed = True
@@ -264,13 +270,7 @@ def _print(out_dir: Path, metrics: dict[str, float], notes: list[str]) -> None:
     console.print(f"eval directory: {out_dir}")
 
 
-@hydra.main(config_path=str(paths.conf_dir()), config_name="eval", version_base="1.3")
-def main(cfg: DictConfig) -> None:
-    """Hydra entry point of `tunelab eval`."""
-    try:
-        evaluate_cfg(cfg)
-    except TunelabError as err:
-        exit_with(err)
+main = hydra_verb("eval", evaluate_cfg)
 
 
 if __name__ == "__main__":
