@@ -17,7 +17,9 @@ its weights (after fine-tuning on train) or from retrieved passages (RAG).
   the closed-book questions.
 * ``updated/``: the same formulary after an update in which a seeded quarter of the facts changed (new
   dose, new maker, new storage...): ``documents.jsonl`` and the three splits with the new answers and
-  ``"changed": true|false`` per row, so accuracy on changed facts can be reported on its own.
+  ``"changed": true|false`` per row, so accuracy on changed facts can be reported on its own. The original
+  splits carry ``changed`` too (the facts the update will change), so answers can also be scored against
+  the old facts.
 
 Usage::
 
@@ -120,7 +122,7 @@ def make(seed: int) -> dict[str, list[dict]]:
         updated[drug][fact] = rng.choice([o for o in CHOICES[fact] if o != facts[drug][fact]])
     validation_keys = set(rng.sample(keys, VALIDATION_FACTS))
 
-    def rows(world: dict[str, dict[str, str]], mark: bool) -> dict[str, list[dict]]:
+    def rows(world: dict[str, dict[str, str]]) -> dict[str, list[dict]]:
         splits: dict[str, list[dict]] = {"train": [], "validation": [], "test": []}
         for drug, fact in keys:
             kind, phrasings = QUESTIONS[fact]
@@ -131,17 +133,16 @@ def make(seed: int) -> dict[str, list[dict]]:
                 row = {"id": f"{drug.lower()}-{fact}-q{phrasing}", "drug": drug, "fact": fact,
                        "question": phrasings[phrasing].format(drug=drug), "answer": world[drug][fact],
                        "passage_id": f"{drug.lower()}-{kind}"}
-                if mark:
-                    row["changed"] = (drug, fact) in changed
+                row["changed"] = (drug, fact) in changed  # in both worlds: old answers of changed facts
                 splits[split].append(row)
         for name, split_rows in splits.items():  # the same order in both worlds, so rows line up
             random.Random(f"{seed}:{name}").shuffle(split_rows)
         return splits
 
-    out = dict(rows(facts, False))
+    out = dict(rows(facts))
     out.update({f"openbook/{name}": items for name, items in openbook(rng, drugs, keys, seed).items()})
     out["documents"] = [p for d in drugs for p in passages(d, facts[d])]
-    out.update({f"updated/{name}": items for name, items in rows(updated, True).items()})
+    out.update({f"updated/{name}": items for name, items in rows(updated).items()})
     out["updated/documents"] = [p for d in drugs for p in passages(d, updated[d])]
     return out
 
