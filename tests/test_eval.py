@@ -275,3 +275,15 @@ def test_compare_end_to_end(short_run, tmp_path):
         assert (tmp_path / "cmp" / name).stat().st_size > 0
     for arm in by_arm:  # each arm is a complete eval directory
         assert (tmp_path / "cmp" / arm / "predictions.jsonl").is_file()
+
+
+def test_templates_from_a_run_recipe_render_in_the_sandbox():
+    import jinja2
+
+    from tunelab.prompting import sandboxed_templates
+
+    (prompt, _), = sandboxed_templates([{"prompt": "Q: {{ question }}", "completion": "{{ answer }}"}])
+    assert prompt.render(question="x") == "Q: x"
+    (evil, _), = sandboxed_templates([{"prompt": "{{ lipsum.__globals__['os'].getcwd() }}", "completion": "a"}])
+    with pytest.raises(jinja2.exceptions.SecurityError):
+        evil.render()
