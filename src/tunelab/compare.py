@@ -185,7 +185,9 @@ def reading(rows: Sequence[Mapping[str, Any]], metric: str) -> str:
             tokens = f" at {100 * a['prompt_tokens'] / b['prompt_tokens']:.0f}% of its prompt length"
         verdict = ("the 95% intervals do not overlap" if apart
                    else "the 95% intervals overlap, so the gap is not resolved")
-        return f"{a['arm']} {'gains' if gap >= 0 else 'loses'} {gap:+.2f} {metric} over {b['arm']}{tokens} ({verdict})"
+        change = (f"gains {gap:+.2f} {metric} over {b['arm']}" if gap >= 0
+                  else f"trails {b['arm']} by {-gap:.2f} {metric}")
+        return f"{a['arm']} {change}{tokens} ({verdict})"
 
     text = [f"{best['arm']} scores highest: {metric} {best[metric]:.2f} {ci(best)}."]
     prompting = [r for name, r in by_arm.items() if r.get("trainable_params") is None]
