@@ -261,7 +261,9 @@ def test_compare_end_to_end(short_run, tmp_path):
     from tunelab.compare import compare
 
     run, _ = short_run
-    cfg = compose([f"run={run}", "logger=none", f"paths.output_dir={tmp_path}",
+    # data=/docs=/base= as a user types them (compare's keys must not collide with the eval groups' names)
+    cfg = compose([f"run={run}", "data=reviews_sentiment", "docs=train", "base=tiny", "logger=none",
+                   f"paths.output_dir={tmp_path}",
                    'overrides=["max_samples=16","generation.max_new_tokens=4"]'], config_name="compare")
     with open_dict(cfg):
         cfg.paths.run_dir = str(tmp_path / "cmp")

@@ -1,4 +1,6 @@
-"""`tunelab compare`: should I fine-tune? Prompting, retrieval and fine-tuning scored side by side.
+"""`tunelab compare run=<dir> data=<dataset> docs=<documents> base=<model>`: should I fine-tune?
+
+Prompting, retrieval and fine-tuning scored side by side.
 
 Each arm is one `tunelab eval` (the same composed eval config, the same scoring path) on the same test split:
 by default the base model zero-shot, few-shot and with retrieval, the fine-tuned run, and the fine-tuned run
@@ -33,7 +35,9 @@ log = logging.getLogger(__name__)
 
 def arm_overrides(cfg: DictConfig, arm: Mapping[str, Any]) -> list[str]:
     """The `tunelab eval` overrides of one arm: the shared choices, the run if the arm uses it, its own."""
-    shared = [f"model={cfg.model}", f"dataset={cfg.dataset}", f"documents={cfg.documents}",
+    # compare's own keys are not named after the groups: `dataset=...` on its command line would be read
+    # by Hydra as a choice of the dataset group, which compare.yaml does not compose.
+    shared = [f"model={cfg.base}", f"dataset={cfg.data}", f"documents={cfg.docs}",
               f"logger={cfg.logger}", f"group={cfg.group}"]
     run = [f"run={cfg.run}"] if arm.get("run") else []
     return [*shared, *run, *cfg.overrides, *arm.get("overrides", [])]
@@ -229,7 +233,7 @@ def compare(cfg: DictConfig, run: RunContext | None = None) -> list[dict[str, An
         writer.writeheader()
         writer.writerows(rows)
     text = reading(rows, metric)
-    title = f"{cfg.dataset}: {metric} per arm (model={cfg.model}" + (f", run={Path(str(cfg.run)).name})" if cfg.run
+    title = f"{cfg.data}: {metric} per arm (model={cfg.base}" + (f", run={Path(str(cfg.run)).name})" if cfg.run
                                                                     else ")")
     chart(rows, metric, title, out_dir / "compare.png")
     (out_dir / "reading.txt").write_text(text + "\n")
