@@ -262,7 +262,7 @@ def test_compare_end_to_end(short_run, tmp_path):
 
     run, _ = short_run
     # data=/docs=/base= as a user types them (compare's keys must not collide with the eval groups' names)
-    cfg = compose([f"run={run}", "data=reviews_sentiment", "docs=train", "base=tiny", "logger=none",
+    cfg = compose([f"run={run}", "data=reviews_sentiment", "docs=train", "base=tiny", "tracker=none",
                    f"paths.output_dir={tmp_path}",
                    'overrides=["max_samples=16","generation.max_new_tokens=4"]'], config_name="compare")
     with open_dict(cfg):

@@ -116,3 +116,18 @@ def test_bootstrap_ci_known_sample() -> None:
     assert corpus_ci(macro_f1, refs, refs, resamples=200).low == 1.0
     mixed = corpus_ci(macro_f1, ["a"] * 40, refs, resamples=200)
     assert mixed.low < mixed.value < mixed.high
+
+
+def test_corpus_ci_fast_path_equals_rescoring_text():
+    import functools
+
+    from tunelab.metrics import bootstrap_ci, corpus_bleu, corpus_chrf, corpus_ci
+
+    preds = ["250 mg twice daily", "refrigerated", "Corvane Labs", "x y z", "frozen"] * 8
+    refs = ["250 mg once daily", "refrigerated", "Astley Pharma", "x y", "frozen"] * 8
+    for metric in (corpus_chrf, corpus_bleu):
+        fast = corpus_ci(functools.partial(metric), preds, refs, resamples=50)  # as Hydra's _partial_ builds it
+        slow = bootstrap_ci(len(preds), lambda idx: metric([preds[i] for i in idx], [refs[i] for i in idx]),
+                            resamples=50)
+        assert fast.value == pytest.approx(slow.value) and fast.low == pytest.approx(slow.low)
+        assert fast.high == pytest.approx(slow.high)

@@ -35,10 +35,10 @@ log = logging.getLogger(__name__)
 
 def arm_overrides(cfg: DictConfig, arm: Mapping[str, Any]) -> list[str]:
     """The `tunelab eval` overrides of one arm: the shared choices, the run if the arm uses it, its own."""
-    # compare's own keys are not named after the groups: `dataset=...` on its command line would be read
-    # by Hydra as a choice of the dataset group, which compare.yaml does not compose.
+    # compare's own keys (base, data, docs, tracker) are not named after groups: `dataset=...` on its
+    # command line would be read by Hydra as a choice of the dataset group, which compare.yaml does not compose.
     shared = [f"model={cfg.base}", f"dataset={cfg.data}", f"documents={cfg.docs}",
-              f"logger={cfg.logger}", f"group={cfg.group}"]
+              f"logger={cfg.tracker}", f"group={cfg.group}"]
     run = [f"run={cfg.run}"] if arm.get("run") else []
     return [*shared, *run, *cfg.overrides, *arm.get("overrides", [])]
 

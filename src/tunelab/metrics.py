@@ -109,18 +109,46 @@ def chrf(prediction: str, reference: str) -> float:
 
 
 # ---- corpus-level metrics: one number from all answers at once (not a mean of per-example scores) -----
+@functools.cache
+def _sacrebleu_metric(name: str) -> Any:
+    from sacrebleu.metrics import BLEU, CHRF
+
+    return {"bleu": BLEU, "chrf": CHRF}[name]()
+
+
+class SufficientStatistics:
+    """A corpus metric computed from per-example statistics that add up (sacrebleu's n-gram counts): the
+    bootstrap then resamples rows of one statistics matrix instead of re-scoring text a thousand times, the
+    way sacrebleu's own paired bootstrap does (85 ms per corpus chrF on 200 answers, under 1 ms from stats)."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def stats(self, predictions: Sequence[str], references: Sequence[str]) -> np.ndarray:
+        metric = _sacrebleu_metric(self.name)
+        return np.asarray(metric._extract_corpus_statistics(list(predictions), [list(references)]), dtype=float)
+
+    def from_stats(self, total: np.ndarray) -> float:
+        metric = _sacrebleu_metric(self.name)
+        counts = [int(x) if float(x).is_integer() else float(x) for x in total]  # BLEU wants integer counts
+        return float(metric._compute_score_from_stats(counts).score) / 100.0
+
+    def __call__(self, predictions: Sequence[str], references: Sequence[str]) -> float:
+        return self.from_stats(self.stats(predictions, references).sum(axis=0))
+
+
 def corpus_bleu(predictions: Sequence[str], references: Sequence[str]) -> float:
     """Corpus BLEU / 100 (sacrebleu): n-gram counts pooled over the whole split, as BLEU is defined."""
-    import sacrebleu
-
-    return float(sacrebleu.corpus_bleu(list(predictions), [list(references)]).score) / 100.0
+    return SufficientStatistics("bleu")(predictions, references)
 
 
 def corpus_chrf(predictions: Sequence[str], references: Sequence[str]) -> float:
     """Corpus chrF / 100 (sacrebleu): character n-gram statistics pooled over the split."""
-    import sacrebleu
+    return SufficientStatistics("chrf")(predictions, references)
 
-    return float(sacrebleu.corpus_chrf(list(predictions), [list(references)]).score) / 100.0
+
+corpus_bleu.sufficient = SufficientStatistics("bleu")  # the bootstrap's fast path (see corpus_ci)
+corpus_chrf.sufficient = SufficientStatistics("chrf")
 
 
 def macro_f1(predictions: Sequence[str], references: Sequence[str], normalized: bool = True) -> float:
@@ -195,5 +223,10 @@ def corpus_ci(
 ) -> Estimate:
     """A corpus-level metric on all answers, with its bootstrap CI over resampled (answer, reference) pairs."""
     preds, refs = list(predictions), list(references)
+    sufficient = getattr(getattr(metric, "func", metric), "sufficient", None)  # through a Hydra partial
+    if sufficient is not None and preds:
+        stats = sufficient.stats(preds, refs)
+        return bootstrap_ci(len(preds), lambda idx: sufficient.from_stats(stats[idx].sum(axis=0)),
+                            resamples, confidence, seed)
     return bootstrap_ci(len(preds), lambda idx: metric([preds[i] for i in idx], [refs[i] for i in idx]),
                         resamples, confidence, seed)
