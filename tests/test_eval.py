@@ -160,7 +160,7 @@ GOLDEN = {  # the first test row of the knowledge task, retrieval k=2, the tiny 
 
 def test_golden_predictions_row(tmp_path):
     metrics = run_eval(tmp_path, ["dataset=knowledge", "prompting=retrieval", "prompting.k=2",
-                                  "documents=knowledge", "max_samples=4", "generation.max_new_tokens=8"])
+                                  "documents=knowledge", "max_samples=4", "decoding.max_new_tokens=8"])
     row = _rows(tmp_path)[0]
     assert {k: row[k] for k in GOLDEN} == GOLDEN
     assert row["origin"].endswith("data/knowledge/test.jsonl:1")
@@ -201,7 +201,7 @@ def test_adapter_run_equals_its_merged_export(tmp_path):
                          "hyperparams.max_steps=20"]))
     out = export(compose([f"run={run}", f"out={tmp_path / 'merged'}"], config_name="export",
                          return_hydra_config=False))
-    common = ["max_samples=24", "prompting=few_shot", "prompting.k=2", "generation.max_new_tokens=16"]
+    common = ["max_samples=24", "prompting=few_shot", "prompting.k=2", "decoding.max_new_tokens=16"]
     adapter = run_eval(tmp_path / "a", [f"run={run}", *common])
     merged = run_eval(tmp_path / "m", [*common, f"model.name_or_path={out}", "model.random_init=false"])
     assert [r["answer"] for r in _rows(tmp_path / "a")] == [r["answer"] for r in _rows(tmp_path / "m")]
@@ -264,7 +264,7 @@ def test_compare_end_to_end(short_run, tmp_path):
     # data=/docs=/base= as a user types them (compare's keys must not collide with the eval groups' names)
     cfg = compose([f"run={run}", "data=reviews_sentiment", "docs=train", "base=tiny", "tracker=none",
                    f"paths.output_dir={tmp_path}",
-                   'overrides=["max_samples=16","generation.max_new_tokens=4"]'], config_name="compare")
+                   'overrides=["max_samples=16","decoding.max_new_tokens=4"]'], config_name="compare")
     with open_dict(cfg):
         cfg.paths.run_dir = str(tmp_path / "cmp")
     rows = compare(cfg)
@@ -278,14 +278,3 @@ def test_compare_end_to_end(short_run, tmp_path):
     for arm in by_arm:  # each arm is a complete eval directory
         assert (tmp_path / "cmp" / arm / "predictions.jsonl").is_file()
 
-
-def test_templates_from_a_run_recipe_render_in_the_sandbox():
-    import jinja2
-
-    from tunelab.prompting import sandboxed_templates
-
-    (prompt, _), = sandboxed_templates([{"prompt": "Q: {{ question }}", "completion": "{{ answer }}"}])
-    assert prompt.render(question="x") == "Q: x"
-    (evil, _), = sandboxed_templates([{"prompt": "{{ lipsum.__globals__['os'].getcwd() }}", "completion": "a"}])
-    with pytest.raises(jinja2.exceptions.SecurityError):
-        evil.render()

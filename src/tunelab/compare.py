@@ -64,12 +64,12 @@ def arm_configs(cfg: DictConfig, out_dir: Path) -> dict[str, DictConfig]:
     return configs
 
 
-def run_arms(cfg: DictConfig, run: RunContext) -> dict[str, dict[str, float]]:
-    """Evaluate every arm (skipping fine-tuned arms without a run) into `<out>/<arm>/`; arm -> metrics."""
+def run_arms(cfg: DictConfig, run: RunContext, configs: Mapping[str, DictConfig]) -> dict[str, dict[str, float]]:
+    """Evaluate every arm into `<out>/<arm>/`; arm -> metrics."""
     from tunelab.eval import evaluate_cfg
 
     results: dict[str, dict[str, float]] = {}
-    for name, eval_cfg in arm_configs(cfg, run.run_dir).items():
+    for name, eval_cfg in configs.items():
         overrides = arm_overrides(cfg, cfg.arms[name])
         log.info("arm %s: tunelab eval %s", name, " ".join(overrides))
         # Each arm its own job: its own directory and a W&B id unique across comparisons.
@@ -77,6 +77,18 @@ def run_arms(cfg: DictConfig, run: RunContext) -> dict[str, dict[str, float]]:
         results[name] = evaluate_cfg(eval_cfg, arm)
         (arm.run_dir / "overrides.json").write_text(json.dumps(overrides) + "\n")
     return results
+
+
+def headline(cfg: DictConfig, configs: Mapping[str, DictConfig]) -> str:
+    """The metric of the table and chart: `metric`, or the dataset's first; checked before any arm runs."""
+    dataset = next(iter(configs.values())).dataset
+    tasks = dataset.get("tasks") or {"": dataset}
+    names = [str(n) for task in tasks.values() for part in ("metrics", "corpus_metrics") for n in task.get(part) or {}]
+    metric = cfg.metric or (names[0] if names else None)
+    if metric not in names:
+        raise ConfigError(f"metric {metric!r} is not a metric of dataset {cfg.data}", "key metric",
+                          f"one of: {', '.join(names)}" if names else "give the dataset a metrics: entry")
+    return str(metric)
 
 
 # ---- the table -----------------------------------------------------------------------------------------
@@ -219,22 +231,24 @@ def reading(rows: Sequence[Mapping[str, Any]], metric: str) -> str:
 def compare(cfg: DictConfig, run: RunContext | None = None) -> list[dict[str, Any]]:
     """Run every arm, write the table, chart and reading; returns the table rows."""
     run = run or RunContext.local(cfg.paths.run_dir)
-    out_dir = run.run_dir
-    out_dir.mkdir(parents=True, exist_ok=True)
-    results = run_arms(cfg, run)
-    first = next(iter(results.values()))
-    metric = cfg.metric or (_metric_names(first, "test") or [None])[0]
-    if metric is None or f"test/{metric}" not in first:
-        raise ConfigError(f"metric {metric!r} is not among the eval's figures", "key metric",
-                          f"one of: {', '.join(_metric_names(first, 'test'))}")
+    run.run_dir.mkdir(parents=True, exist_ok=True)
+    configs = arm_configs(cfg, run.run_dir)
+    metric = headline(cfg, configs)
+    results = run_arms(cfg, run, configs)
+    title = f"{cfg.data}: {metric} per arm (model={cfg.base}" + (f", run={Path(str(cfg.run)).name})" if cfg.run
+                                                                    else ")")
+    return write_report(run.run_dir, results, metric, title)
+
+
+def write_report(out_dir: Path, results: Mapping[str, Mapping[str, float]], metric: str, title: str
+                 ) -> list[dict[str, Any]]:
+    """compare.csv, compare.md (table + reading), compare.png and reading.txt from the arms' metrics."""
     rows = table_rows(results, metric)
     with (out_dir / "compare.csv").open("w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
     text = reading(rows, metric)
-    title = f"{cfg.data}: {metric} per arm (model={cfg.base}" + (f", run={Path(str(cfg.run)).name})" if cfg.run
-                                                                    else ")")
     chart(rows, metric, title, out_dir / "compare.png")
     (out_dir / "reading.txt").write_text(text + "\n")
     (out_dir / "compare.md").write_text(f"## {title}\n\n{markdown(rows, metric)}\n{text}\n")

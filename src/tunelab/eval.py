@@ -68,7 +68,9 @@ def run_dir_of(cfg: DictConfig) -> Path | None:
     """`cfg.run` as a checked run directory (one that holds model/), or None when a model option is scored."""
     if cfg.run is None:
         return None
-    run_dir = Path(str(cfg.run)).expanduser()
+    from tunelab.artifacts import resolve_run
+
+    run_dir = resolve_run(str(cfg.run))  # a directory, or a W&B artifact reference resolved to one
     if not run_dir.is_dir():
         raise ConfigError(f"run directory not found: {run_dir}", f"override run={cfg.run} on the command line",
                           "give a directory written by `tunelab train` (outputs/runs/<id>)")
@@ -83,7 +85,8 @@ def load_model(cfg: DictConfig, run_dir: Path | None, seed: int) -> tuple[Any, A
     if run_dir is not None:
         from tunelab.models import load_run
 
-        return load_run(run_dir)
+        # trust_remote_code only from this command line, never from the run directory
+        return load_run(run_dir, trust_remote_code=bool(cfg.get("trust_remote_code", False)))
     torch.manual_seed(seed)  # a random-init model (model=tiny) is the same base `train` starts from
     tokenizer = build(cfg.tokenizer)
     return build(cfg.model).eval(), tokenizer, {}
@@ -94,7 +97,9 @@ def _with_recipe(dataset: dict[str, Any], recipe: Mapping[str, Any]) -> dict[str
     trained on this dataset: prompts are then exactly those the run was trained and tested on."""
     if not recipe or recipe.get("name") != dataset.get("name"):
         return dataset
-    return {**dataset, **{k: recipe[k] for k in ("format", "templates", "system_prompt") if k in recipe}}
+    # Templates and system prompt are data (rendered in Jinja's sandbox); the format is a `_target_` and comes
+    # from tunelab's own dataset config, never from the run directory.
+    return {**dataset, **{k: recipe[k] for k in ("templates", "system_prompt") if recipe.get(k) is not None}}
 
 
 # ---- figures ----------------------------------------------------------------------------------------
@@ -156,12 +161,14 @@ def evaluate_cfg(cfg: DictConfig, run: RunContext | None = None) -> dict[str, fl
         redact_file(saved)
     run_dir = run_dir_of(cfg)
     run_settings = _run_settings(run_dir) if run_dir is not None else {}
-    seed = int(cfg.seed if cfg.seed is not None else run_settings.get("seed", 0))  # the run's: same templates
+    seed = int(cfg.seed)
+    # Templates are drawn per row with a seed: a run's own seed draws the very prompts it was tested on.
+    template_seed = int(run_settings.get("seed", seed))
     model, tokenizer, recipe = load_model(cfg, run_dir, seed)
     device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
                           "cpu" if cfg.device == "auto" else str(cfg.device))
     model.to(device)
-    decoding = OmegaConf.to_container(cfg.generation, resolve=True)
+    decoding = OmegaConf.to_container(cfg.decoding, resolve=True)
     context = getattr(getattr(model, "config", None), "max_position_embeddings", None) or 2048
     budget = int(cfg.max_prompt_tokens or context - int(decoding.get("max_new_tokens", 64)))
     batch_size = int(cfg.batch_size or run_settings.get("batch_size", 32))
@@ -178,7 +185,7 @@ def evaluate_cfg(cfg: DictConfig, run: RunContext | None = None) -> dict[str, fl
     notes: list[str] = []
     for name, task in tasks.items():
         task = _with_recipe(task, recipe)
-        splits = load_samples(task, seed)
+        splits = load_samples(task, template_seed)
         if cfg.split not in splits:
             raise ConfigError(f"dataset {name!r} has no {cfg.split} split", "key split",
                               f"splits: {', '.join(splits)}")

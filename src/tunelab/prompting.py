@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 import random
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -232,47 +232,32 @@ class Retrieval:
         return self.budget.summary()
 
 
-def sandboxed_templates(templates: Sequence[Mapping[str, str]]) -> list[tuple[Any, Any]]:
-    """A template library compiled in Jinja's immutable sandbox: eval renders templates read from a run
-    directory's recipe, which someone else may have written (a plain Environment would run their code)."""
-    import jinja2
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-    env = ImmutableSandboxedEnvironment(undefined=jinja2.StrictUndefined, keep_trailing_newline=False,
-                                        autoescape=False)  # the options of data/formats.py: the same text
-    compiled = []
-    for index, template in enumerate(templates):
-        try:
-            compiled.append((env.from_string(template["prompt"]), env.from_string(template["completion"])))
-        except (KeyError, TypeError):
-            raise ConfigError(f"template {index} needs a 'prompt' and a 'completion'",
-                              f"key dataset.templates[{index}]") from None
-        except jinja2.TemplateSyntaxError as err:
-            raise ConfigError(f"template {index} is not valid Jinja: {err.message} (line {err.lineno})",
-                              f"key dataset.templates[{index}]") from None
-    return compiled
-
-
 def load_samples(dataset: Mapping[str, Any], seed: int) -> dict[str, list[Sample]]:
     """Every split of one dataset config as Samples, formatted exactly as training formats them (the same
-    row index draws the same template), so an eval prompt equals the one `train` scored."""
-    from tunelab.data.formats import to_example
+    format function, the same sandboxed templates, the same row index drawing the same template), so an
+    eval prompt equals the one `train` scored."""
+    from dataclasses import asdict
+
+    from tunelab.config import OnBadRow, build, dataset_spec
+    from tunelab.data.formats import RowContext, compile_templates
     from tunelab.data.sources import load_splits
 
-    templates = sandboxed_templates(dataset.get("templates") or [])
-    column_map = dataset.get("column_map") or {}
-    fmt = str(dataset.get("format", "prompt_completion"))
-    skip_bad = dataset.get("on_bad_row", "error") == "skip"
+    spec = dataset_spec(dataset)
+    templates = compile_templates(spec.templates)
+    to_example = build(spec.format)
     out: dict[str, list[Sample]] = {}
-    for split, rows in load_splits(dataset["source"], seed).items():
+    for split, rows in load_splits(asdict(spec.source), seed).items():
         samples = []
         for index, row in enumerate(rows):
+            fields = {spec.column_map.get(k, k): v for k, v in row.fields.items()}
             try:
-                example = to_example(row, index, fmt, column_map, templates, dataset.get("system_prompt"), seed)
+                if row.error:
+                    raise DataError(row.error)
+                example = to_example(fields, RowContext(row.origin, index, seed, templates, spec.system_prompt))
             except DataError:
-                if skip_bad:
+                if spec.on_bad_row == OnBadRow.skip:
                     continue
                 raise
-            samples.append(Sample({column_map.get(k, k): v for k, v in row.fields.items()}, example, split))
+            samples.append(Sample(fields, example, split))
         out[split] = samples
     return out
