@@ -277,4 +277,7 @@ def test_compare_end_to_end(short_run, tmp_path):
         assert (tmp_path / "cmp" / name).stat().st_size > 0
     for arm in by_arm:  # each arm is a complete eval directory
         assert (tmp_path / "cmp" / arm / "predictions.jsonl").is_file()
+    # the base and the run score the very same prompts (the run's seed draws every arm's templates)
+    assert [r["prompt"] for r in _rows(tmp_path / "cmp" / "base_zero_shot")] == [
+        r["prompt"] for r in _rows(tmp_path / "cmp" / "finetuned")]
 

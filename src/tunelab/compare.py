@@ -40,6 +40,11 @@ def arm_overrides(cfg: DictConfig, arm: Mapping[str, Any]) -> list[str]:
     shared = [f"model={cfg.base}", f"dataset={cfg.data}", f"documents={cfg.docs}",
               f"logger={cfg.tracker}", f"group={cfg.group}"]
     run = [f"run={cfg.run}"] if arm.get("run") else []
+    if cfg.run is not None:  # every arm draws the run's templates (its seed), so all score the same prompts
+        from tunelab.eval import _run_settings
+
+        seed = _run_settings(Path(str(cfg.run))).get("seed") if Path(str(cfg.run)).is_dir() else None
+        shared += [f"seed={seed}"] if seed is not None else []
     return [*shared, *run, *cfg.overrides, *arm.get("overrides", [])]
 
 
