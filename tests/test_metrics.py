@@ -127,7 +127,7 @@ def test_corpus_ci_fast_path_equals_rescoring_text():
     refs = ["250 mg once daily", "refrigerated", "Astley Pharma", "x y", "frozen"] * 8
     for metric in (corpus_chrf, corpus_bleu):
         fast = corpus_ci(functools.partial(metric), preds, refs, resamples=50)  # as Hydra's _partial_ builds it
-        slow = bootstrap_ci(len(preds), lambda idx: metric([preds[i] for i in idx], [refs[i] for i in idx]),
+        slow = bootstrap_ci(len(preds), lambda idx, m=metric: m([preds[i] for i in idx], [refs[i] for i in idx]),
                             resamples=50)
         assert fast.value == pytest.approx(slow.value) and fast.low == pytest.approx(slow.low)
         assert fast.high == pytest.approx(slow.high)
