@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -213,6 +214,10 @@ def test_bad_input_messages(tmp_path):
     with pytest.raises(ConfigError, match="unknown prompting option 'fewshot'") as err:
         compose(["prompting=fewshot"], config_name="eval")
     assert "few_shot" in err.value.hint
+    for override, message in (("prompting.k=-1", "prompting.k must be an integer >= 0"),
+                              ("bootstrap.confidence=1.5", "bootstrap.confidence must be a finite number in (0, 1)")):
+        with pytest.raises(ConfigError, match=re.escape(message)):
+            validate(compose(["prompting=few_shot", override], config_name="eval"))
     with pytest.raises(ConfigError, match="prompting.k=5000 but the train split has 400"):
         run_eval(tmp_path / "k", ["dataset=knowledge", "prompting=few_shot", "prompting.k=5000"])
     (tmp_path / "notarun").mkdir()

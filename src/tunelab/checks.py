@@ -160,6 +160,13 @@ RANGES: dict[str, Range] = {
     **{f"{group}.num_beams": AT_LEAST_ONE for group in DECODING},
     "seed": SEED,  # `tunelab generate seed=...`
     "template": Range(low=0, integer=True),  # `tunelab generate template=...`
+    # `tunelab eval` (and each arm of `tunelab compare`)
+    "max_samples": Range(low=1, integer=True, nullable=True),
+    "batch_size": Range(low=1, integer=True, nullable=True),
+    "max_prompt_tokens": Range(low=1, integer=True, nullable=True),
+    "prompting.k": Range(low=0, integer=True),
+    "bootstrap.resamples": AT_LEAST_ONE,
+    "bootstrap.confidence": Range(low=0, high=1, low_open=True, high_open=True),
     # `tunelab serve ...`
     "port": Range(low=0, high=65535, integer=True, note="0: any free port"),
     "max_tokens": AT_LEAST_ONE,
