@@ -94,6 +94,7 @@ class SourceSchema:
     splits: dict[str, Optional[str]] = field(default_factory=dict)
     val_size: Optional[float] = None
     test_size: Optional[float] = None
+    train_size: Optional[float] = None  # keep a seeded subset of train (sample-efficiency curves)
 
 
 @dataclass

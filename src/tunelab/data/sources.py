@@ -169,7 +169,8 @@ def load_splits(source: Mapping[str, Any], seed: int) -> dict[str, list[Row]]:
     """Rows for the `train`, `validation` and `test` splits of a `dataset.source` node.
 
     A split the source lacks is carved from train with a seeded shuffle when `val_size`/`test_size`
-    is set (a fraction < 1 or a count).
+    is set (a fraction < 1 or a count); `train_size` then keeps a seeded subset of what train is left
+    (a fraction < 1 or a count, in file order), for learning curves over the amount of training data.
     """
     if not source.get("path"):
         raise DataError("the dataset names no source", "key dataset.source.path",
@@ -216,4 +217,17 @@ def load_splits(source: Mapping[str, Any], seed: int) -> dict[str, list[Row]]:
         held = set(order[:count])
         splits[split] = [train[i] for i in sorted(held)]
         splits["train"] = [row for i, row in enumerate(train) if i not in held]
+    return _subset_train(splits, source.get("train_size"), rng)
+
+
+def _subset_train(splits: dict[str, list[Row]], size: float | None, rng: random.Random) -> dict[str, list[Row]]:
+    if not size or "train" not in splits:
+        return splits
+    train = splits["train"]
+    count = int(round(size * len(train))) if size < 1 else int(size)
+    if not 0 < count <= len(train):
+        raise ConfigError(f"train_size={size} asks for {count} of {len(train)} training rows",
+                          "key dataset.source.train_size", f"use a fraction in (0, 1) or a count up to {len(train)}")
+    keep = set(rng.sample(range(len(train)), count))
+    splits["train"] = [row for i, row in enumerate(train) if i in keep]
     return splits
