@@ -56,7 +56,7 @@ def test_lifecycle_recipes_compose():
     assert pretrain.model.random_init is True and pretrain.dataset.format == "text"
     assert pretrain.dataset.name == "corpus_general" and pretrain.hyperparams.packing is True
     assert pretrain.hyperparams.max_steps > 0
-    assert Path(pretrain.model.name_or_path).resolve() == (ASSETS / "tiny-llama-m").resolve()
+    assert Path(pretrain.model.name_or_path).resolve() == (ASSETS / "tiny-llama").resolve()
 
     instruct = compose(["experiment=instruct_base"])
     validate(instruct)
