@@ -53,7 +53,7 @@ def test_corpora_leak_no_held_out_row():
 def test_lifecycle_recipes_compose():
     pretrain = compose(["experiment=pretrain_base"])
     validate(pretrain)
-    assert pretrain.model.random_init is True and pretrain.dataset.format == "text"
+    assert pretrain.model.random_init is True and pretrain.dataset.format._target_ == "tunelab.data.formats.text"
     assert pretrain.dataset.name == "corpus_general" and pretrain.hyperparams.packing is True
     assert pretrain.hyperparams.max_steps > 0
     assert Path(pretrain.model.name_or_path).resolve() == (ASSETS / "tiny-llama").resolve()
@@ -65,7 +65,7 @@ def test_lifecycle_recipes_compose():
 
     medical = compose(["experiment=continue_pretrain_medical"])
     validate(medical)
-    assert medical.dataset.name == "corpus_medical" and medical.dataset.format == "text"
+    assert medical.dataset.name == "corpus_medical" and medical.dataset.format._target_ == "tunelab.data.formats.text"
     assert Path(medical.model.name_or_path).resolve() == (ASSETS / "tiny-base").resolve()
 
 
