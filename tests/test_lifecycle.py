@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from tunelab import paths
-from tunelab.config import build, compose, validate
+from tunelab.config import build, compose
 from tunelab.data.sources import load_splits
 from tunelab.errors import ConfigError
 
@@ -51,20 +51,18 @@ def test_corpora_leak_no_held_out_row():
 
 
 def test_lifecycle_recipes_compose():
+    """What each recipe chooses (test_config composes and validates every experiment file already)."""
     pretrain = compose(["experiment=pretrain_base"])
-    validate(pretrain)
     assert pretrain.model.random_init is True and pretrain.dataset.format._target_ == "tunelab.data.formats.text"
     assert pretrain.dataset.name == "corpus_general" and pretrain.hyperparams.packing is True
     assert pretrain.hyperparams.max_steps > 0
     assert Path(pretrain.model.name_or_path).resolve() == (ASSETS / "tiny-llama").resolve()
 
     instruct = compose(["experiment=instruct_base"])
-    validate(instruct)
     assert Path(instruct.model.name_or_path).resolve() == (ASSETS / "tiny-base").resolve()
     assert "reviews_sentiment" not in {task.name for task in instruct.dataset.tasks.values()}  # held out
 
     medical = compose(["experiment=continue_pretrain_medical"])
-    validate(medical)
     assert medical.dataset.name == "corpus_medical" and medical.dataset.format._target_ == "tunelab.data.formats.text"
     assert Path(medical.model.name_or_path).resolve() == (ASSETS / "tiny-base").resolve()
 
