@@ -300,7 +300,13 @@ class Scorer:
         if name not in self._encoded:
             from tunelab.data.datamodule import encode_task
 
-            self._encoded[name], _ = encode_task(dataset_spec(dict(spec)), tokenizer, self.max_seq_len, self.seed)
+            spec = dict(spec)
+            source = dict(spec["source"])
+            if not source.get("test_size") and not source.get("val_size"):
+                # Held-out splits only: scoring never needs train (unless a held-out split is carved from it).
+                source["splits"] = {**(source.get("splits") or {}), "train": None}
+                spec["source"] = source
+            self._encoded[name], _ = encode_task(dataset_spec(spec), tokenizer, self.max_seq_len, self.seed)
         return self._encoded[name]
 
     def __call__(self, model: Any, tokenizer: Any) -> dict[str, float]:
