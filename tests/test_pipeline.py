@@ -134,7 +134,8 @@ def test_continue_adapter_trains_the_same_adapter_on_the_same_base(tmp_path):
     run_pipeline(cfg, RunContext.local(out))
     adapter = load_file(str(out / "01_sentiment" / "model" / "adapter_model.safetensors"))
     base = load_file(str(out / "01_sentiment" / "model" / "base" / "model.safetensors"))
-    start = {k.replace(".default", ""): v for k, v in StartWeights.seen[1].items()}
+    # PEFT names: `<layer>.lora_A.default.weight` (saved without the adapter name), `<layer>.base_layer.weight`
+    start = {k.replace(".default", "").replace(".base_layer", ""): v for k, v in StartWeights.seen[1].items()}
     assert adapter and all(torch.equal(start[k], v) for k, v in adapter.items())
     assert all(torch.equal(start[f"base_model.model.{k}"], v) for k, v in base.items())
     assert os.path.isfile(out / "02_rating" / "model" / "adapter_config.json")

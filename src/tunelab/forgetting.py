@@ -146,7 +146,7 @@ def print_matrix(tasks: Sequence[str], rows: Sequence[tuple[str, Mapping[str, fl
     for task in tasks:
         table.add_column(task, justify="right")
     if probe:
-        table.add_column(probe, justify="right")
+        table.add_column(f"probe: {probe}", justify="right", overflow="fold")
     for name, scores in rows:
         table.add_row(name, *(_fmt(scores.get(t)) for t in tasks), *([_fmt(scores.get(probe))] if probe else []))
     console = Console()

@@ -236,7 +236,8 @@ def make_plan(cfg: DictConfig, pipeline_dir: Path) -> Plan:
         task_specs.update({k: v for k, v in tasks.items() if k not in task_specs})
         choice = scfg.hydra.runtime.choices.get("dataset")
         described.append(replace(stage, dataset=str(choice) if choice else None, train_rows=_train_rows(scfg),
-                                 tasks=tuple(tasks), mixture=bool(OmegaConf.select(scfg, "dataset.tasks"))))
+                                 tasks=tuple(tasks), mixture=bool(OmegaConf.select(scfg, "dataset.tasks")),
+                                 max_steps=int(scfg.hyperparams.max_steps)))
     strategy: Callable[[list[Stage]], list[Stage]] = build(cfg.strategy)
     stages = list(strategy(described))
     configs: list[DictConfig] = []

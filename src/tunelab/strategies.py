@@ -28,6 +28,7 @@ class Stage:
     train_rows: int | None = None
     tasks: tuple[str, ...] = field(default_factory=tuple)
     mixture: bool = False
+    max_steps: int = -1  # the stage's hyperparams.max_steps (-1: epochs decide)
 
 
 def _single_task(stage: Stage, strategy: str) -> str:
@@ -79,8 +80,8 @@ def replay(stages: Sequence[Stage], fraction: float = 0.2, same_budget: bool = T
 def multitask(stages: Sequence[Stage], weights: Mapping[str, float] | None = None) -> list[Stage]:
     """One stage over the union of every stage's data (the article's alternative to a chain), weighted by
     `weights` (dataset option -> weight; null = in proportion to each dataset's size), drawing as many
-    examples per epoch as all stages together, so the budget matches the chain's. The first stage's other
-    overrides (hyperparameters) apply."""
+    examples per epoch as all stages together (and, when the stages are budgeted in steps, the sum of their
+    max_steps), so the budget matches the chain's. The first stage's other overrides (hyperparameters) apply."""
     names = [_single_task(s, "multitask") for s in stages]
     sizes = {s.dataset: s.train_rows or 1 for s in stages}
     unknown = sorted(set(weights or {}) - set(names))
@@ -92,9 +93,10 @@ def multitask(stages: Sequence[Stage], weights: Mapping[str, float] | None = Non
     samples = sum(s.train_rows or 0 for s in stages) or None
     first = stages[0]
     tasks = tuple(t for s in stages for t in s.tasks)
-    return [replace(first, name="multitask", overrides=(*first.overrides,
-                                                         *_mixture({n: w / total for n, w in chosen.items()}, samples)),
-                    tasks=tuple(dict.fromkeys(tasks)))]
+    budgeted = all(s.max_steps > 0 for s in stages)
+    steps = [f"hyperparams.max_steps={sum(s.max_steps for s in stages)}"] if budgeted else []
+    overrides = (*first.overrides, *_mixture({n: w / total for n, w in chosen.items()}, samples), *steps)
+    return [replace(first, name="multitask", overrides=overrides, tasks=tuple(dict.fromkeys(tasks)))]
 
 
 def adapters(stages: Sequence[Stage], method: str = "lora", from_stage: int = 1) -> list[Stage]:
