@@ -82,7 +82,7 @@ def test_a_bad_stage_override_fails_before_anything_trains(tmp_path):
 def test_the_cli_preflight_composes_every_stage_of_every_swept_strategy():
     with pytest.raises(ConfigError) as info:
         preflight(["-m", "strategy=sequential,replay", 'pipeline.stages.rating=["dataset=reviews_ratin"]'],
-                  "pipeline", "tunelab.pipeline:preflight")
+                  "pipeline", check="tunelab.pipeline:preflight")
     assert "stage 'rating': unknown dataset option 'reviews_ratin'" in info.value.message()
 
 
