@@ -23,12 +23,15 @@ class Verb:
     """One `tunelab <verb>`: its module (which defines `main`), its primary config, and its line in --help.
 
     `config=None` marks a verb with its own argparse options: no Hydra overrides, no pre-flight.
+    `check` names a `module:function` the pre-flight also calls with each composed config (a pipeline
+    composes and validates its stages there).
     """
 
     name: str
     module: str
     usage: str
     config: str | None = None
+    check: str | None = None
 
 
 # The one table of verbs: dispatch, pre-flight and --help all read it. A new verb is one line here.
@@ -50,6 +53,11 @@ VERBS: tuple[Verb, ...] = (
          "tokenised samples with supervised tokens marked, length percentiles: dataset=<name>", "data"),
     Verb("sweep-report", "tunelab.sweep_report",
          "rank the trials of a multirun directory, plot them, write the best config (--help)"),
+    Verb("pipeline", "tunelab.pipeline",
+         "train stages in order and measure forgetting: pipeline=<name> [strategy=replay] [-m strategy=a,b]",
+         "pipeline", check="tunelab.pipeline:preflight"),
+    Verb("pipeline-report", "tunelab.forgetting",
+         "compare the strategies of a pipeline multirun: <multirun dir> (--help)"),
 )
 EXIT_CODES = ("exit codes: 0 ok, 1 unexpected bug, 2 config or usage error, 3 data error, 4 checkpoint error,"
               " 5 numerics, 130/143 stopped by SIGINT/SIGTERM after writing a checkpoint (resume=<run dir> continues)")
@@ -111,10 +119,11 @@ def _expand(overrides: list[str], multirun: bool, config_dir: str | None = None)
     return [[a[i % len(a)] for a in axes if a] for i in range(width)]
 
 
-def preflight(argv: list[str], config_name: str = "train", deep: bool = True) -> None:
+def preflight(argv: list[str], config_name: str = "train", deep: bool = True, check: str | None = None) -> None:
     """Compose and validate what `argv` asks for; raise ConfigError on the first problem.
 
     `deep=False` leaves out the checks that import the training libraries (see config.validate).
+    `check` (`module:function`) is also called with each composed config when `deep` (a verb's own checks).
     """
     from hydra._internal.utils import get_args_parser
 
@@ -132,6 +141,11 @@ def preflight(argv: list[str], config_name: str = "train", deep: bool = True) ->
     for overrides in combos:
         cfg = compose(overrides, args.config_name or config_name, args.config_dir)
         validate(cfg, deep)
+        if check and deep:
+            import importlib
+
+            module, _, function = check.partition(":")
+            getattr(importlib.import_module(module), function)(cfg)
         _check_sweeper_params(cfg)
         if args.multirun:
             _check_multirun_strategy(cfg)
@@ -225,7 +239,7 @@ def run_verb(verb: Verb | str, argv: list[str] | None = None) -> None:
         argv.append(f"run_id={new_run_id()}")
     try:
         # Each verb's primary config is conf/<config>.yaml; --cfg job only prints, so it needs no deep checks.
-        preflight(argv, verb.config, deep=not _answered_by_hydra(argv))
+        preflight(argv, verb.config, deep=not _answered_by_hydra(argv), check=verb.check)
         if not _answered_by_hydra(argv):
             from tunelab.checkpointing import prepare_run_dir  # after preflight: a typo fails before torch loads
 
