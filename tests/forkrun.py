@@ -1,46 +1,34 @@
-"""Test helper: run `tunelab <verb>` in a forked child of the test process.
+"""Test helper: run `tunelab <verb>` as a real child process of the test.
 
-A forked child is a real process (a SIGKILL ends it with no cleanup; it exits with its own status) that
-does not pay the seconds of importing torch, transformers and Lightning again.
+A child is a real process: a SIGKILL ends it with no cleanup, and it exits with its own status. It is
+started fresh (`python -m tunelab.cli`), never forked from the test process: a fork of a process whose
+torch thread pools have run (any earlier test in the session) can inherit a lock held by a thread that
+does not exist in the child, and the child then waits on it forever (seen in the full suite: a forked
+kill-test child asleep on a futex for 8 minutes).
 """
 
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
-import traceback
 from pathlib import Path
+
+_CHILDREN: dict[int, subprocess.Popen] = {}
 
 
 def fork_tunelab(argv: list[str], log: Path, verb: str = "train", wait: bool = True) -> int:
-    """Run `tunelab <verb> argv` in a forked child; its exit status (-N if signal N killed it), or with
+    """Run `tunelab <verb> argv` in a child process; its exit status (-N if signal N killed it), or with
     `wait=False` its pid (then `wait_for(pid)`)."""
-    pid = os.fork()
-    if pid == 0:  # the child: never returns into pytest
-        code = 1
-        try:
-            fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
-            os.dup2(fd, 1)
-            os.dup2(fd, 2)
-            # pytest's capture swapped sys.stdout/err for its own files: write where the fds now point
-            sys.stdout = sys.stderr = open(fd, "w", buffering=1, closefd=False)  # noqa: SIM115
-            from tunelab.cli import run_verb
-
-            sys.argv = ["tunelab", verb, *argv]
-            run_verb(verb, list(argv))
-            code = 0
-        except SystemExit as err:
-            code = err.code if isinstance(err.code, int) else (0 if err.code is None else 1)
-        except BaseException:  # noqa: BLE001 - the child reports and exits, whatever happened
-            traceback.print_exc()
-        finally:
-            sys.stdout.flush()
-            sys.stderr.flush()
-            os._exit(code)
-    return wait_for(pid) if wait else pid
+    tests = str(Path(__file__).resolve().parent)  # test-only callbacks (killpoints) import from here
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (tests, os.environ.get("PYTHONPATH", "")) if p)}
+    with open(log, "a") as out:  # the child keeps its own copy of the descriptor
+        child = subprocess.Popen([sys.executable, "-m", "tunelab.cli", *verb.split(), *argv], stdout=out,
+                                 stderr=subprocess.STDOUT, env=env)
+    _CHILDREN[child.pid] = child
+    return wait_for(child.pid) if wait else child.pid
 
 
 def wait_for(pid: int) -> int:
     """The exit status of child `pid`, or -N if signal N killed it."""
-    _, status = os.waitpid(pid, 0)
-    return -os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status)
+    return _CHILDREN.pop(pid).wait()
