@@ -52,6 +52,7 @@ from make_tasks import (
     _organisations,
     make_sentence,
     wrap,
+    write_jsonl,  # the same JSONL writer as the other bundled data
 )
 
 HERE = Path(__file__).resolve().parent
@@ -376,13 +377,6 @@ def generate_instructions(seed: int, vocab: Vocab) -> dict[str, list[dict[str, s
                 rows.append({"prompt": prompt, "completion": completion})
         out[split] = rows
     return out
-
-
-def write_jsonl(folder: Path, split: str, rows: list[dict[str, str]]) -> None:
-    folder.mkdir(parents=True, exist_ok=True)
-    with open(folder / f"{split}.jsonl", "w", encoding="utf-8", newline="\n") as f:
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
 
 
 def main() -> None:
