@@ -27,12 +27,17 @@ demo: setup
 	$(BIN)/tunelab train
 
 # pytest exits 5 when it collects no test; that is not a failure of the code under test.
+# The suite runs in TEST_JOBS processes (pytest-xdist), one test file per process at a time so a file's
+# module fixtures are built once, each process with one torch thread so they never fight over the cores
+# (2 processes x 1 thread on 2 cores: 12.7 -> see BENCHMARKS.md). TEST_JOBS=0 runs it in this process.
+TEST_JOBS ?= $(shell n=$$(nproc 2>/dev/null || echo 2); [ $$n -gt 4 ] && n=4; echo $$n)
+XDIST := $(if $(filter 0,$(TEST_JOBS)),,-n $(TEST_JOBS) --dist loadfile)
 test: setup
-	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q $(PYTEST_ARGS); rc=$$?; if [ $$rc -eq 5 ]; then exit 0; else exit $$rc; fi
+	OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q $(XDIST) $(PYTEST_ARGS); rc=$$?; if [ $$rc -eq 5 ]; then exit 0; else exit $$rc; fi
 
 # The inner loop: everything but the tests marked `slow` (multi-epoch, multi-process, sweeps) and `gpu`.
 test-fast: setup
-	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -m "not slow and not gpu"; rc=$$?; if [ $$rc -eq 5 ]; then exit 0; else exit $$rc; fi
+	OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q $(XDIST) -m "not slow and not gpu"; rc=$$?; if [ $$rc -eq 5 ]; then exit 0; else exit $$rc; fi
 
 lint: setup
 	$(BIN)/ruff check src tests data bench

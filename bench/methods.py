@@ -1,6 +1,7 @@
 """Compare fine-tuning methods on the bundled sentiment task: one epoch each, run one after another.
 
     .venv/bin/python bench/methods.py [--out outputs/bench-methods] [--methods full lora ...] [--eval-samples 200]
+        [--model tiny] [--dataset reviews_sentiment] [--metric test/accuracy]
 
 Prints a BENCHMARKS.md-ready markdown table: trainable parameters, size of the run's model/ directory,
 peak memory (perf/peak_mem_gb: process RSS on a CPU), training throughput, whole-run wall time, and
@@ -44,9 +45,11 @@ def peak_memory(run: Path) -> float | None:
     return max(values) if values else None
 
 
-def run_one(method: str, out: Path, eval_samples: int) -> dict:
+def run_one(method: str, out: Path, eval_samples: int, model: str = "tiny", dataset: str = "reviews_sentiment",
+            metric: str = "test/accuracy") -> dict:
     run = out / method
-    args = [f"method={method}", "hyperparams.epochs=1", "eval.baseline=false", "eval.generate_on_val=false",
+    args = [f"model={model}", f"dataset={dataset}", f"method={method}", "hyperparams.epochs=1", "eval.baseline=false",
+            "eval.generate_on_val=false",
             f"eval.max_eval_samples={eval_samples}", "logger=csv", f"hydra.run.dir={run}", *EXTRA.get(method, [])]
     start = time.perf_counter()
     done = subprocess.run([str(TUNELAB), "train", *args], capture_output=True, text=True,
@@ -61,13 +64,13 @@ def run_one(method: str, out: Path, eval_samples: int) -> dict:
         "model_bytes": dir_bytes(run / "model"), "weight_bytes": weight_bytes(run / "model"),
         "peak_mem_gb": peak_memory(run), "tokens_per_s": metrics.get("perf/tokens_per_s"),
         "s_per_step": metrics.get("perf/s_per_step"),
-        "accuracy": metrics.get("test/accuracy"),
+        "accuracy": metrics.get(metric),
     }
 
 
 def table(results: list[dict]) -> str:
     lines = ["| method | trainable params | % of total | model/ size (trained weights) | peak mem (GB) "
-             "| s/step | train tokens/s | run wall time (s) | test accuracy |",
+             "| s/step | train tokens/s | run wall time (s) | test metric |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in results:
         if "error" in r:
@@ -95,10 +98,13 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=REPO / "outputs/bench-methods")
     parser.add_argument("--methods", nargs="+", default=METHODS)
     parser.add_argument("--eval-samples", type=int, default=200, help="test examples scored by generation")
+    parser.add_argument("--model", default="tiny", help="a model option: tiny (random init), tiny_base, tiny_instruct")
+    parser.add_argument("--dataset", default="reviews_sentiment")
+    parser.add_argument("--metric", default="test/accuracy", help="the metrics.json key of the last column")
     args = parser.parse_args()
     results = []
     for method in args.methods:  # sequentially: runs side by side would share the CPU cores
-        results.append(run_one(method, args.out, args.eval_samples))
+        results.append(run_one(method, args.out, args.eval_samples, args.model, args.dataset, args.metric))
         print(json.dumps(results[-1]), file=sys.stderr, flush=True)
     (args.out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     print(table(results))

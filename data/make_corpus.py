@@ -61,7 +61,7 @@ CORPUS_SPLITS: dict[str, dict[str, int]] = {
     "general": {"train": 12000, "validation": 400, "test": 400},
     "medical": {"train": 4000, "validation": 200, "test": 200},
 }
-INSTRUCTION_SPLITS: dict[str, int] = {"train": 3000, "validation": 200, "test": 200}
+INSTRUCTION_SPLITS: dict[str, int] = {"train": 4500, "validation": 200, "test": 200}
 
 # fmt: off
 PLACE_FACTS = {
@@ -340,8 +340,36 @@ def generate_instructions(seed: int, vocab: Vocab) -> dict[str, list[dict[str, s
     """Short prompt/completion pairs of several kinds; none is a bundled task's held-out question."""
     rng = random.Random(f"{seed}:instructions")
 
+    def pair(right: str, wrong: str) -> tuple[str, str]:
+        """The two options in a seeded order, so the answer is not always the first one offered."""
+        return (right, wrong) if rng.random() < 0.5 else (wrong, right)
+
     def one() -> tuple[str, str]:
-        kind = rng.randrange(8)
+        kind = rng.randrange(12)
+        # Kinds 8-11 answer a question by picking one of two options named in it (FLAN-style choice
+        # questions): the skill a zero-shot "X or Y?" task needs, taught on other content. No review
+        # sentiment or star-rating question is among them: reviews_sentiment stays a held-out task.
+        if kind == 8:
+            place = rng.choice(sorted(PLACE_FACTS))
+            right = "country" if "country" in PLACE_FACTS[place] else "city"
+            a, b = pair(right, "city" if right == "country" else "country")
+            return rng.choice([f"Is {place} a {a} or a {b}?", f"{place}: {a} or {b}? Answer with one word."]), right
+        if kind == 9:
+            category, ctx, product = _product(rng, vocab)
+            a, b = pair(category, rng.choice(sorted(set(CATEGORIES) - {category})))
+            return rng.choice([f"Is the {product} a {a} or a {b}?",
+                               f"Which kind of product is the {product}, {a} or {b}? Answer with one of the two."
+                               ]), category
+        if kind == 10:
+            x, y = rng.sample(range(1, 100), 2)
+            a, b = pair(str(max(x, y)), str(min(x, y)))
+            return rng.choice([f"Which number is larger, {a} or {b}?", f"Pick the larger number: {a} or {b}."]), str(
+                max(x, y))
+        if kind == 11:
+            name, right = (rng.choice(vocab.people), "person") if rng.random() < 0.5 else (rng.choice(TOWNS), "town")
+            a, b = pair(right, "town" if right == "person" else "person")
+            return rng.choice([f"Is {name} a {a} or a {b}?",
+                               f"In one word, is \"{name}\" the name of a {a} or a {b}?"]), right
         if kind == 0:
             term, expansion, _ = rng.choice(TERMINOLOGY["general"])
             return f"What does {term} stand for?", expansion
