@@ -76,6 +76,17 @@ def test_fsdp_strategy_is_built_from_its_yaml():
     assert isinstance(checkpointed._activation_checkpointing_kwargs["auto_wrap_policy"], DecoderLayers)
 
 
+@pytest.mark.parametrize(("override", "expected"), [
+    ("trainer.strategy.sharding_strategy=FULL_SHARDD", "did you mean 'FULL_SHARD'"),
+    ("trainer.strategy.state_dict_type=shardedd", "did you mean 'sharded'"),  # hidden before by a TYPE_CHECKING alias
+])
+def test_fsdp_names_are_checked_before_building(override, expected):
+    with pytest.raises(ConfigError) as info:
+        validate(compose(["trainer=fsdp", override]))
+    assert expected in info.value.message() and f"override {override} on the command line" in info.value.message()
+    validate(compose(["trainer=fsdp", "trainer.strategy.sharding_strategy=hybrid_shard"]))  # any case, as Lightning
+
+
 def test_fsdp_needs_a_gpu_here(tmp_path):
     """Why FSDP has no CPU test: Lightning's FSDPStrategy refuses a CPU accelerator (and torch's FSDP itself needs an
     accelerator device). If this starts to pass, a 2-process CPU FSDP test becomes possible."""
@@ -349,3 +360,15 @@ def test_readme_and_scale_doc_name_every_sharded_option():
     for option in [*SHARDED, "ddp_cpu"]:
         assert f"trainer={option}" in text
     assert "hydra/launcher=ray" in text and "last ran" in text
+
+
+def test_every_srun_task_agrees_on_one_run_id():
+    """`srun tunelab train ...` starts every rank as its own command line: the id comes from the job step."""
+    from tunelab.cli import run_id_for
+    from tunelab.config import new_run_id
+
+    ranks = [{"SLURM_JOB_ID": "4242", "SLURM_NTASKS": "8", "SLURM_STEP_ID": "0", "SLURM_PROCID": str(r)}
+             for r in range(8)]
+    assert {run_id_for(env) for env in ranks} == {"slurm-4242-0"}
+    assert run_id_for({"SLURM_JOB_ID": "4242", "SLURM_NTASKS": "1"}) == new_run_id()  # one task: a fresh id
+    assert run_id_for({}) == new_run_id()

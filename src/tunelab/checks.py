@@ -265,10 +265,17 @@ def _choices(annotation: Any) -> list[Any]:
 
 
 def _hints(obj: Any) -> dict[str, Any]:
+    target = obj.__init__ if isinstance(obj, type) else obj
     try:
-        return typing.get_type_hints(obj.__init__ if isinstance(obj, type) else obj)
-    except Exception:  # unresolvable forward references, C callables: nothing to check against
+        return typing.get_type_hints(target)
+    except Exception:  # an unresolvable forward reference (a TYPE_CHECKING-only alias), a C callable
+        pass
+    try:  # one such alias must not hide the parameters whose annotations are real objects (Lightning's FSDPStrategy)
+        parameters = inspect.signature(target).parameters.values()
+    except (TypeError, ValueError):
         return {}
+    return {p.name: p.annotation for p in parameters
+            if p.annotation is not inspect.Parameter.empty and not isinstance(p.annotation, str)}
 
 
 def check_choices(cfg: DictConfig) -> None:
@@ -410,6 +417,20 @@ def check_strategy(cfg: DictConfig) -> None:
                           "use method=full, or train the adapter with trainer=default or trainer=ddp_cpu")
 
 
+def check_sharding_names(cfg: DictConfig) -> None:
+    """FSDP's sharding_strategy is a name of torch's ShardingStrategy (Lightning annotates it with a type-checking
+    alias, so check_choices cannot see it; a typo would fail as a KeyError inside the Trainer)."""
+    value = _value(cfg, "trainer.strategy.sharding_strategy")
+    if strategy_target(cfg) != FSDP or not isinstance(value, str):
+        return
+    from torch.distributed.fsdp import ShardingStrategy
+
+    names = [member.name for member in ShardingStrategy]
+    if value.upper() not in names:
+        raise ConfigError(f"unknown sharding_strategy {value!r} for FSDP",
+                          _where(cfg, "trainer.strategy.sharding_strategy"), did_you_mean(value.upper(), names))
+
+
 def check_engine(cfg: DictConfig) -> None:
     """The engine a valid config names must be installed to run it: a DeepSpeed strategy needs the `deepspeed`
     package. Looked up without importing it (its import probes CUDA); not part of validate(), so the config
@@ -427,7 +448,8 @@ def check_engine(cfg: DictConfig) -> None:
 # transformers, peft: seconds). `tunelab train --cfg job` runs only the first; a job imports those
 # libraries anyway, so it runs both before anything is built.
 LIGHT_CHECKS: tuple[Callable[[DictConfig], None], ...] = (check_ranges, check_output_dirs, check_strategy)
-DEEP_CHECKS: tuple[Callable[[DictConfig], None], ...] = (check_choices, check_chat_templates, check_factories)
+DEEP_CHECKS: tuple[Callable[[DictConfig], None], ...] = (check_choices, check_chat_templates, check_factories,
+                                                          check_sharding_names)
 
 
 def check_values(cfg: DictConfig, deep: bool = True) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import itertools
 import os
 import sys
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from omegaconf import DictConfig, OmegaConf
@@ -269,6 +270,16 @@ def _never_called(cfg: DictConfig, run: object) -> None:
     raise AssertionError("Hydra calls no task function for --help, --cfg or --info")
 
 
+def run_id_for(environ: Mapping[str, str]) -> str:
+    """This invocation's run id. Under `srun` with several tasks every rank starts its own `tunelab train` and
+    all must agree on one run directory, so the id comes from the SLURM job step (a requeued job gets the same
+    one, and resume=auto continues there); elsewhere a new id (time + random digits)."""
+    job, tasks = environ.get("SLURM_JOB_ID"), environ.get("SLURM_NTASKS", "1")
+    if job and tasks.isdigit() and int(tasks) > 1:
+        return f"slurm-{job}-{environ.get('SLURM_STEP_ID', '0')}"
+    return new_run_id()
+
+
 def run_verb(verb: Verb | str, argv: list[str] | None = None) -> None:
     """Run one verb as the console script would, with `argv` (default: sys.argv[1:])."""
     import importlib
@@ -284,7 +295,7 @@ def run_verb(verb: Verb | str, argv: list[str] | None = None) -> None:
     os.environ.setdefault("HYDRA_FULL_ERROR", "0")
     if not any(a.startswith("run_id=") for a in argv):
         # Pin the id in the config so parallel workers (joblib, SLURM) all see the same value.
-        argv.append(f"run_id={new_run_id()}")
+        argv.append(f"run_id={run_id_for(os.environ)}")
     try:
         # Each verb's primary config is conf/<config>.yaml; --cfg job only prints, so it needs no deep checks.
         preflight(argv, verb.config, deep=not _answered_by_hydra(argv), check=verb.check)
