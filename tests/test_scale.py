@@ -306,8 +306,8 @@ def _gpus() -> int:
     return torch.cuda.device_count() if torch.cuda.is_available() else 0
 
 
-def _train_on_gpus(tmp_path: Path, option: str, extra: list[str]) -> subprocess.CompletedProcess:
-    args = [f"trainer={option}", "trainer.devices=2", "hyperparams.max_steps=4", "eval.baseline=false",
+def _train_on_gpus(tmp_path: Path, option: str, extra: list[str], steps: int = 4) -> subprocess.CompletedProcess:
+    args = [f"trainer={option}", "trainer.devices=2", f"hyperparams.max_steps={steps}", "eval.baseline=false",
             "eval.max_eval_samples=8", "logger=none", f"paths.output_dir={tmp_path}", *extra]
     return subprocess.run([str(Path(sys.executable).with_name("tunelab")), "train", *args], env=ENV,
                           capture_output=True, text=True, timeout=900)
@@ -336,7 +336,7 @@ def test_fsdp_on_two_gpus_saves_consolidated_weights_and_resumes(tmp_path):
     (run,) = (tmp_path / "a" / "runs").iterdir()
     _check_model_dir(run)
     assert json.loads((run / "metrics.json").read_text())["val/loss"] > 0
-    out = _train_on_gpus(tmp_path / "a", "fsdp", ["hyperparams.max_steps=6", f"resume={run}"])
+    out = _train_on_gpus(tmp_path / "a", "fsdp", [f"resume={run}"], steps=6)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "resuming from" in out.stderr
 
@@ -362,13 +362,18 @@ def test_readme_and_scale_doc_name_every_sharded_option():
     assert "hydra/launcher=ray" in text and "last ran" in text
 
 
-def test_every_srun_task_agrees_on_one_run_id():
-    """`srun tunelab train ...` starts every rank as its own command line: the id comes from the job step."""
-    from tunelab.cli import run_id_for
+def test_every_srun_task_agrees_on_one_run_directory():
+    """`srun tunelab train ...` starts every rank as its own command line: the id comes from the job step, and
+    only rank 0 writes .hydra/; the composed run directory is the same for all 8 ranks."""
+    from tunelab.cli import run_overrides
     from tunelab.config import new_run_id
 
     ranks = [{"SLURM_JOB_ID": "4242", "SLURM_NTASKS": "8", "SLURM_STEP_ID": "0", "SLURM_PROCID": str(r)}
              for r in range(8)]
-    assert {run_id_for(env) for env in ranks} == {"slurm-4242-0"}
-    assert run_id_for({"SLURM_JOB_ID": "4242", "SLURM_NTASKS": "1"}) == new_run_id()  # one task: a fresh id
-    assert run_id_for({}) == new_run_id()
+    overrides = [run_overrides(env, "train") for env in ranks]
+    assert overrides[0] == ["run_id=slurm-4242-0"]
+    assert overrides[3] == ["run_id=slurm-4242-0", "hydra.output_subdir=null", "hydra.job.name=train_rank3"]
+    dirs = {str(compose(o).hydra.run.dir) for o in overrides}
+    assert len(dirs) == 1 and dirs.pop().endswith("/runs/slurm-4242-0")
+    assert run_overrides({"SLURM_JOB_ID": "4242", "SLURM_NTASKS": "1"}, "train") == [f"run_id={new_run_id()}"]
+    assert run_overrides({}, "train") == [f"run_id={new_run_id()}"]

@@ -270,14 +270,18 @@ def _never_called(cfg: DictConfig, run: object) -> None:
     raise AssertionError("Hydra calls no task function for --help, --cfg or --info")
 
 
-def run_id_for(environ: Mapping[str, str]) -> str:
-    """This invocation's run id. Under `srun` with several tasks every rank starts its own `tunelab train` and
-    all must agree on one run directory, so the id comes from the SLURM job step (a requeued job gets the same
-    one, and resume=auto continues there); elsewhere a new id (time + random digits)."""
+def run_overrides(environ: Mapping[str, str], task: str) -> list[str]:
+    """This invocation's run id, as overrides. Under `srun` with several tasks every rank starts its own
+    `tunelab <verb>` and all must agree on one run directory, so the id comes from the SLURM job step (a
+    requeued job gets the same one, and resume=auto continues there); ranks other than 0 write no `.hydra/`
+    and log to `<task>_rank<N>.log`, as Lightning arranges for the ranks it starts itself. Elsewhere a new id
+    (time + random digits)."""
     job, tasks = environ.get("SLURM_JOB_ID"), environ.get("SLURM_NTASKS", "1")
-    if job and tasks.isdigit() and int(tasks) > 1:
-        return f"slurm-{job}-{environ.get('SLURM_STEP_ID', '0')}"
-    return new_run_id()
+    if not (job and tasks.isdigit() and int(tasks) > 1):
+        return [f"run_id={new_run_id()}"]
+    rank = environ.get("SLURM_PROCID", "0")
+    extra = [] if rank == "0" else ["hydra.output_subdir=null", f"hydra.job.name={task}_rank{rank}"]
+    return [f"run_id=slurm-{job}-{environ.get('SLURM_STEP_ID', '0')}", *extra]
 
 
 def run_verb(verb: Verb | str, argv: list[str] | None = None) -> None:
@@ -295,7 +299,7 @@ def run_verb(verb: Verb | str, argv: list[str] | None = None) -> None:
     os.environ.setdefault("HYDRA_FULL_ERROR", "0")
     if not any(a.startswith("run_id=") for a in argv):
         # Pin the id in the config so parallel workers (joblib, SLURM) all see the same value.
-        argv.append(f"run_id={run_id_for(os.environ)}")
+        argv += run_overrides(os.environ, verb.config)
     try:
         # Each verb's primary config is conf/<config>.yaml; --cfg job only prints, so it needs no deep checks.
         preflight(argv, verb.config, deep=not _answered_by_hydra(argv), check=verb.check)
