@@ -13,6 +13,7 @@ import pytorch_lightning as pl
 import torch
 
 from tunelab.models import save_unloadable_base
+from tunelab.sharding import full_state_dict, submodule_state
 
 
 def peak_memory_gb(device: torch.device) -> float:
@@ -83,12 +84,21 @@ class SaveHFModel(pl.Callback):
         self.dirpath = Path(dirpath)
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if trainer.sanity_checking or not trainer.is_global_zero or getattr(trainer, "fast_dev_run", False):
+        if trainer.sanity_checking or getattr(trainer, "fast_dev_run", False):
+            return
+        # FSDP / ZeRO-3 hold only shards on each rank: gather the whole weights onto rank 0 (every rank takes part).
+        state = full_state_dict(trainer)
+        if not trainer.is_global_zero:
             return
         self.dirpath.mkdir(parents=True, exist_ok=True)
-        pl_module.model.save_pretrained(self.dirpath, safe_serialization=True)
-        # An adapter over a random-init base is useless without that base's weights: keep them in model/base.
-        save_unloadable_base(pl_module.model, self.dirpath / "base")
+        if state is None:  # every rank holds the whole model (one device, DDP, ZeRO-2)
+            pl_module.model.save_pretrained(self.dirpath, safe_serialization=True)
+            # An adapter over a random-init base is useless without that base's weights: keep them in model/base
+            # (refused with a sharded strategy by tunelab.checks.check_strategy).
+            save_unloadable_base(pl_module.model, self.dirpath / "base")
+        else:  # the gathered weights, consolidated into the usual files (an adapter keeps only its own tensors)
+            pl_module.model.save_pretrained(self.dirpath, safe_serialization=True,
+                                            state_dict=submodule_state(state, "model"))
         pl_module.tokenizer.save_pretrained(self.dirpath)
         # The data recipe (format, prompt templates, system prompt) so eval/generate build prompts exactly
         # as training did (LlamaFactory#2509: a different template at inference costs accuracy).

@@ -8,6 +8,10 @@
   the last K, saves at the end of training, holds the RNG states, and turns SIGTERM/SIGINT into
   "finish this step, checkpoint, exit 143/130".
 - `find_resume` turns `resume=auto|<run dir>|<file>` into one checked checkpoint or a one-line error (exit 4).
+- Sharded strategies that write a checkpoint as a directory of per-rank shards (DeepSpeed, FSDP with
+  state_dict_type=sharded) bypass the CheckpointIO: there the callback marks the directory complete once
+  every rank has written (the marker then also holds what the file would: identity, W&B id), `last.ckpt`
+  is a symlink, and pruning removes whole directories. The engine reads its own shards on resume.
 
 What makes a resumed run bitwise equal to an uninterrupted one: model, optimizer, scheduler and loop
 state (Lightning), the data position (`tunelab.data.resumable.ResumableLoader`), and the RNG state
@@ -79,6 +83,41 @@ def marker_path(path: Path) -> Path:
     return path.with_name(path.name + MARKER)
 
 
+def checkpoint_bytes(path: Path) -> int:
+    """The size of a checkpoint: a file's, or the total of a directory of shards (what its marker records)."""
+    path = Path(path)
+    if path.is_dir():
+        return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+    return path.stat().st_size
+
+
+def is_checkpoint_dir(path: Path) -> bool:
+    """A directory written as one checkpoint (shards), as opposed to a run directory or checkpoints/."""
+    return Path(path).is_dir() and marker_path(Path(path)).is_file()
+
+
+def mark_directory(path: Path, info: dict[str, Any], step: int, epoch: int) -> None:
+    """Write the completion marker of a checkpoint directory (after every rank wrote its shards). `info` is
+    the checkpoint's `tunelab` entry without its tensors: the identity and W&B id travel in the marker."""
+    marker = {"format": FORMAT, "bytes": checkpoint_bytes(path), "step": int(step), "epoch": int(epoch),
+              "step_boundary": bool(info.get("step_boundary", True)), "resumable": bool(info.get("resumable")),
+              "time": time.time(), "layout": "directory", "identity": info.get("identity") or {},
+              "wandb_id": info.get("wandb_id")}
+    _write_atomic(marker_path(path), lambda file: file.write(json.dumps(marker).encode() + b"\n"))
+
+
+def remove_checkpoint(path: Path) -> None:
+    """Remove a checkpoint file or directory, its marker first (a half-removed pair reads as incomplete)."""
+    import shutil
+
+    path = Path(path)
+    marker_path(path).unlink(missing_ok=True)
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
 def save_atomic(checkpoint: dict[str, Any], path: Path) -> None:
     """Write `checkpoint` to `path` so that a reader sees the old file, or the complete new one and its marker."""
     path = Path(path)
@@ -107,8 +146,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         save_atomic(checkpoint, Path(path))
 
     def remove_checkpoint(self, path: Any) -> None:
-        marker_path(Path(path)).unlink(missing_ok=True)  # the marker first: a half-removed pair is incomplete
-        Path(path).unlink(missing_ok=True)
+        remove_checkpoint(Path(path))  # also a directory that a sharded strategy wrote (best-by-metric under DeepSpeed)
 
 
 # ---- RNG states as tensors and plain containers (loadable with weights_only=True) ----------------
@@ -188,6 +226,8 @@ def read_checkpoint(path: Path) -> CheckpointInfo:
     hint = "pass a .ckpt file from <run dir>/checkpoints, a run directory, or resume=auto"
     if not path.exists():
         raise CheckpointError(f"no such checkpoint {path}", "key resume", hint)
+    if is_checkpoint_dir(path):
+        return _read_directory(path)
     if path.is_dir():
         raise CheckpointError(f"{path} is a directory without checkpoints/", "key resume", hint)
     size = path.stat().st_size
@@ -209,6 +249,19 @@ def read_checkpoint(path: Path) -> CheckpointInfo:
     shapes = {k: tuple(v.shape) for k, v in data["state_dict"].items() if isinstance(v, torch.Tensor)}
     return CheckpointInfo(path, int(data["global_step"]), int(data.get("epoch", 0)), dict(data.get("tunelab") or {}),
                           shapes)
+
+
+def _read_directory(path: Path) -> CheckpointInfo:
+    """A checkpoint directory of shards: what tunelab needs is in its marker; the shards are the engine's to read
+    (DeepSpeed's and torch.distributed.checkpoint's own loaders, on every rank)."""
+    marker = _read_marker(path) or {}
+    size = checkpoint_bytes(path)
+    if marker.get("layout") != "directory" or marker.get("bytes") != size:
+        raise CheckpointError(f"checkpoint directory {path} is incomplete: {size} bytes, its marker says "
+                              f"{marker.get('bytes')}", "key resume",
+                              "resume=<run dir> picks the newest complete checkpoint")
+    info = {"identity": marker.get("identity") or {}, "wandb_id": marker.get("wandb_id")}
+    return CheckpointInfo(path, int(marker.get("step", 0)), int(marker.get("epoch", 0)), info)
 
 
 def _read_marker(path: Path) -> dict[str, Any] | None:
@@ -235,8 +288,8 @@ def complete_checkpoints(directory: Path) -> tuple[list[tuple[dict[str, Any], Pa
             continue  # someone else's file, or a best-by-metric one cut short: not a candidate either way
         if marker is None:
             notes.append(f"skipping incomplete checkpoint {path} (no completion marker: its writer was stopped)")
-        elif marker.get("bytes") != path.stat().st_size:
-            notes.append(f"skipping incomplete checkpoint {path} ({path.stat().st_size} bytes, marker says "
+        elif marker.get("bytes") != checkpoint_bytes(path):
+            notes.append(f"skipping incomplete checkpoint {path} ({checkpoint_bytes(path)} bytes, marker says "
                          f"{marker.get('bytes')})")
         else:
             found.append((marker, path))
@@ -283,8 +336,8 @@ class Resume:
 
     def check_tensors(self, module: pl.LightningModule) -> None:
         """Refuse a checkpoint whose tensors do not fit this run's module (names or shapes), saying what differs."""
-        if self.info is None:
-            return
+        if self.info is None or (self.path is not None and self.path.is_dir()):
+            return  # a directory of shards: the engine matches names and shapes itself as it loads
         state = module.state_dict()
         if not getattr(module, "strict_loading", True):  # adapters and frozen runs save only what trains
             trainable = {f"model.{n}" for n, p in module.model.named_parameters() if p.requires_grad}
@@ -315,7 +368,7 @@ def find_resume(resume: Any, run_dir: Path, current_identity: dict[str, Any] | N
     text = str(resume)
     auto = text == "auto"
     target = Path(run_dir) if auto else Path(text).expanduser()
-    if auto or target.is_dir():
+    if auto or (target.is_dir() and not is_checkpoint_dir(target)):
         directory = target / "checkpoints" if (target / "checkpoints").is_dir() else target
         found, notes = complete_checkpoints(directory) if directory.is_dir() else ([], [])
         if not found:
@@ -367,7 +420,7 @@ def prepare_run_dir(argv: list[str], config_name: str = "train") -> list[str]:
     value = cfg.resume
     run_dir = Path(str(cfg.hydra.run.dir))
     target = Path(str(value)).expanduser() if value is not None else None
-    in_place = target is not None and str(value) != "auto" and target.is_dir()
+    in_place = target is not None and str(value) != "auto" and target.is_dir() and not is_checkpoint_dir(target)
     if in_place:
         run_dir = target.resolve()
         if run_dir.name == "checkpoints" and not (run_dir / "checkpoints").is_dir():
@@ -510,11 +563,8 @@ class Checkpointing(pl.Callback):
 
     def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                            checkpoint: dict[str, Any]) -> None:
-        from pytorch_lightning.loggers import WandbLogger
-
-        wandb_id = next((lg.version for lg in trainer.loggers if isinstance(lg, WandbLogger)), None)
         checkpoint["tunelab"] = {
-            "format": FORMAT, "identity": self.identity, "wandb_id": wandb_id,
+            "format": FORMAT, "identity": self.identity, "wandb_id": self._wandb_id(trainer),
             "rng": self._train_rng if self._train_rng is not None else rng_states(),
             "step_boundary": self._step_boundary, "resumable": self._saving and self._step_boundary,
         }
@@ -590,11 +640,20 @@ class Checkpointing(pl.Callback):
     def save(self, trainer: pl.Trainer) -> Path:
         """Write `step<N>.ckpt` (atomically, through the trainer's CheckpointIO), point last.ckpt at it, prune."""
         path = self.dirpath / f"step{trainer.global_step}.ckpt"
+        if trainer.is_global_zero and path.is_dir():
+            marker_path(path).unlink(missing_ok=True)  # the engine rewrites these shards in place: incomplete now
         self._saving = True
         try:
             trainer.save_checkpoint(path, weights_only=False)
         finally:
             self._saving = False
+        if trainer.world_size > 1:
+            trainer.strategy.barrier("tunelab-checkpoint")  # every rank's shards are on disk before the marker
+        if trainer.is_global_zero and path.is_dir():
+            # A sharded strategy wrote a directory, around the CheckpointIO: mark it complete here.
+            info = {"identity": self.identity, "wandb_id": self._wandb_id(trainer),
+                    "step_boundary": self._step_boundary, "resumable": self._step_boundary}
+            mark_directory(path, info, trainer.global_step, trainer.current_epoch)
         self._saved_step, self._last_save = trainer.global_step, time.monotonic()
         self.last_path = path
         if trainer.is_global_zero:
@@ -602,17 +661,28 @@ class Checkpointing(pl.Callback):
             self._prune()
         return path
 
+    @staticmethod
+    def _wandb_id(trainer: pl.Trainer) -> str | None:
+        from pytorch_lightning.loggers import WandbLogger
+
+        return next((lg.version for lg in trainer.loggers if isinstance(lg, WandbLogger)), None)
+
     def _link_last(self, path: Path) -> None:
         last = self.dirpath / "last.ckpt"
         marker_path(last).unlink(missing_ok=True)
         tmp = self.dirpath / f".last.ckpt.tmp-{os.getpid()}"
         tmp.unlink(missing_ok=True)
-        try:
-            os.link(path, tmp)  # a hard link: last.ckpt costs no disk and no copy time
-        except OSError:
-            import shutil
+        if path.is_dir():
+            os.symlink(path.name, tmp)  # a directory of shards: a relative symlink, replaced atomically like a file
+            if last.is_dir() and not last.is_symlink():
+                remove_checkpoint(last)
+        else:
+            try:
+                os.link(path, tmp)  # a hard link: last.ckpt costs no disk and no copy time
+            except OSError:
+                import shutil
 
-            shutil.copyfile(path, tmp)
+                shutil.copyfile(path, tmp)
         os.replace(tmp, last)
         tmp_marker = marker_path(tmp)
         tmp_marker.write_bytes(marker_path(path).read_bytes())
@@ -623,8 +693,7 @@ class Checkpointing(pl.Callback):
         ours = sorted((int(m.group(1)), p) for p in self.dirpath.glob("step*.ckpt")
                       if (m := re.fullmatch(r"step(\d+)\.ckpt", p.name)))
         for _, path in ours[: -self.keep_last]:
-            marker_path(path).unlink(missing_ok=True)
-            path.unlink(missing_ok=True)
+            remove_checkpoint(path)
 
     def _interrupt(self, trainer: pl.Trainer, signum: int) -> None:
         run_dir = self.dirpath.parent

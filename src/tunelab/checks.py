@@ -265,10 +265,17 @@ def _choices(annotation: Any) -> list[Any]:
 
 
 def _hints(obj: Any) -> dict[str, Any]:
+    target = obj.__init__ if isinstance(obj, type) else obj
     try:
-        return typing.get_type_hints(obj.__init__ if isinstance(obj, type) else obj)
-    except Exception:  # unresolvable forward references, C callables: nothing to check against
+        return typing.get_type_hints(target)
+    except Exception:  # an unresolvable forward reference (a TYPE_CHECKING-only alias), a C callable
+        pass
+    try:  # one such alias must not hide the parameters whose annotations are real objects (Lightning's FSDPStrategy)
+        parameters = inspect.signature(target).parameters.values()
+    except (TypeError, ValueError):
         return {}
+    return {p.name: p.annotation for p in parameters
+            if p.annotation is not inspect.Parameter.empty and not isinstance(p.annotation, str)}
 
 
 def check_choices(cfg: DictConfig) -> None:
@@ -375,11 +382,74 @@ def check_output_dirs(cfg: DictConfig) -> None:
                           f"point {key} at a directory you can write")
 
 
+# ---- scale: strategies and launchers ------------------------------------------------------------
+# Strategies whose training state is split across ranks (`_target_`s of trainer.strategy).
+FSDP = "pytorch_lightning.strategies.FSDPStrategy"
+DEEPSPEED = "pytorch_lightning.strategies.DeepSpeedStrategy"
+
+
+def strategy_target(cfg: DictConfig) -> str | None:
+    """The `_target_` of trainer.strategy, or None when it is a name (`ddp`, `auto`) or absent."""
+    node = OmegaConf.select(cfg, "trainer.strategy", default=None)
+    if isinstance(node, DictConfig) and "_target_" in node:
+        return str(node._get_node("_target_")._value())
+    return None
+
+
+def check_strategy(cfg: DictConfig) -> None:
+    """What a sharded strategy cannot do with the rest of the config."""
+    target = strategy_target(cfg)
+    if target not in (FSDP, DEEPSPEED):
+        return
+    accumulate = _value(cfg, "hyperparams.accumulate_grad_batches")
+    if target == DEEPSPEED and accumulate not in (MISSING_VALUE, 1):
+        # DeepSpeed owns accumulation and the gradients; the module then normalises each micro-batch by its
+        # own tokens (all ranks), which is the token mean of the whole step only when a step is one micro-batch.
+        raise ConfigError(f"DeepSpeed with hyperparams.accumulate_grad_batches={accumulate}: DeepSpeed accumulates "
+                          "gradients itself, where tunelab cannot average the loss over the whole step's tokens",
+                          _where(cfg, "hyperparams.accumulate_grad_batches"),
+                          "set hyperparams.accumulate_grad_batches=1 and raise hyperparams.batch_size, or use "
+                          "trainer=fsdp")
+    if _value(cfg, "model.random_init") is True and OmegaConf.select(cfg, "method.peft", default=None) is not None:
+        # model/base (the random base beside the adapter) is written from an unsharded copy of the model.
+        raise ConfigError("an adapter over a randomly initialised base cannot be saved from a sharded run: the "
+                          "base's weights exist only as shards", "keys model.random_init, method, trainer.strategy",
+                          "use method=full, or train the adapter with trainer=default or trainer=ddp_cpu")
+
+
+def check_sharding_names(cfg: DictConfig) -> None:
+    """FSDP's sharding_strategy is a name of torch's ShardingStrategy (Lightning annotates it with a type-checking
+    alias, so check_choices cannot see it; a typo would fail as a KeyError inside the Trainer)."""
+    value = _value(cfg, "trainer.strategy.sharding_strategy")
+    if strategy_target(cfg) != FSDP or not isinstance(value, str):
+        return
+    from torch.distributed.fsdp import ShardingStrategy
+
+    names = [member.name for member in ShardingStrategy]
+    if value.upper() not in names:
+        raise ConfigError(f"unknown sharding_strategy {value!r} for FSDP",
+                          _where(cfg, "trainer.strategy.sharding_strategy"), did_you_mean(value.upper(), names))
+
+
+def check_engine(cfg: DictConfig) -> None:
+    """The engine a valid config names must be installed to run it: a DeepSpeed strategy needs the `deepspeed`
+    package. Looked up without importing it (its import probes CUDA); not part of validate(), so the config
+    tree composes and validates on machines without it. Exit 2 naming the extra, never a traceback."""
+    import importlib.util
+
+    if strategy_target(cfg) == DEEPSPEED and importlib.util.find_spec("deepspeed") is None:
+        raise ConfigError("trainer.strategy is DeepSpeed but the deepspeed package is not installed",
+                          _where(cfg, "trainer.strategy"),
+                          "install the extra: pip install -e '.[deepspeed]' (needs CUDA; `make setup` adds it where "
+                          "nvidia-smi finds a GPU), or use trainer=fsdp")
+
+
 # Checks on the values alone, and checks that import the libraries the values are passed to (torch,
 # transformers, peft: seconds). `tunelab train --cfg job` runs only the first; a job imports those
 # libraries anyway, so it runs both before anything is built.
-LIGHT_CHECKS: tuple[Callable[[DictConfig], None], ...] = (check_ranges, check_output_dirs)
-DEEP_CHECKS: tuple[Callable[[DictConfig], None], ...] = (check_choices, check_chat_templates, check_factories)
+LIGHT_CHECKS: tuple[Callable[[DictConfig], None], ...] = (check_ranges, check_output_dirs, check_strategy)
+DEEP_CHECKS: tuple[Callable[[DictConfig], None], ...] = (check_choices, check_chat_templates, check_factories,
+                                                          check_sharding_names)
 
 
 def check_values(cfg: DictConfig, deep: bool = True) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import itertools
 import os
 import sys
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from omegaconf import DictConfig, OmegaConf
@@ -37,7 +38,7 @@ class Verb:
 # The one table of verbs: dispatch, pre-flight and --help all read it. A new verb is one line here.
 VERBS: tuple[Verb, ...] = (
     Verb("train", "tunelab.train", "fine-tune: model=, method=, dataset=, hyperparams.*= (try: tunelab train --help)",
-         "train"),
+         "train", check="tunelab.checks:check_engine"),
     Verb("generate", "tunelab.generate",
          'answer with a trained run: run=<run dir> prompt="..." [interactive=true] [decoding=creative]', "generate"),
     Verb("eval", "tunelab.eval",
@@ -147,7 +148,9 @@ def preflight(argv: list[str], config_name: str = "train", deep: bool = True, ch
             module, _, function = check.partition(":")
             getattr(importlib.import_module(module), function)(cfg)
         _check_sweeper_params(cfg)
+        _check_slurm_ranks(cfg)
         if args.multirun:
+            _check_launcher_installed(cfg)
             _check_multirun_strategy(cfg)
 
 
@@ -167,17 +170,63 @@ def _unparsable(overrides: list[str]) -> str:
 def _check_multirun_strategy(cfg: DictConfig) -> None:
     """Refuse `-m` with a DDP launcher that re-runs the command line for ranks 1..N-1: under multirun that
     re-runs the sweep (pytorch-lightning#11300). SLURM starts ranks itself, and ddp_spawn forks, so both pass."""
-    strategy = str(OmegaConf.select(cfg, "trainer.strategy", default="auto"))
+    from tunelab.checks import DEEPSPEED, FSDP, strategy_target
+
+    target = strategy_target(cfg)  # FSDP and DeepSpeed start their extra ranks the way DDP does
+    strategy = target.rsplit(".", 1)[-1] if target else str(OmegaConf.select(cfg, "trainer.strategy", default="auto"))
     devices = OmegaConf.select(cfg, "trainer.devices", default=1)
     launcher = str(OmegaConf.select(cfg, "hydra.launcher._target_", default=""))
-    relaunches = strategy.startswith("ddp") and "spawn" not in strategy
+    relaunches = target in (FSDP, DEEPSPEED) or (strategy.startswith("ddp") and "spawn" not in strategy)
     if relaunches and devices not in (1, "1") and "submitit" not in launcher:
         raise ConfigError(
             f"a sweep (-m) cannot run trials with trainer.strategy={strategy} on {devices} devices here: "
             "Lightning re-runs the command line for each extra rank, which would re-run the sweep",
             "keys trainer.strategy, trainer.devices",
-            "use trainer.strategy=ddp_spawn, one device per trial, or hydra/launcher=slurm (see docs/SWEEPS.md)",
+            ("one device per trial, or hydra/launcher=slurm (see docs/SCALE.md)" if target else
+             "use trainer.strategy=ddp_spawn, one device per trial, or hydra/launcher=slurm (see docs/SWEEPS.md)"),
         )
+
+
+def _check_launcher_installed(cfg: DictConfig) -> None:
+    """A sweep's launcher is a Hydra plugin from an extra; without it Hydra fails with a traceback after the
+    sweep directory exists. Looked up without importing it (Ray's import alone takes seconds)."""
+    import importlib.util
+
+    target = str(OmegaConf.select(cfg, "hydra.launcher._target_", default="") or "")
+    module = target.rpartition(".")[0]
+    if not module.startswith("hydra_plugins."):
+        return
+    try:
+        found = importlib.util.find_spec(".".join(module.split(".")[:2])) is not None
+    except (ImportError, ValueError):
+        found = False
+    if not found:
+        choice = OmegaConf.select(cfg, "hydra.runtime.choices", default={}).get("hydra/launcher")
+        raise ConfigError(f"hydra/launcher={choice} needs its Hydra plugin ({module.split('.')[1]}), which is not "
+                          "installed", "key hydra/launcher",
+                          "install its extra: pip install -e '.[ray]' for Ray, '.[sweep]' for joblib and SLURM "
+                          "(docs/SCALE.md)")
+
+
+def _check_slurm_ranks(cfg: DictConfig) -> None:
+    """On SLURM, Lightning takes its ranks from srun: one task per device on every node. The slurm launcher
+    interpolates its task and node counts from trainer.devices and trainer.num_nodes; both must be numbers."""
+    launcher = OmegaConf.select(cfg, "hydra.launcher", default=None)
+    if not isinstance(launcher, DictConfig) or "SlurmLauncher" not in str(launcher.get("_target_", "")):
+        return
+    for key, setting in (("tasks_per_node", "trainer.devices"), ("nodes", "trainer.num_nodes")):
+        wanted = OmegaConf.select(cfg, setting, default=1)
+        try:
+            value = OmegaConf.select(launcher, key, default=1)
+        except Exception:  # noqa: BLE001 - an interpolation to `auto` refused by the launcher's int field
+            value = None
+        if isinstance(wanted, bool) or not isinstance(wanted, int) or value != wanted:
+            starts = f"starts {value} {key.replace('_', ' ')}" if value is not None else f"needs a number of {key}"
+            raise ConfigError(
+                f"hydra/launcher=slurm {starts} but {setting} is {wanted!r}: Lightning expects one SLURM task "
+                "per device on every node", f"keys hydra.launcher.{key}, {setting}",
+                f"give {setting} a number (GPUs per node for devices) and leave hydra.launcher.{key} at its "
+                f"default, which follows it (docs/SCALE.md)")
 
 
 def _check_sweeper_params(cfg: DictConfig) -> None:
@@ -221,6 +270,20 @@ def _never_called(cfg: DictConfig, run: object) -> None:
     raise AssertionError("Hydra calls no task function for --help, --cfg or --info")
 
 
+def run_overrides(environ: Mapping[str, str], task: str) -> list[str]:
+    """This invocation's run id, as overrides. Under `srun` with several tasks every rank starts its own
+    `tunelab <verb>` and all must agree on one run directory, so the id comes from the SLURM job step (a
+    requeued job gets the same one, and resume=auto continues there); ranks other than 0 write no `.hydra/`
+    and log to `<task>_rank<N>.log`, as Lightning arranges for the ranks it starts itself. Elsewhere a new id
+    (time + random digits)."""
+    job, tasks = environ.get("SLURM_JOB_ID"), environ.get("SLURM_NTASKS", "1")
+    if not (job and tasks.isdigit() and int(tasks) > 1):
+        return [f"run_id={new_run_id()}"]
+    rank = environ.get("SLURM_PROCID", "0")
+    extra = [] if rank == "0" else ["hydra.output_subdir=null", f"hydra.job.name={task}_rank{rank}"]
+    return [f"run_id=slurm-{job}-{environ.get('SLURM_STEP_ID', '0')}", *extra]
+
+
 def run_verb(verb: Verb | str, argv: list[str] | None = None) -> None:
     """Run one verb as the console script would, with `argv` (default: sys.argv[1:])."""
     import importlib
@@ -236,7 +299,7 @@ def run_verb(verb: Verb | str, argv: list[str] | None = None) -> None:
     os.environ.setdefault("HYDRA_FULL_ERROR", "0")
     if not any(a.startswith("run_id=") for a in argv):
         # Pin the id in the config so parallel workers (joblib, SLURM) all see the same value.
-        argv.append(f"run_id={new_run_id()}")
+        argv += run_overrides(os.environ, verb.config)
     try:
         # Each verb's primary config is conf/<config>.yaml; --cfg job only prints, so it needs no deep checks.
         preflight(argv, verb.config, deep=not _answered_by_hydra(argv), check=verb.check)

@@ -319,7 +319,10 @@ def build(node: Any, **kwargs: Any) -> Any:
             cause = cause.__cause__
         if cause is not None:
             raise cause from None
-        if isinstance(err.__cause__, (ValueError, TypeError)):
+        from lightning_fabric.utilities.exceptions import MisconfigurationException
+
+        # Lightning's own refusal of a setting (trainer=gpu or a DeepSpeed strategy where no GPU is) included.
+        if isinstance(err.__cause__, (ValueError, TypeError, MisconfigurationException)):
             match = re.search(r"full_key: (\S+)", str(err))
             target = re.search(r"target '([^']+)'", str(err))
             raise ConfigError(

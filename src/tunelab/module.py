@@ -109,6 +109,13 @@ class TuneModule(pl.LightningModule):
             # × tokens: after the division by the effective batch's token count (on_before_optimizer_step)
             # the step's loss gains coef × (token-weighted mean of aux), as the model's own loss would.
             loss_sum = loss_sum + self.aux_loss_coef * aux * tokens
+        trainer = self._trainer  # None when a test calls the step without a Trainer
+        if trainer is not None and trainer.strategy.handles_gradient_accumulation:
+            # DeepSpeed keeps the gradients in its own buffers (param.grad is empty in on_before_optimizer_step), so
+            # normalise before backward: by this micro-batch's supervised tokens on all ranks, which is the step's
+            # token mean since checks.check_strategy holds DeepSpeed runs to one micro-batch per step.
+            everywhere = trainer.strategy.reduce(tokens.float(), reduce_op="sum")
+            return loss_sum * trainer.world_size / everywhere.clamp(min=1.0)
         return loss_sum
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
@@ -120,7 +127,7 @@ class TuneModule(pl.LightningModule):
             loss = self.trainer.strategy.reduce(loss, reduce_op="sum")
         # Grad now holds Σ_microbatch(summed loss)/accumulate, averaged over ranks by DDP.
         scale = self.trainer.accumulate_grad_batches * world / tokens.clamp(min=1.0)
-        for group in optimizer.param_groups:
+        for group in [] if self.trainer.strategy.handles_gradient_accumulation else optimizer.param_groups:
             for param in group["params"]:
                 if param.grad is not None:
                     param.grad.mul_(scale)  # an all-masked window gives 0 grads, never NaN
@@ -128,6 +135,16 @@ class TuneModule(pl.LightningModule):
         self.log("train/supervised_tokens", tokens, on_step=True, reduce_fx="sum")
         self._window_loss = torch.zeros((), device=tokens.device)
         self._window_tokens = 0
+
+    def configure_gradient_clipping(self, optimizer: torch.optim.Optimizer, gradient_clip_val: float | None = None,
+                                    gradient_clip_algorithm: str | None = None) -> None:
+        from tunelab.sharding import clip_gradients
+
+        # FSDP shards the gradients: the global norm needs FSDP's own method (Lightning refuses norm clipping there).
+        if gradient_clip_val and gradient_clip_algorithm in (None, "norm") and clip_gradients(self.trainer,
+                                                                                             gradient_clip_val):
+            return
+        self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
     def configure_optimizers(self) -> dict[str, Any]:
         decay, no_decay = [], []

@@ -21,6 +21,7 @@ from pytorch_lightning.loggers import WandbLogger
 from tunelab import paths, report
 from tunelab.callbacks import Throughput
 from tunelab.checkpointing import find_resume, identity
+from tunelab.checks import check_engine
 from tunelab.config import build, build_with, validate
 from tunelab.errors import ConfigError, NumericsError, TunelabError, exit_with
 from tunelab.lock import RunDirLock
@@ -54,6 +55,7 @@ def train(cfg: DictConfig, run: RunContext | None = None) -> dict[str, float]:
     with open_dict(cfg):  # every ${paths.run_dir} below resolves to the context's directory, Hydra or not
         cfg.paths.run_dir = str(run.run_dir)
     validate(cfg)
+    check_engine(cfg)  # a valid config naming an engine this machine lacks (DeepSpeed): exit 2 before anything is built
     run_dir = run.run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
     sweep_config = [run.sweep_dir / "multirun.yaml"] if run.sweep_dir else []  # Hydra writes it before any job
