@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Iterator, Mapping
 from dataclasses import asdict
 from pathlib import Path
@@ -206,10 +207,12 @@ class TuneDataModule(pl.LightningDataModule):
         if self.packing == Packing.dataset:  # the loader batches rows of max_seq_len, not examples
             rows = RowSampler(sampler, [len(e.input_ids) for e in examples], self.max_seq_len, self.seed)
             first = [i for row in rows.rows(0) for i in row]
+            world = self.trainer.world_size if self.trainer is not None else 1  # DDP shards the rows over ranks
             log.info("dataset packing: epoch 0 packs %d examples into %d rows of %d tokens (%.1f%% filled): %d "
-                     "micro-batches of %d rows per epoch", len(first), len(rows), self.max_seq_len,
+                     "micro-batches of %d rows per epoch%s", len(first), len(rows), self.max_seq_len,
                      100 * sum(len(examples[i].input_ids) for i in first) / (len(rows) * self.max_seq_len),
-                     -(-len(rows) // self.batch_size), self.batch_size)
+                     math.ceil(math.ceil(len(rows) / world) / self.batch_size), self.batch_size,
+                     f" on each of {world} processes" if world > 1 else "")
             return ResumableLoader(PackedRows(examples), batch_size=self.batch_size, sampler=rows, collate_fn=collate,
                                    num_workers=self.num_workers)
         return ResumableLoader(  # its position is saved in checkpoints: a mid-epoch resume continues exactly
