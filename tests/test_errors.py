@@ -82,11 +82,11 @@ CASES: dict[str, tuple[list[str], int, list[str]]] = {
     "peft_refuses_a_value": (["method=lora", "method.peft.bias=sometimes", "logger=none", "eval.baseline=false"], 2, [
         "PEFT cannot apply method.peft to this model", "Requested bias: sometimes", "key method.peft",
     ]),
-    "packing_with_prefix_tuning": (["method=prefix_tuning", "hyperparams.packing=true", "logger=none"], 2, [
-        "packing cannot be combined with a prompt-learning method", "hyperparams.packing=false",
+    "packing_with_prefix_tuning": (["method=prefix_tuning", "hyperparams.packing=batch", "logger=none"], 2, [
+        "packing cannot be combined with a prompt-learning method", "hyperparams.packing=none",
     ]),
-    "packing_with_moe": (["model=tiny_moe", "hyperparams.packing=true", "logger=none"], 2, [
-        "packing cannot be combined with a mixture-of-experts router loss", "hyperparams.packing=false",
+    "packing_with_moe": (["model=tiny_moe", "hyperparams.packing=dataset", "logger=none"], 2, [
+        "packing cannot be combined with a mixture-of-experts router loss", "hyperparams.packing=none",
     ]),
     "multirun_with_ddp": (["-m", "trainer=ddp_cpu", "hyperparams.lr=1e-3,2e-3"], 2, [
         "a sweep (-m) cannot run trials with trainer.strategy=ddp on 2 devices", "trainer.strategy=ddp_spawn",

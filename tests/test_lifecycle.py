@@ -54,7 +54,7 @@ def test_lifecycle_recipes_compose():
     """What each recipe chooses (test_config composes and validates every experiment file already)."""
     pretrain = compose(["experiment=pretrain_base"])
     assert pretrain.model.random_init is True and pretrain.dataset.format._target_ == "tunelab.data.formats.text"
-    assert pretrain.dataset.name == "corpus_general" and pretrain.hyperparams.packing is True
+    assert pretrain.dataset.name == "corpus_general" and pretrain.hyperparams.packing == "batch"
     assert pretrain.hyperparams.max_steps > 0
     assert Path(pretrain.model.name_or_path).resolve() == (ASSETS / "tiny-llama").resolve()
 

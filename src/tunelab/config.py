@@ -68,6 +68,14 @@ class Overlength(str, Enum):
     drop = "drop"
 
 
+class Packing(str, Enum):
+    """How training examples share rows of `max_seq_len` tokens (README "Packing")."""
+
+    none = "none"  # one example per row, padded to the longest in the micro-batch
+    batch = "batch"  # each micro-batch of `batch_size` examples binned into as few rows as fit
+    dataset = "dataset"  # each epoch's examples binned into rows; `batch_size` counts rows
+
+
 @dataclass
 class HyperparamsSchema:
     lr: float = MISSING
@@ -79,7 +87,7 @@ class HyperparamsSchema:
     warmup_ratio: float = 0.0
     accumulate_grad_batches: int = 1
     max_seq_len: int = MISSING
-    packing: bool = False
+    packing: Packing = Packing.none
     gradient_clip_val: Optional[float] = None
     seed: int = 0
     on_nonfinite: OnNonFinite = OnNonFinite.stop
@@ -214,6 +222,10 @@ def _type_hint(err: ValidationError, key_path: str) -> str:
         return "give a value of the type this key expects"
     options = [a for a in get_args(expected) if a is not type(None)] or [expected]
     enum = next((o for o in options if isinstance(o, type) and issubclass(o, Enum)), None)
+    if enum is Packing and str(err.value) in ("True", "False"):  # the key was a bool before it named a mode
+        meant = "batch" if str(err.value) == "True" else "none"
+        return f"{key_path} names a mode now: {meant} is what {str(err.value).lower()} meant; valid: " + ", ".join(
+            member.value for member in Packing)
     if enum is not None:
         return did_you_mean(str(err.value), [member.value for member in enum])
     names = " or ".join(getattr(o, "__name__", str(o)) for o in options)

@@ -19,7 +19,7 @@ from torch import nn
 from torchmetrics import MeanMetric
 
 from tunelab.data.encode import IGNORE
-from tunelab.data.packing import block_causal_mask
+from tunelab.data.packing import VARLEN_KEYS, block_causal_mask, flatten_rows, uses_flash_attention
 from tunelab.errors import NumericsError
 from tunelab.evaluate import generate_answers, score_answers
 
@@ -78,8 +78,19 @@ class TuneModule(pl.LightningModule):
             for stage in ("val", "test")
         })
 
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        # FlashAttention kernels take a packed batch padding-free: one row of real tokens, boundaries as
+        # cu_seq_lens. sdpa/eager keep the 4D block mask (restarting position ids alone leak: PITFALLS).
+        if isinstance(batch, dict) and "segment_ids" in batch and uses_flash_attention(self.model):
+            return flatten_rows(batch)
+        return batch
+
     def forward_batch(self, batch: dict[str, Any]) -> Any:
-        """The model's output on a padded batch, or on a packed one (block-diagonal mask, restarted positions)."""
+        """The model's output on a padded batch, or on a packed one (block-diagonal mask, restarted positions;
+        or, flattened for a FlashAttention kernel, example boundaries and restarted positions)."""
+        if "cu_seq_lens_q" in batch:
+            return self.model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False,
+                              **{key: batch[key] for key in VARLEN_KEYS})
         if "segment_ids" in batch:
             dtype = next(self.model.parameters()).dtype
             mask = block_causal_mask(batch["segment_ids"], dtype if dtype.is_floating_point else torch.float32)

@@ -13,8 +13,9 @@ from rich.table import Table
 from rich.text import Text
 
 from tunelab.config import build, validate
-from tunelab.data.datamodule import Collator
+from tunelab.data.datamodule import Collator, EpochSampler
 from tunelab.data.encode import IGNORE, Encoded
+from tunelab.data.packing import RowSampler
 from tunelab.entry import hydra_verb
 from tunelab.errors import ConfigError
 
@@ -57,24 +58,28 @@ def preview(cfg: DictConfig, console: Console | None = None) -> dict[str, dict[s
         console.print(marked(tokenizer, item, console.is_terminal))
         console.print(f"[dim]{len(item.input_ids)} tokens, {item.supervised} supervised[/]")
     table = Table(title=f"token lengths ({task})")
-    columns = ("split", "examples", "supervised", "p50", "p90", "p95", "p99", "max", "pad % padded", "pad % packed")
+    columns = ("split", "examples", "supervised", "p50", "p90", "p95", "p99", "max", "pad % padded", "pad % packed",
+               "pad % dataset")
     for column in columns:
         table.add_column(column, justify="right")
     stats = {}
     for split, examples in datamodule.splits[task].items():
         lengths = [len(e.input_ids) for e in examples]
         stats[split] = percentiles(lengths)
+        max_len, size = cfg.hyperparams.max_seq_len, cfg.hyperparams.batch_size
+        # What each hyperparams.packing mode would pad (dataset: epoch 0's rows, batch_size rows per micro-batch).
+        rows = RowSampler(EpochSampler(len(examples), cfg.hyperparams.seed), lengths, max_len, cfg.hyperparams.seed)
+        units = {"none": examples, "batch": examples, "dataset": [[examples[i] for i in row] for row in rows.rows(0)]}
         pads = []
-        for pack in (False, True):
-            collate = Collator(tokenizer.pad_token_id, False, pack, cfg.hyperparams.max_seq_len)
-            batches = [collate(examples[i: i + cfg.hyperparams.batch_size])
-                       for i in range(0, len(examples), cfg.hyperparams.batch_size)]
+        for pack, items in units.items():
+            collate = Collator(tokenizer.pad_token_id, False, pack, max_len)
+            batches = [collate(items[i: i + size]) for i in range(0, len(items), size)]
             pads.append(sum(b["pad_fraction"] * b["input_ids"].numel() for b in batches)
                         / sum(b["input_ids"].numel() for b in batches))
-        stats[split].update(pad_padded=pads[0], pad_packed=pads[1])
+        stats[split].update(pad_padded=pads[0], pad_packed=pads[1], pad_dataset=pads[2])
         table.add_row(split, str(len(examples)), str(sum(e.supervised for e in examples)),
                       *(f"{stats[split][k]:.0f}" for k in ("p50", "p90", "p95", "p99", "max")),
-                      f"{100 * pads[0]:.1f}", f"{100 * pads[1]:.1f}")
+                      *(f"{100 * pad:.1f}" for pad in pads))
     console.print(table)
     return stats
 

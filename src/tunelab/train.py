@@ -65,18 +65,19 @@ def train(cfg: DictConfig, run: RunContext | None = None) -> dict[str, float]:
     resume = find_resume(cfg.get("resume"), run_dir, identity(cfg))  # a bad resume= is exit 4 before anything is built
 
     method = build_method(cfg.method)  # PEFT config, quantization, freeze rule; bad combinations refused here
-    if cfg.hyperparams.packing and getattr(method.peft, "is_prompt_learning", False):
+    packed = str(cfg.hyperparams.packing) != "none"
+    if packed and getattr(method.peft, "is_prompt_learning", False):
         # PEFT prepends virtual tokens and widens a 2D attention mask; a packed batch's 4D block mask cannot be.
         raise ConfigError("packing cannot be combined with a prompt-learning method (prompt/prefix tuning)",
-                          "keys hyperparams.packing and method", "set hyperparams.packing=false, or use LoRA/IA3")
+                          "keys hyperparams.packing and method", "set hyperparams.packing=none, or use LoRA/IA3")
     tokenizer = build(cfg.tokenizer)
     datamodule = build(cfg.datamodule, tokenizer=tokenizer, _convert_="all")
     datamodule.setup("fit")  # data errors surface here, before any model is built
     model = apply_method(build(cfg.model, quantization_config=method.quantization), method)
-    if cfg.hyperparams.packing and getattr(getattr(model, "config", None), "output_router_logits", False):
+    if packed and getattr(getattr(model, "config", None), "output_router_logits", False):
         # transformers' load-balancing loss weights tokens by a 2D attention mask; packing passes a 4D one.
         raise ConfigError("packing cannot be combined with a mixture-of-experts router loss yet",
-                          "keys hyperparams.packing and model", "set hyperparams.packing=false for MoE models")
+                          "keys hyperparams.packing and model", "set hyperparams.packing=none for MoE models")
     trainable, total = count_parameters(model)
     report.parameters(trainable, total, model)
     tasks = build(datamodule.task_metrics, _convert_="all")  # task -> metric name -> scorer

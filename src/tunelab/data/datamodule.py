@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Iterator, Mapping
 from dataclasses import asdict
 from pathlib import Path
@@ -12,11 +13,11 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, Sampler
 
-from tunelab.config import DatasetSchema, OnBadRow, build, dataset_spec
+from tunelab.config import DatasetSchema, OnBadRow, Packing, build, dataset_spec
 from tunelab.data.cache import cache_key, read_cache, write_cache
 from tunelab.data.encode import IGNORE, Encoded, apply_length_policy, encode_chat, encode_text
 from tunelab.data.formats import Format, RowContext, compile_templates
-from tunelab.data.packing import first_fit_decreasing
+from tunelab.data.packing import PackedRows, RowSampler, first_fit_decreasing
 from tunelab.data.resumable import ResumableLoader
 from tunelab.data.sources import load_splits
 from tunelab.errors import DataError, did_you_mean
@@ -27,27 +28,34 @@ log = logging.getLogger(__name__)
 class Collator:
     """Right-pads ids and labels for the loss (or packs them, see packing.py); left-pads prompts for generation.
 
-    Packing happens per micro-batch: the batch's examples are binned into as few rows of at most
-    `max_len` tokens as fit, so a step sees the same examples packed or padded and the token-mean
-    loss is the same; only the padding (and the compute spent on it) shrinks.
+    `pack` (hyperparams.packing): `none` pads one example per row; `batch` bins the micro-batch's examples
+    into as few rows of at most `max_len` tokens as fit, so a step sees the same examples packed or padded
+    and the token-mean loss is the same, only the padding (and the compute spent on it) shrinks;
+    `dataset` receives rows already packed over the epoch (RowSampler): each item is a list of examples.
     """
 
-    def __init__(self, pad_id: int, with_prompts: bool, pack: bool = False, max_len: int = 0,
+    def __init__(self, pad_id: int, with_prompts: bool, pack: Packing | str = Packing.none, max_len: int = 0,
                  task: str | None = None) -> None:
-        self.pad_id, self.with_prompts, self.pack, self.max_len, self.task = pad_id, with_prompts, pack, max_len, task
+        self.pad_id, self.with_prompts, self.max_len, self.task = pad_id, with_prompts, max_len, task
+        self.pack = Packing(pack)
 
-    def __call__(self, items: list[Encoded]) -> dict[str, Any]:
-        rows = first_fit_decreasing([len(i.input_ids) for i in items], self.max_len) if self.pack else [
-            [i] for i in range(len(items))]
-        width = max(sum(len(items[i].input_ids) for i in row) for row in rows)
+    def __call__(self, items: list[Encoded] | list[list[Encoded]]) -> dict[str, Any]:
+        if self.pack == Packing.dataset:
+            rows: list[list[Encoded]] = items  # type: ignore[assignment]
+            items = [item for row in rows for item in row]
+        elif self.pack == Packing.batch:
+            bins = first_fit_decreasing([len(item.input_ids) for item in items], self.max_len)
+            rows = [[items[i] for i in b] for b in bins]
+        else:
+            rows = [[item] for item in items]
+        width = max(sum(len(item.input_ids) for item in row) for row in rows)
         ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
         labels = torch.full((len(rows), width), IGNORE, dtype=torch.long)
         segments = torch.full((len(rows), width), -1, dtype=torch.long)
         positions = torch.zeros((len(rows), width), dtype=torch.long)
         for r, row in enumerate(rows):
             start = 0
-            for seg, index in enumerate(row):
-                item = items[index]
+            for seg, item in enumerate(row):
                 end = start + len(item.input_ids)
                 ids[r, start:end] = torch.tensor(item.input_ids)
                 # A packed example's first label is its own first token: never predicted from the previous one.
@@ -58,7 +66,7 @@ class Collator:
         real = segments >= 0
         batch: dict[str, Any] = {"input_ids": ids, "labels": labels, "n_tokens": int(real.sum()),
                                  "pad_fraction": 1.0 - float(real.sum()) / real.numel()}
-        if self.pack:
+        if self.pack != Packing.none:
             batch.update(segment_ids=segments, position_ids=positions)  # the module builds the 4D mask
         else:
             batch["attention_mask"] = real.long()
@@ -100,12 +108,16 @@ class EpochSampler(Sampler[int]):
         return self.samples
 
     def __iter__(self) -> Iterator[int]:
-        generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
         skip, self._skip = self._skip, 0
+        return iter(self.indices(self.epoch)[skip:])
+
+    def indices(self, epoch: int, count: int | None = None) -> list[int]:
+        """Epoch `epoch`'s example indices in training order (what dataset-level packing bins into rows); with
+        weights, `count` draws (default: samples per epoch)."""
+        generator = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
         if self.weights is None:
-            return iter(torch.randperm(self.size, generator=generator).tolist()[skip:])
-        drawn = torch.multinomial(self.weights, self.samples, replacement=True, generator=generator)
-        return iter(drawn.tolist()[skip:])
+            return torch.randperm(self.size, generator=generator).tolist()
+        return torch.multinomial(self.weights, count or self.samples, replacement=True, generator=generator).tolist()
 
 
 class TuneDataModule(pl.LightningDataModule):
@@ -124,7 +136,7 @@ class TuneDataModule(pl.LightningDataModule):
         eval_batch_size: int = 32,
         max_seq_len: int = 1024,
         seed: int = 0,
-        packing: bool = False,
+        packing: Packing | str = Packing.none,
         num_workers: int = 0,
         max_eval_samples: int | None = None,
         cache_dir: str | None = None,
@@ -133,7 +145,7 @@ class TuneDataModule(pl.LightningDataModule):
         self.dataset: DatasetSchema = dataset if isinstance(dataset, DatasetSchema) else dataset_spec(dataset)
         self.tokenizer = tokenizer
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
-        self.max_seq_len, self.seed, self.packing = max_seq_len, seed, packing
+        self.max_seq_len, self.seed, self.packing = max_seq_len, seed, Packing(packing)
         self.num_workers, self.max_eval_samples = num_workers, max_eval_samples
         self.cache_dir = Path(cache_dir) if cache_dir else None
         self.tasks: dict[str, DatasetSchema] = self.dataset.tasks or {self.dataset.name: self.dataset}
@@ -191,10 +203,20 @@ class TuneDataModule(pl.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         examples, sampler = self._train_sampler()
+        collate = Collator(self.tokenizer.pad_token_id, False, self.packing, self.max_seq_len)
+        if self.packing == Packing.dataset:  # the loader batches rows of max_seq_len, not examples
+            rows = RowSampler(sampler, [len(e.input_ids) for e in examples], self.max_seq_len, self.seed)
+            first = [i for row in rows.rows(0) for i in row]
+            world = self.trainer.world_size if self.trainer is not None else 1  # DDP shards the rows over ranks
+            log.info("dataset packing: epoch 0 packs %d examples into %d rows of %d tokens (%.1f%% filled): %d "
+                     "micro-batches of %d rows per epoch%s", len(first), len(rows), self.max_seq_len,
+                     100 * sum(len(examples[i].input_ids) for i in first) / (len(rows) * self.max_seq_len),
+                     math.ceil(math.ceil(len(rows) / world) / self.batch_size), self.batch_size,
+                     f" on each of {world} processes" if world > 1 else "")
+            return ResumableLoader(PackedRows(examples), batch_size=self.batch_size, sampler=rows, collate_fn=collate,
+                                   num_workers=self.num_workers)
         return ResumableLoader(  # its position is saved in checkpoints: a mid-epoch resume continues exactly
-            examples, batch_size=self.batch_size, sampler=sampler,
-            collate_fn=Collator(self.tokenizer.pad_token_id, False, self.packing, self.max_seq_len),
-            num_workers=self.num_workers,
+            examples, batch_size=self.batch_size, sampler=sampler, collate_fn=collate, num_workers=self.num_workers,
         )
 
     def _eval_loaders(self, split: str) -> list[DataLoader]:
