@@ -51,3 +51,40 @@ def test_evaluate_rows_and_aggregates_per_task():
 def test_aggregate_is_the_mean_over_rows():
     rows = [{"task": "t", "m": 1.0}, {"task": "t", "m": 0.0}, {"task": "t", "m": 0.5}]
     assert aggregate(rows, {"t": ["m"]}) == {"m": 0.5}
+
+
+def test_rank_choices_scores_each_option_as_a_separate_unpadded_forward_would():
+    """decoding=choices: the batched (prompt x choice) log-likelihoods equal one plain forward per pair, and the
+    answer is the argmax; prompts of different lengths arrive left-padded as generation takes them."""
+    from tunelab.evaluate import choice_logprobs
+
+    model, tokenizer = _tiny()
+    prompts = [prompt_ids(tokenizer, [{"role": "user", "content": text}]) for text in ("Is it good?", "Hm, is it?")]
+    choices = ["positive", "negative", "it depends on the day"]
+    ids, mask = left_pad(prompts, tokenizer.pad_token_id)
+    got = choice_logprobs(model, tokenizer, ids, mask, choices)
+    for p, prompt in enumerate(prompts):
+        for c, choice in enumerate(choices):
+            option = tokenizer(choice, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+            seq = torch.tensor([prompt + option])
+            with torch.no_grad():
+                logp = torch.log_softmax(model(input_ids=seq).logits[0, :-1].float(), -1)
+            want = sum(float(logp[len(prompt) - 1 + k, tok]) for k, tok in enumerate(option))
+            assert abs(float(got[p, c]) - want) < 1e-4, (p, c, float(got[p, c]), want)
+    items = [EvalItem(prompt, reference="positive", task="t") for prompt in prompts]
+    result = evaluate(model, tokenizer, items, {"t": {"acc": lambda a, r: float(a == r)}},
+                      {"max_new_tokens": 1, "rank_choices": True}, choices={"t": choices})
+    assert [r["answer"] for r in result.rows] == [choices[int(i)] for i in got.argmax(-1)]
+
+
+def test_rank_choices_needs_the_datasets_labels():
+    import pytest
+
+    from tunelab.checks import check_values
+    from tunelab.errors import ConfigError
+
+    check_values(compose(["decoding=choices"], return_hydra_config=False), deep=False)  # reviews_sentiment lists them
+    with pytest.raises(ConfigError, match="dataset.choices"):
+        check_values(compose(["decoding=choices", "dataset=terms_general"], return_hydra_config=False), deep=False)
+    with pytest.raises(ConfigError, match="at least 2"):
+        check_values(compose(["decoding=choices", "dataset.choices=[positive]"], return_hydra_config=False), deep=False)

@@ -242,6 +242,23 @@ def check_ranges(cfg: DictConfig) -> None:
     if isinstance(weights, dict) and weights and not sum(weights.values()) > 0:
         raise ConfigError("dataset.weights must not all be 0", _where(cfg, "dataset.weights"),
                           "give at least one task a positive weight")
+    _check_rank_choices(cfg)
+
+
+def _check_rank_choices(cfg: DictConfig) -> None:
+    """decoding.rank_choices picks among a task's `choices`: every task scored must list at least two."""
+    if _value(cfg, "decoding.rank_choices") is not True:
+        return
+    tasks = _value(cfg, "dataset.tasks")
+    names = [f"dataset.tasks.{n}" for n in tasks] if isinstance(tasks, dict) and tasks else ["dataset"]
+    for name in names:
+        choices = _value(cfg, f"{name}.choices")
+        if not isinstance(choices, (list, tuple)) or len(choices) < 2 or not all(
+                isinstance(c, str) and c.strip() for c in choices):
+            raise ConfigError(f"decoding.rank_choices needs {name}.choices, a list of at least 2 non-empty labels, "
+                              f"got {None if choices is MISSING_VALUE else choices!r}",
+                              _where(cfg, "decoding.rank_choices"),
+                              f"list the task's labels ({name}.choices=[positive,negative]), or use decoding=greedy")
 
 
 def _check_training_length(cfg: DictConfig) -> None:

@@ -122,6 +122,8 @@ class DatasetSchema:
     max_bad_fraction: float = 0.05
     metrics: dict[str, Any] = field(default_factory=dict)
     corpus_metrics: dict[str, Any] = field(default_factory=dict)  # (answers, references) -> float, e.g. macro-F1
+    # The answer options of a classification task, for rank classification (decoding=choices).
+    choices: Optional[list[str]] = None
     # A mixture names tasks (each a dataset config like this one) and their sampling weights.
     tasks: dict[str, Any] = field(default_factory=dict)
     weights: dict[str, float] = field(default_factory=dict)

@@ -199,7 +199,8 @@ def evaluate_cfg(cfg: DictConfig, run: RunContext | None = None) -> dict[str, fl
         scorers = build(task.get("metrics") or {}, _convert_="all")
         corpus = build(task.get("corpus_metrics") or {}, _convert_="all")
         began = time.perf_counter()
-        result = evaluate(model, tokenizer, items, {name: scorers}, decoding, batch_size)
+        result = evaluate(model, tokenizer, items, {name: scorers}, decoding, batch_size,
+                          {name: task.get("choices") or []})
         log.info("%s: %d answers in %.1f s", name, len(items), time.perf_counter() - began)
         prefix = cfg.split if len(tasks) == 1 else f"{cfg.split}/{name}"
         metrics.update(summarize(result.rows, prefix, scorers, corpus, bootstrap, list(cfg.slice_by)))

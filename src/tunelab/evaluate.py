@@ -19,6 +19,8 @@ Scorer = Callable[[str, str], float]
 # Keys of the decoding group that only matter when sampling; greedy decoding drops them so transformers
 # does not warn that they are ignored.
 _SAMPLING_ONLY = ("temperature", "top_p", "top_k")
+# Keys of the decoding group that tunelab reads itself and `model.generate` must not see.
+_TUNELAB_ONLY = ("rank_choices",)
 
 
 @dataclass
@@ -41,7 +43,7 @@ class EvalResult:
 
 def decoding_settings(decoding: Mapping[str, Any]) -> dict[str, Any]:
     """`model.generate` keyword arguments from the decoding group; greedy drops the sampling-only knobs."""
-    settings = {k: v for k, v in decoding.items() if v is not None}
+    settings = {k: v for k, v in decoding.items() if v is not None and k not in _TUNELAB_ONLY}
     if not settings.get("do_sample", False):
         for key in _SAMPLING_ONLY:
             settings.pop(key, None)
@@ -84,6 +86,61 @@ def generate_answers(
     return [text.strip() for text in tokenizer.batch_decode(out[:, ids.shape[1]:], skip_special_tokens=True)]
 
 
+@torch.no_grad()
+def choice_logprobs(
+    model: Any, tokenizer: Any, ids: torch.Tensor, mask: torch.Tensor, choices: Sequence[str]
+) -> torch.Tensor:
+    """(prompts, choices) summed log-probability of each choice's tokens plus end of turn after each prompt.
+
+    Every (prompt, choice) pair is one right-padded row of one forward pass; the prompts come left-padded
+    (as generation takes them) and are unpadded here.
+    """
+    device = next(model.parameters()).device
+    options = [tokenizer(c, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id] for c in choices]
+    prompts = [row[m.bool()].tolist() for row, m in zip(ids, mask, strict=True)]
+    rows = [(p, o) for p in prompts for o in options]
+    width = max(len(p) + len(o) for p, o in rows)
+    seq = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)
+    attn = torch.zeros_like(seq)
+    target = torch.zeros_like(seq, dtype=torch.bool)  # positions whose token is an answer token
+    for r, (p, o) in enumerate(rows):
+        seq[r, :len(p) + len(o)] = torch.tensor(p + o)
+        attn[r, :len(p) + len(o)] = 1
+        target[r, len(p):len(p) + len(o)] = True
+    logits = model(input_ids=seq.to(device), attention_mask=attn.to(device)).logits.float()
+    logprobs = torch.log_softmax(logits[:, :-1], dim=-1).gather(-1, seq[:, 1:, None].to(device))[..., 0]
+    return (logprobs * target[:, 1:].to(device)).sum(-1).view(len(prompts), len(options)).cpu()
+
+
+def rank_choices(
+    model: Any, tokenizer: Any, ids: torch.Tensor, mask: torch.Tensor, choices: Sequence[str]
+) -> list[str]:
+    """For each left-padded prompt, the choice whose tokens (plus end of turn) the model finds most likely.
+
+    Rank classification, as lm-evaluation-harness scores multiple-choice tasks: the summed log-probability of
+    each option as the assistant's whole answer, so a model that knows the label but does not follow "answer
+    with one word" is still measured.
+    """
+    return [choices[int(i)] for i in choice_logprobs(model, tokenizer, ids, mask, choices).argmax(-1)]
+
+
+def answer(
+    model: Any, tokenizer: Any, ids: torch.Tensor, mask: torch.Tensor, decoding: Mapping[str, Any],
+    choices: Sequence[str] | None = None,
+) -> list[str]:
+    """Answers to left-padded prompts: generated, or with `decoding.rank_choices` the most likely of `choices`."""
+    if decoding.get("rank_choices"):
+        if not choices:
+            from tunelab.errors import ConfigError
+
+            raise ConfigError("decoding.rank_choices needs the dataset's choices, and this dataset lists none",
+                              "keys decoding.rank_choices and dataset.choices",
+                              "list the labels in the dataset config (choices: [positive, negative]), "
+                              "or use decoding=greedy")
+        return rank_choices(model, tokenizer, ids, mask, choices)
+    return generate_answers(model, tokenizer, ids, mask, decoding)
+
+
 def score_answers(
     answers: Sequence[str], references: Sequence[str], scorers: Mapping[str, Scorer]
 ) -> dict[str, list[float]]:
@@ -117,6 +174,7 @@ def evaluate(
     scorers: Mapping[str, Mapping[str, Scorer]],
     decoding: Mapping[str, Any],
     batch_size: int = 32,
+    choices: Mapping[str, Sequence[str]] | None = None,
 ) -> EvalResult:
     """Answer every item (batched, greedy unless decoding samples) and score it with its task's scorers.
 
@@ -132,11 +190,11 @@ def evaluate(
                 group = [item for item in batch if item.task == task]
                 ids, mask = left_pad([item.prompt_ids for item in group], tokenizer.pad_token_id)
                 began = time.perf_counter()
-                answers = generate_answers(model, tokenizer, ids, mask, decoding)
+                answers = answer(model, tokenizer, ids, mask, decoding, (choices or {}).get(task))
                 latency = (time.perf_counter() - began) / len(group)  # per answer, batched
                 scores = score_answers(answers, [item.reference for item in group], scorers.get(task, {}))
-                for i, (item, answer) in enumerate(zip(group, answers, strict=True)):
-                    rows.append({**item.meta, "task": item.task, "reference": item.reference, "answer": answer,
+                for i, (item, text) in enumerate(zip(group, answers, strict=True)):
+                    rows.append({**item.meta, "task": item.task, "reference": item.reference, "answer": text,
                                  "prompt_tokens": len(item.prompt_ids), "latency_s": latency,
                                  **{name: values[i] for name, values in scores.items()}})
     finally:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib.util
 import logging
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -140,8 +140,12 @@ def load_causal_lm(
     trust_remote_code: bool = False,
     revision: str | None = None,
     quantization_config: Any | None = None,
+    config_overrides: Mapping[str, Any] | None = None,
 ) -> nn.Module:
     """A causal LM from a hub id or local directory; with `random_init`, freshly initialised from its config.
+
+    `config_overrides` (random init only) change the architecture before it is built, e.g.
+    `+model.config_overrides={hidden_size:256,num_hidden_layers:6}`: a from-scratch model of another size.
 
     Random init draws from torch's global RNG, which `train` seeds first, so it is reproducible.
     `quantization_config` (a transformers `BitsAndBytesConfig`, from `method.quantization`) loads the
@@ -158,11 +162,29 @@ def load_causal_lm(
             "key model.random_init",
             "save the random model with save_pretrained and point model.name_or_path at it with random_init=false",
         )
+    if config_overrides and not random_init:
+        raise ConfigError("model.config_overrides change the architecture, so they need model.random_init=true",
+                          "key model.config_overrides", "pretrained weights only fit their own config; "
+                          "drop the overrides, or train from scratch with model.random_init=true")
     if random_init:
         with _loading(name_or_path, "model.name_or_path"):
             config = AutoConfig.from_pretrained(name_or_path, trust_remote_code=trust_remote_code, revision=revision)
+        for key, value in dict(config_overrides or {}).items():
+            if not hasattr(config, key):
+                raise ConfigError(f"model.config_overrides.{key}: {type(config).__name__} has no such setting",
+                                  f"key model.config_overrides.{key}",
+                                  did_you_mean(key, [k for k in config.to_dict() if not k.startswith("_")]))
+            setattr(config, key, value)
         config._attn_implementation = attn_implementation
-        model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+        try:
+            model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+        except (ValueError, RuntimeError) as err:  # e.g. a hidden size the heads do not divide
+            if not config_overrides:
+                raise
+            raise ConfigError(f"model.config_overrides make an architecture that cannot be built: {err}",
+                              "key model.config_overrides", "check the sizes fit together "
+                              "(hidden_size = num_attention_heads x head_dim, heads divisible by key/value heads)"
+                              ) from None
         return model.to(torch_dtype) if torch_dtype != "auto" else model
     with _loading(name_or_path, "model.name_or_path"):
         return AutoModelForCausalLM.from_pretrained(

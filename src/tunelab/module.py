@@ -21,7 +21,7 @@ from torchmetrics import MeanMetric
 from tunelab.data.encode import IGNORE
 from tunelab.data.packing import VARLEN_KEYS, block_causal_mask, flatten_rows, uses_flash_attention
 from tunelab.errors import NumericsError
-from tunelab.evaluate import generate_answers, score_answers
+from tunelab.evaluate import answer, score_answers
 
 
 def summed_token_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -186,8 +186,8 @@ class TuneModule(pl.LightningModule):
         scorers = self.tasks.get(task, self.scorers)
         if score and scorers and "prompt_ids" in batch:
             # The one scoring path (tunelab eval, pipelines and the server use the same two calls).
-            answers = generate_answers(self.model, self.tokenizer, batch["prompt_ids"], batch["prompt_mask"],
-                                       self.generation)
+            answers = answer(self.model, self.tokenizer, batch["prompt_ids"], batch["prompt_mask"],
+                             self.generation, batch.get("choices"))
             for name, values in score_answers(answers, batch["references"], scorers).items():
                 for running in groups:
                     running[name].update(torch.tensor(values, device=self.device))

@@ -329,7 +329,8 @@ class Scorer:
             if not scorers:
                 raise ConfigError(f"task {name!r} names no metrics", f"dataset {name}", "give it a metrics: node")
             items = [EvalItem(e.prompt_ids, e.reference or "", name) for e in test]
-            result = evaluate(model, tokenizer, items, {name: scorers}, self.decoding, batch_size)
+            result = evaluate(model, tokenizer, items, {name: scorers}, self.decoding, batch_size,
+                              {name: spec.get("choices") or []})
             primary = next(iter(scorers))
             row[name] = result.metrics[primary]
             row.update({f"{name}/{metric}": value for metric, value in result.metrics.items()})

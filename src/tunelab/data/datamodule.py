@@ -35,8 +35,9 @@ class Collator:
     """
 
     def __init__(self, pad_id: int, with_prompts: bool, pack: Packing | str = Packing.none, max_len: int = 0,
-                 task: str | None = None) -> None:
+                 task: str | None = None, choices: list[str] | None = None) -> None:
         self.pad_id, self.with_prompts, self.max_len, self.task = pad_id, with_prompts, max_len, task
+        self.choices = choices  # the task's answer options, for decoding.rank_choices
         self.pack = Packing(pack)
 
     def __call__(self, items: list[Encoded] | list[list[Encoded]]) -> dict[str, Any]:
@@ -72,6 +73,8 @@ class Collator:
             batch["attention_mask"] = real.long()
         if self.task is not None:
             batch["task"] = self.task
+        if self.choices:
+            batch["choices"] = list(self.choices)
         if self.with_prompts and all(item.prompt_ids for item in items):
             pwidth = max(len(item.prompt_ids) for item in items)
             pids = torch.full((len(items), pwidth), self.pad_id, dtype=torch.long)
@@ -221,7 +224,8 @@ class TuneDataModule(pl.LightningDataModule):
 
     def _eval_loaders(self, split: str) -> list[DataLoader]:
         return [DataLoader(self.splits[name][split], batch_size=self.eval_batch_size,
-                           collate_fn=Collator(self.tokenizer.pad_token_id, True, task=name),
+                           collate_fn=Collator(self.tokenizer.pad_token_id, True, task=name,
+                                               choices=self.tasks[name].choices),
                            num_workers=self.num_workers) for name in self.tasks]
 
     def val_dataloader(self) -> list[DataLoader]:
