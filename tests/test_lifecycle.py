@@ -94,10 +94,11 @@ def test_committed_models_load_and_beat_random_init():
     torch.manual_seed(0)
     random_cfg = compose(["model=tiny_base", "model.random_init=true"])
     losses["random"] = _corpus_loss(build(random_cfg.model), build(random_cfg.tokenizer), docs)
-    # random init sits near ln(2048) = 7.6; the committed base scored test loss 3.81 (ppl 45) on the whole split
+    # random init sits near ln(2048) = 7.6; the committed base scored test loss 0.42 (ppl 1.52) on the whole split
     assert losses["random"] > 7.0, losses
-    assert losses["tiny_base"] < 4.5, losses
-    assert losses["tiny_instruct"] < losses["random"] - 1.5, losses  # instruction tuning keeps most of it
+    assert losses["tiny_base"] < 1.0, losses
+    # instruction tuning forgets much of the plain-text modelling (2.65 on these documents) but not all of it
+    assert losses["tiny_base"] < losses["tiny_instruct"] < losses["random"] - 3.0, losses
 
 
 def test_train_size_keeps_a_seeded_subset():
