@@ -139,10 +139,13 @@ def test_cli_run_writes_hydra_dir(tmp_path):
 
 
 @pytest.mark.slow  # two DDP processes
-def test_ddp_on_two_cpu_processes_is_one_job_with_one_run_directory(tmp_path):
-    """The testable stand-in for multi-GPU data parallelism: gloo DDP, 2 ranks, one run directory."""
+@pytest.mark.parametrize("entry", [[str(Path(sys.executable).with_name("tunelab"))],
+                                   [sys.executable, "-m", "tunelab.cli"]], ids=["console_script", "python_m"])
+def test_ddp_on_two_cpu_processes_is_one_job_with_one_run_directory(tmp_path, entry):
+    """The testable stand-in for multi-GPU data parallelism: gloo DDP, 2 ranks, one run directory. Lightning
+    starts rank 1 by re-running the command line, which under `python -m tunelab.cli` once lost the verb."""
     out = subprocess.run(
-        [str(Path(sys.executable).with_name("tunelab")), "train", "trainer=ddp_cpu", "hyperparams.max_steps=3",
+        [*entry, "train", "trainer=ddp_cpu", "hyperparams.max_steps=3",
          "eval.baseline=false", "eval.max_eval_samples=8", "logger=none", f"paths.output_dir={tmp_path}"],
         capture_output=True, text=True, timeout=600,
     )

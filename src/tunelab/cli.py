@@ -322,7 +322,7 @@ def run_verb(verb: Verb | str, argv: list[str] | None = None) -> None:
     # extra rank, which must land in the same verb with the same overrides.
     sys.argv = [str(module.__file__), *argv]
     main_module = sys.modules.get("__main__")
-    if getattr(getattr(main_module, "__spec__", None), "name", None) == __name__:
+    if getattr(getattr(main_module, "__spec__", None), "name", None) == "tunelab.cli":
         # `python -m tunelab.cli train ...`: Lightning would re-run `python -m tunelab.cli <overrides>` (no verb:
         # "unknown verb" in rank 1); without a spec it re-runs argv[0], the verb's file, as the console script does.
         main_module.__spec__ = None
