@@ -5,10 +5,11 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 # CPU machines get the CPU build of torch (small, and cached on our machines); a machine with an
 # NVIDIA GPU lets pip pick the CUDA build and gets the CUDA-only extras (qlora, deepspeed). Override with
-# `make TORCH="torch==X" ...` or `make EXTRAS=dev,sweep,ray ...` (the Ray launcher, docs/SCALE.md).
+# `make TORCH="torch==X" ...` or `make EXTRAS=dev,sweep ...`. The ray extra (Hydra's Ray launcher,
+# docs/SCALE.md) makes pip choose joblib 1.5.x: hydra-ray-launcher pins cloudpickle<3.
 HAS_GPU := $(shell nvidia-smi -L >/dev/null 2>&1 && echo yes)
 TORCH ?= $(if $(HAS_GPU),torch>=2.4,torch==2.13.0)
-EXTRAS ?= $(if $(HAS_GPU),dev$(comma)sweep$(comma)serve$(comma)eval$(comma)qlora$(comma)deepspeed,dev$(comma)sweep$(comma)serve$(comma)eval)
+EXTRAS ?= $(if $(HAS_GPU),dev$(comma)sweep$(comma)serve$(comma)eval$(comma)ray$(comma)qlora$(comma)deepspeed,dev$(comma)sweep$(comma)serve$(comma)eval$(comma)ray)
 comma := ,
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?= $(if $(HAS_GPU),,-m "not gpu")  # the gpu-marked tests run where a GPU is
