@@ -15,6 +15,8 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
+from pytorch_lightning.plugins.precision import MixedPrecision, Precision
+from pytorch_lightning.utilities import GradClipAlgorithmType
 from torch import nn
 from torchmetrics import MeanMetric
 
@@ -79,12 +81,16 @@ class TuneModule(pl.LightningModule):
         })
 
     def forward_batch(self, batch: dict[str, Any]) -> Any:
-        """The model's output on a padded batch, or on a packed one (block-diagonal mask, restarted positions)."""
+        """The model's output on a padded batch, or on a packed one (block-diagonal mask, restarted positions).
+
+        No KV cache: a loss needs none, and building one per forward made torch.compile recompile each block
+        once per layer (its guards test each layer's cache) until it gave up and ran eagerly."""
         if "segment_ids" in batch:
             dtype = next(self.model.parameters()).dtype
             mask = block_causal_mask(batch["segment_ids"], dtype if dtype.is_floating_point else torch.float32)
-            return self.model(input_ids=batch["input_ids"], attention_mask=mask, position_ids=batch["position_ids"])
-        return self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+            return self.model(input_ids=batch["input_ids"], attention_mask=mask, position_ids=batch["position_ids"],
+                              use_cache=False)
+        return self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
 
     # ---- training -------------------------------------------------------------------------
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor | None:
@@ -128,6 +134,18 @@ class TuneModule(pl.LightningModule):
         self.log("train/supervised_tokens", tokens, on_step=True, reduce_fx="sum")
         self._window_loss = torch.zeros((), device=tokens.device)
         self._window_tokens = 0
+
+    def configure_gradient_clipping(self, optimizer: torch.optim.Optimizer, gradient_clip_val: float | None = None,
+                                    gradient_clip_algorithm: str | None = None) -> None:
+        plugin = self.trainer.precision_plugin
+        if (gradient_clip_val and isinstance(plugin, MixedPrecision) and plugin.scaler is None
+                and getattr(optimizer, "_step_supports_amp_scaling", False)):
+            # Lightning refuses to clip for an optimizer that could unscale fp16 gradients itself (fused AdamW)
+            # under any mixed precision, bf16 too, where there is no scaler and clipping is plain clipping.
+            Precision.clip_gradients(plugin, optimizer, gradient_clip_val,
+                                     GradClipAlgorithmType(gradient_clip_algorithm or "norm"))
+            return
+        super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
     def configure_optimizers(self) -> dict[str, Any]:
         decay, no_decay = [], []

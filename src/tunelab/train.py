@@ -104,11 +104,11 @@ def train(cfg: DictConfig, run: RunContext | None = None) -> dict[str, float]:
             metrics.update(_collect(trainer, "baseline/"))
         # Our own run's checkpoint: tensors and plain containers only, so Lightning can load it weights_only.
         trainer.fit(module, datamodule=datamodule, ckpt_path=resume.ckpt_path, weights_only=True)
+        metrics.update(_collect(trainer, "train/loss"))  # before validate(), which replaces the callback metrics
         if not _collect(trainer, "val/"):
             # max_steps can end training between validations; sweeps need a final val/ figure.
             trainer.validate(module, datamodule=datamodule, verbose=False)
         metrics.update(_collect(trainer, "val/"))
-        metrics.update(_collect(trainer, "train/loss"))
         if cfg.eval.test:
             module.eval_prefix = "test"
             trainer.test(module, datamodule=datamodule, verbose=False)
