@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 # NVIDIA GPU lets pip pick the CUDA build. Override with `make TORCH="torch==X" ...`.
 HAS_GPU := $(shell nvidia-smi -L >/dev/null 2>&1 && echo yes)
 TORCH ?= $(if $(HAS_GPU),torch>=2.4,torch==2.13.0)
-EXTRAS ?= $(if $(HAS_GPU),dev$(comma)sweep$(comma)serve$(comma)eval$(comma)qlora,dev$(comma)sweep$(comma)serve$(comma)eval)
+EXTRAS ?= $(if $(HAS_GPU),dev$(comma)sweep$(comma)serve$(comma)eval$(comma)qlora$(comma)liger,dev$(comma)sweep$(comma)serve$(comma)eval)
 comma := ,
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?= $(if $(HAS_GPU),,-m "not gpu")  # the gpu-marked tests run where a GPU is
