@@ -123,10 +123,11 @@ class TuneModule(pl.LightningModule):
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         tokens = torch.tensor(float(self._window_tokens), device=self._window_loss.device)
-        loss = self._window_loss.clone()
         world = self.trainer.world_size
-        if world > 1:
-            tokens = self.trainer.strategy.reduce(tokens, reduce_op="sum")
+        totals = torch.stack([self._window_loss.to(tokens.dtype), tokens])
+        if world > 1:  # one all-reduce for both, on every rank every step (a rank-dependent skip could hang)
+            totals = self.trainer.strategy.reduce(totals, reduce_op="sum")
+        loss, tokens = totals[0], totals[1]
         # Grad now holds Σ_microbatch(summed loss)/accumulate, averaged over ranks by DDP.
         scale = self.trainer.accumulate_grad_batches * world / tokens.clamp(min=1.0)
         for group in optimizer.param_groups:
@@ -134,8 +135,6 @@ class TuneModule(pl.LightningModule):
                 if param.grad is not None:
                     param.grad.mul_(scale)  # an all-masked window gives 0 grads, never NaN
         if self._logs_this_step():
-            if world > 1:
-                loss = self.trainer.strategy.reduce(loss, reduce_op="sum")
             self.log("train/loss", loss / tokens.clamp(min=1.0), on_step=True, prog_bar=True)
             self.log("train/supervised_tokens", tokens, on_step=True, reduce_fx="sum")
             self.log("train/pad_fraction", self._window_pad / max(self._window_batches, 1), on_step=True)
