@@ -6,7 +6,10 @@ order), AdamW with tunelab's parameter groups (no decay on 1-D tensors), lr 3e-3
 decay 0.01, cosine schedule with 5 % warm-up over the same number of steps, clipping at norm 1.0, the token-mean
 loss; full fine-tuning and LoRA (r 16, all linear layers). tunelab runs through its real `train(cfg)` (default
 callbacks: checkpointing, throughput, progress bar, LR monitor, model export; CSV logger) and HF Trainer with its
-defaults (progress bar, no reporting, no saving); both log every 10 steps.
+defaults (progress bar, no reporting, no saving); both log every 10 steps. All three run in one process that
+first does what `tunelab train`'s entry point does, `keep_freed_memory()` (glibc keeps freed memory for the next
+step; without it Lightning's loop page-faulted 2,700-5,800 times a step, see tunelab/allocator.py); `--malloc
+default` leaves glibc as it is.
 
 Time per step is measured inside the loop: the interval between the starts of consecutive optimizer steps,
 over `--steps` steps after `--warmup` untimed ones, so start-up, model building, the end-of-run validation and
@@ -38,6 +41,7 @@ import torch
 from omegaconf import DictConfig, open_dict
 from torch.utils.data import DataLoader
 
+from tunelab.allocator import keep_freed_memory
 from tunelab.config import build, compose
 from tunelab.models import apply_method, build_method
 from tunelab.module import summed_token_loss
@@ -176,7 +180,11 @@ def main() -> None:
     parser.add_argument("--methods", default="full,lora")
     parser.add_argument("--out", default=None, help="write the raw intervals as JSON here")
     parser.add_argument("--profile", default=None, metavar="METHOD", help="profile one tunelab run instead")
+    parser.add_argument("--malloc", choices=("job", "default"), default="job",
+                        help="job: glibc settings of `tunelab train`'s process; default: glibc's own")
     args = parser.parse_args()
+    if args.malloc == "job":
+        keep_freed_memory()
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     total = args.warmup + args.steps + 1  # the timed intervals end at the start of one more step
     scratch = Path(tempfile.mkdtemp(prefix="tunelab-overhead-"))
@@ -215,7 +223,7 @@ def main() -> None:
 
     print(f"\nload average at the end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     print(f"{args.steps} timed steps after {args.warmup} warm-up, {args.rounds} rounds, "
-          f"{torch.get_num_threads()} thread(s)\n")
+          f"{torch.get_num_threads()} thread(s), malloc {args.malloc}\n")
     print("| method | loop | CPU ms/step | wall ms/step | vs raw loop (CPU, wall) | vs HF Trainer (CPU, wall) "
           "| loss on a fixed batch, per round |")
     print("|---|---|---:|---:|---:|---:|---|")

@@ -19,6 +19,7 @@ from pytorch_lightning.callbacks import LearningRateMonitor
 from pytorch_lightning.loggers import WandbLogger
 
 from tunelab import paths, report
+from tunelab.allocator import keep_freed_memory
 from tunelab.callbacks import Throughput
 from tunelab.checkpointing import find_resume, identity
 from tunelab.config import build, build_with, validate
@@ -145,6 +146,7 @@ def main(cfg: DictConfig) -> float | None:
     In a multirun a failing trial is recorded (error.txt in its directory) and the sweep goes on.
     """
     run = RunContext.from_hydra()  # the one place Hydra's global state is read
+    keep_freed_memory()  # this process is the job's: memory freed by a step stays for the next (allocator.py)
     try:
         with RunDirLock(run.run_dir):  # a second job aimed at this directory is refused (exit 2)
             metrics = train(cfg, run)
