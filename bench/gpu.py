@@ -83,7 +83,7 @@ SETUPS = [
     Setup("HF Trainer full", "hf", "full"),
     Setup("tunelab lora", "tunelab", "lora"),
     Setup("HF Trainer lora", "hf", "lora"),
-    Setup("tunelab full, foreach AdamW", "tunelab", "full", fused=False),
+    Setup("tunelab full (foreach AdamW)", "tunelab", "full", fused=False),
     Setup("tunelab full + gradient checkpointing", "tunelab", "full", {"gradient_checkpointing": True}),
     Setup("tunelab full + compile", "tunelab", "full", {"compile": True}),
     Setup("tunelab lora + compile", "tunelab", "lora", {"compile": True}),
