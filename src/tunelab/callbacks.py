@@ -1,8 +1,10 @@
-"""Small Lightning callbacks for side concerns: throughput, and saving the model in Hugging Face format."""
+"""Small Lightning callbacks for side concerns: throughput and MFU, and saving the model in Hugging Face format."""
 
 from __future__ import annotations
 
 import json
+import logging
+import re
 import resource
 import sys
 import time
@@ -11,9 +13,84 @@ from typing import Any
 
 import pytorch_lightning as pl
 import torch
+from torch import nn
 
 from tunelab.models import save_unloadable_base
 from tunelab.sharding import full_state_dict, submodule_state
+
+log = logging.getLogger(__name__)
+
+# Peak dense (no sparsity) tensor-core throughput of one GPU in TFLOP/s, from NVIDIA's datasheets, by a name in
+# what torch.cuda.get_device_name() reports. fp16 equals bf16 on these parts; tf32 is fp32 matmuls on tensor
+# cores (torch.set_float32_matmul_precision("high")). First match wins: the more specific names come first.
+PEAK_TFLOPS: dict[str, dict[str, float]] = {
+    "H100 PCIe": {"bf16": 756.0, "tf32": 378.0, "fp32": 51.2},
+    "H100 NVL": {"bf16": 835.0, "tf32": 417.5, "fp32": 60.0},
+    "H100": {"bf16": 989.4, "tf32": 494.7, "fp32": 66.9},  # SXM
+    "H200 NVL": {"bf16": 835.0, "tf32": 417.5, "fp32": 60.0},
+    "H200": {"bf16": 989.4, "tf32": 494.7, "fp32": 66.9},  # SXM: the H100's compute, more memory
+    "A100": {"bf16": 312.0, "tf32": 156.0, "fp32": 19.5},
+    "L40S": {"bf16": 362.1, "tf32": 183.0, "fp32": 91.6},
+    "L4": {"bf16": 121.0, "tf32": 60.0, "fp32": 30.3},
+    "A10": {"bf16": 125.0, "tf32": 62.5, "fp32": 31.2},
+}
+
+
+def peak_tflops(device_name: str, precision: str) -> float | None:
+    """The device's peak dense TFLOP/s for a Lightning `precision` ("bf16-mixed", "32-true", ...), or None."""
+    if precision.startswith(("bf16", "16")):
+        kind = "bf16"
+    elif precision.startswith("32"):
+        kind = "fp32" if torch.get_float32_matmul_precision() == "highest" else "tf32"
+    else:
+        return None
+    for name, peaks in PEAK_TFLOPS.items():
+        if re.search(rf"\b{re.escape(name)}\b", device_name):  # "A10" is not "A100" nor "A10G"
+            return peaks[kind]
+    return None
+
+
+def matmul_parameters(model: nn.Module) -> tuple[float, float]:
+    """(N, N_trainable): the parameters each token is multiplied by, all of them and those that train.
+
+    N leaves out the input embedding table (a lookup, no multiply) but counts the output head, also when
+    its weight is tied to that table. Mixture-of-experts weights (names with `experts`) count
+    `num_experts_per_tok / num_experts` of themselves: only the routed experts run for a token.
+    Norm gains and biases are counted too (a rounding error).
+    """
+    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    embedding_weight = getattr(embeddings, "weight", None)
+    config = getattr(model, "config", None)
+    experts = getattr(config, "num_local_experts", None) or getattr(config, "num_experts", None)
+    routed = getattr(config, "num_experts_per_tok", None)
+    n = n_trainable = 0.0
+    for name, param in model.named_parameters():  # a tied tensor appears once
+        if param is embedding_weight:
+            continue
+        share = routed / experts if experts and routed and ".experts." in f".{name}." else 1.0
+        n += param.numel() * share
+        n_trainable += param.numel() * share if param.requires_grad else 0.0
+    tied = getattr(head, "weight", None)
+    if tied is not None and tied is embedding_weight:  # the head multiplies by the embedding table
+        n += tied.numel()
+        n_trainable += tied.numel() if tied.requires_grad else 0.0
+    return n, n_trainable
+
+
+def training_flops_per_token(n: float, n_trainable: float) -> float:
+    """Model FLOPs of one training token: forward 2N, backward through every weight for the activations' gradients
+    2N, and the weights' own gradients 2·N_trainable. Full fine-tuning: 6N (Kaplan et al. 2020); LoRA:
+    4N + 2·N_adapter, N including the adapters. Attention's score and value products (12·layers·width·seq per
+    token, ~12% of 6N for a 0.5B model at 1024 tokens) are left out, as in the 6N convention: MFU reads low, never
+    high. A partly frozen model (method=freeze) needs no gradient below its first trained layer: 4N overcounts it.
+    """
+    return 4.0 * n + 2.0 * n_trainable
+
+
+def model_flops_utilization(tokens_per_s: float, flops_per_token: float, peak_flops_per_s: float) -> float:
+    """MFU: the model FLOPs the tokens needed per second over the device's peak (tokens: real ones, no padding)."""
+    return tokens_per_s * flops_per_token / peak_flops_per_s
 
 
 def peak_memory_gb(device: torch.device) -> float:
@@ -25,16 +102,34 @@ def peak_memory_gb(device: torch.device) -> float:
 
 
 class Throughput(pl.Callback):
-    """Logs `perf/tokens_per_s` (non-padding input tokens per second of training) and `perf/peak_mem_gb`."""
+    """Logs `perf/tokens_per_s` (non-padding input tokens per second of training), `perf/peak_mem_gb`, and
+    `perf/mfu` (model FLOPs utilisation, see `training_flops_per_token`) where the device's peak is known:
+    `peak_tflops` (per device, for the run's precision), else PEAK_TFLOPS by the GPU's name; on a CPU, only
+    when given. Under DDP each rank measures its own tokens against one device's peak."""
 
-    def __init__(self, window: int = 10) -> None:
+    def __init__(self, window: int = 10, peak_tflops: float | None = None) -> None:
         self.window = window
+        self.peak_tflops = peak_tflops
+        self._peak_flops: float | None = None  # per second, found at the start of training
+        self._flops_per_token = 0.0
         self._tokens = 0
         self._start: float | None = None
         self._batches = 0
         self.total_tokens = 0
         self.total_batches = 0
         self.total_seconds = 0.0
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        peak = self.peak_tflops
+        if peak is None and pl_module.device.type == "cuda":
+            name = torch.cuda.get_device_name(pl_module.device)
+            peak = peak_tflops(name, str(trainer.precision))
+            if peak is None:
+                log.info("no peak FLOP/s known for %s at precision %s: perf/mfu is not logged "
+                         "(set callbacks.throughput.peak_tflops)", name, trainer.precision)
+        self._peak_flops = peak * 1e12 if peak else None
+        model = getattr(pl_module, "model", pl_module)
+        self._flops_per_token = training_flops_per_token(*matmul_parameters(model))
 
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
@@ -55,18 +150,26 @@ class Throughput(pl.Callback):
         self.total_tokens += self._tokens
         self.total_batches += self._batches
         self.total_seconds += elapsed
-        pl_module.log("perf/tokens_per_s", self._tokens / max(elapsed, 1e-9), on_step=True)
+        tokens_per_s = self._tokens / max(elapsed, 1e-9)
+        pl_module.log("perf/tokens_per_s", tokens_per_s, on_step=True)
         pl_module.log("perf/peak_mem_gb", peak_memory_gb(pl_module.device), on_step=True)
+        if self._peak_flops:
+            pl_module.log("perf/mfu", model_flops_utilization(tokens_per_s, self._flops_per_token, self._peak_flops),
+                          on_step=True)
         self._tokens, self._batches, self._start = 0, 0, None
 
     def summary(self, accumulate: int, device: torch.device) -> dict[str, float]:
-        """Whole-run figures for metrics.json: tokens/s, seconds per optimizer step, peak memory."""
+        """Whole-run figures for metrics.json: tokens/s, seconds per optimizer step, peak memory, MFU."""
         if not self.total_seconds:
             return {}
-        return {"perf/tokens_per_s": self.total_tokens / self.total_seconds,
+        tokens_per_s = self.total_tokens / self.total_seconds
+        mfu = {"perf/mfu": model_flops_utilization(tokens_per_s, self._flops_per_token, self._peak_flops)
+               } if self._peak_flops else {}
+        return {"perf/tokens_per_s": tokens_per_s,
                 "perf/s_per_step": self.total_seconds * accumulate / max(self.total_batches, 1),
                 "perf/peak_mem_gb": peak_memory_gb(device),
-                "perf/train_s": self.total_seconds}  # training steps only, validation excluded (compare reads it)
+                "perf/train_s": self.total_seconds,  # training steps only, validation excluded (compare reads it)
+                **mfu}
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._start is not None:  # the epoch's last, partial window still counts towards the totals

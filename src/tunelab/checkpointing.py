@@ -175,7 +175,10 @@ def set_rng_states(state: dict[str, Any]) -> None:
 
 # ---- what a checkpoint belongs to -------------------------------------------------------------
 IDENTITY_KEYS = ("model", "method")  # a checkpoint resumes only into a run of the same model and method
-IGNORED_MODEL_KEYS = {"attn_implementation", "trust_remote_code", "revision", "tokenizer_name_or_path"}
+# How the model runs, not what its tensors are: a run resumed with gradient checkpointing turned on (after an
+# out-of-memory) or compile turned off is the same run.
+IGNORED_MODEL_KEYS = {"attn_implementation", "trust_remote_code", "revision", "tokenizer_name_or_path",
+                      "gradient_checkpointing", "compile", "liger_kernel"}
 
 
 def identity(cfg: DictConfig) -> dict[str, Any]:

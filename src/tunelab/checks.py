@@ -147,6 +147,7 @@ RANGES: dict[str, Range] = {
     "callbacks.*.keep_last": AT_LEAST_ONE,
     "callbacks.*.refresh_rate": Range(low=0, integer=True),
     "callbacks.*.window": AT_LEAST_ONE,
+    "callbacks.*.peak_tflops": Range(low=0, low_open=True, nullable=True, note="null: from the GPU's name"),
     "method.peft.r": AT_LEAST_ONE,
     "method.peft.lora_alpha": POSITIVE,
     "method.peft.lora_dropout": Range(low=0, high=1, high_open=True),
@@ -461,10 +462,38 @@ def check_engine(cfg: DictConfig) -> None:
                           "nvidia-smi finds a GPU), or use trainer=fsdp")
 
 
+# Switches that must be true or false (a string such as "yes" would be truthy); None: null also allowed.
+SWITCHES: dict[str, bool] = {"model.gradient_checkpointing": False, "model.compile": False,
+                             "model.liger_kernel": False, "hyperparams.optimizer.fused": True}
+
+
+def check_fast_paths(cfg: DictConfig) -> None:
+    """The opt-in fast paths: booleans, and combinations the libraries refuse only at the first step."""
+    for key, nullable in SWITCHES.items():
+        value = _value(cfg, key)
+        if value is MISSING_VALUE or isinstance(value, bool) or (nullable and value is None):
+            continue
+        raise ConfigError(f"{key} must be true or false{' or null' if nullable else ''}, got {value!r}",
+                          _where(cfg, key), f"set {key}=true or {key}=false")
+    if _value(cfg, "model.liger_kernel") is True and _value(cfg, "trainer.accelerator") == "cpu":
+        raise ConfigError("model.liger_kernel needs a CUDA GPU, but trainer.accelerator is cpu",
+                          _where(cfg, "model.liger_kernel"), "set model.liger_kernel=false, or use trainer=gpu")
+    precision = str(_value(cfg, "trainer.precision"))
+    if (_value(cfg, "hyperparams.optimizer.fused") is True and precision in ("16", "16-mixed")
+            and _value(cfg, "trainer.gradient_clip_val") not in (None, 0, MISSING_VALUE)):
+        # fp16's grad scaler hands a fused optimizer still-scaled gradients, which cannot be clipped first;
+        # Lightning raises at the first step. bf16 has no scaler: the module clips as usual there.
+        raise ConfigError("a fused optimizer cannot clip gradients under fp16 mixed precision",
+                          _where(cfg, "hyperparams.optimizer.fused"),
+                          "use trainer.precision=bf16-mixed, set hyperparams.gradient_clip_val=null, "
+                          "or hyperparams.optimizer.fused=false")
+
+
 # Checks on the values alone, and checks that import the libraries the values are passed to (torch,
 # transformers, peft: seconds). `tunelab train --cfg job` runs only the first; a job imports those
 # libraries anyway, so it runs both before anything is built.
-LIGHT_CHECKS: tuple[Callable[[DictConfig], None], ...] = (check_ranges, check_output_dirs, check_strategy)
+LIGHT_CHECKS: tuple[Callable[[DictConfig], None], ...] = (check_ranges, check_fast_paths, check_output_dirs,
+                                                          check_strategy)
 DEEP_CHECKS: tuple[Callable[[DictConfig], None], ...] = (check_choices, check_chat_templates, check_factories,
                                                           check_sharding_names)
 

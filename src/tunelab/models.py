@@ -141,6 +141,9 @@ def load_causal_lm(
     revision: str | None = None,
     quantization_config: Any | None = None,
     config_overrides: Mapping[str, Any] | None = None,
+    gradient_checkpointing: bool = False,
+    compile: bool = False,
+    liger_kernel: bool = False,
 ) -> nn.Module:
     """A causal LM from a hub id or local directory; with `random_init`, freshly initialised from its config.
 
@@ -149,7 +152,8 @@ def load_causal_lm(
 
     Random init draws from torch's global RNG, which `train` seeds first, so it is reproducible.
     `quantization_config` (a transformers `BitsAndBytesConfig`, from `method.quantization`) loads the
-    weights quantized, for QLoRA.
+    weights quantized, for QLoRA. `gradient_checkpointing`, `compile` and `liger_kernel` are the opt-in
+    fast paths of `speed_up`, applied before a PEFT adapter wraps the model.
     """
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -185,17 +189,77 @@ def load_causal_lm(
                               "key model.config_overrides", "check the sizes fit together "
                               "(hidden_size = num_attention_heads x head_dim, heads divisible by key/value heads)"
                               ) from None
-        return model.to(torch_dtype) if torch_dtype != "auto" else model
-    with _loading(name_or_path, "model.name_or_path"):
-        return AutoModelForCausalLM.from_pretrained(
-            name_or_path,
-            dtype=torch_dtype,
-            attn_implementation=attn_implementation,
-            trust_remote_code=trust_remote_code,
-            revision=revision,
-            use_safetensors=None if _is_local(name_or_path) else True,
-            **({"quantization_config": quantization_config} if quantization_config is not None else {}),
-        )
+        model = model.to(torch_dtype) if torch_dtype != "auto" else model
+    else:
+        with _loading(name_or_path, "model.name_or_path"):
+            model = AutoModelForCausalLM.from_pretrained(
+                name_or_path,
+                dtype=torch_dtype,
+                attn_implementation=attn_implementation,
+                trust_remote_code=trust_remote_code,
+                revision=revision,
+                use_safetensors=None if _is_local(name_or_path) else True,
+                **({"quantization_config": quantization_config} if quantization_config is not None else {}),
+            )
+    return speed_up(model, gradient_checkpointing=gradient_checkpointing, compile=compile, liger_kernel=liger_kernel)
+
+
+def speed_up(model: nn.Module, gradient_checkpointing: bool = False, compile: bool = False,
+             liger_kernel: bool = False) -> nn.Module:
+    """The opt-in fast paths (`model.gradient_checkpointing`, `model.compile`, `model.liger_kernel`), in place.
+
+    Applied to the bare model, before a PEFT adapter wraps it: Liger patches the modules' forwards, adapters
+    then wrap the patched linears; the compiled blocks are traced at their first call, after the adapter's
+    layers are in place. Each leaves the parameter names as they were, so checkpoints and `save_pretrained`
+    do not change.
+    """
+    if liger_kernel:
+        _apply_liger(model)
+    if gradient_checkpointing:
+        if not getattr(model, "supports_gradient_checkpointing", False):
+            raise ConfigError(f"{type(model).__name__} does not support gradient checkpointing",
+                              "key model.gradient_checkpointing", "set model.gradient_checkpointing=false")
+        # transformers 5.2x renamed gradient_checkpointing_enable (kept as a deprecated alias) to this:
+        enable = getattr(model, "activation_checkpointing_enable", None)
+        # Non-reentrant checkpointing: gradients reach adapters inside a block whose inputs need no grad.
+        kwargs = {"use_reentrant": False}
+        if enable is not None:
+            enable(activation_checkpointing_kwargs=kwargs)
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+        if not getattr(model, "_require_grads_hook", None):
+            # PEFT's recipe for adapters over frozen embeddings (what prepare_model_for_kbit_training does);
+            # newer transformers register this hook themselves.
+            model.enable_input_require_grads()
+    if compile:
+        # Each transformer block on its own, not the whole model: the blocks share one graph (compiled once,
+        # not once per layer), the loss stays eager in the module, and a graph break in the model's glue
+        # code (masks, caches) costs nothing. `nn.Module.compile` keeps parameter names (no `_orig_mod.`).
+        _, blocks = _block_stack(model, "key model.compile")
+        for block in blocks:
+            block.compile()
+    return model
+
+
+def _apply_liger(model: nn.Module) -> None:
+    """Liger's Triton kernels (RMSNorm, RoPE, SwiGLU) patched into this model instance, as HF Trainer's
+    `use_liger_kernel` does. Its fused linear + cross-entropy only acts when the model computes the loss from
+    `labels`; tunelab computes its token-normalised loss from the logits, so that patch is turned off."""
+    key = "key model.liger_kernel"
+    if not torch.cuda.is_available():
+        raise ConfigError("model.liger_kernel needs a CUDA GPU (Liger's kernels are Triton) and none is available",
+                          key, "set model.liger_kernel=false on the CPU, or run on a GPU machine (trainer=gpu)")
+    if importlib.util.find_spec("liger_kernel") is None:
+        raise ConfigError("model.liger_kernel needs the liger-kernel package, which is not installed", key,
+                          "pip install 'tunelab[liger]', or set model.liger_kernel=false")
+    from liger_kernel.transformers import _apply_liger_kernel_to_instance, monkey_patch
+
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    supported = getattr(monkey_patch, "MODEL_TYPE_TO_APPLY_LIGER_FN", None)
+    if supported is not None and model_type not in supported:  # Liger would only log this and do nothing
+        raise ConfigError(f"Liger has no kernels for model type {model_type!r}", key,
+                          f"{did_you_mean(str(model_type), list(supported))}; or set model.liger_kernel=false")
+    _apply_liger_kernel_to_instance(model=model, fused_linear_cross_entropy=False, cross_entropy=False)
 
 
 @dataclass
@@ -272,12 +336,12 @@ def apply_method(model: nn.Module, method: Method | None = None) -> nn.Module:
                           "change the method's settings as the message says, e.g. method.peft.lora_dropout=0") from None
 
 
-def _block_stack(model: nn.Module) -> tuple[str, nn.ModuleList]:
+def _block_stack(model: nn.Module, key: str = "key method.freeze.last_n_layers") -> tuple[str, nn.ModuleList]:
     """The transformer blocks: the ModuleList holding the most parameters (decoder layers in every HF LM)."""
     lists = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.ModuleList) and len(m)]
     if not lists:
-        raise ConfigError("this model has no stack of layers to choose from", "key method.freeze.last_n_layers",
-                          "use method.freeze.patterns instead")
+        hint = "use method.freeze.patterns instead" if key.startswith("key method") else f"set {key[4:]}=false"
+        raise ConfigError("this model has no stack of layers to choose from", key, hint)
     return max(lists, key=lambda item: sum(p.numel() for p in item[1].parameters()))
 
 

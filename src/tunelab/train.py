@@ -19,6 +19,7 @@ from pytorch_lightning.callbacks import LearningRateMonitor
 from pytorch_lightning.loggers import WandbLogger
 
 from tunelab import paths, report
+from tunelab.allocator import keep_freed_memory
 from tunelab.callbacks import Throughput
 from tunelab.checkpointing import find_resume, identity
 from tunelab.checks import check_engine
@@ -107,11 +108,11 @@ def train(cfg: DictConfig, run: RunContext | None = None) -> dict[str, float]:
             metrics.update(_collect(trainer, "baseline/"))
         # Our own run's checkpoint: tensors and plain containers only, so Lightning can load it weights_only.
         trainer.fit(module, datamodule=datamodule, ckpt_path=resume.ckpt_path, weights_only=True)
+        metrics.update(_collect(trainer, "train/loss"))  # before validate(), which replaces the callback metrics
         if not _collect(trainer, "val/"):
             # max_steps can end training between validations; sweeps need a final val/ figure.
             trainer.validate(module, datamodule=datamodule, verbose=False)
         metrics.update(_collect(trainer, "val/"))
-        metrics.update(_collect(trainer, "train/loss"))
         if cfg.eval.test:
             module.eval_prefix = "test"
             trainer.test(module, datamodule=datamodule, verbose=False)
@@ -148,6 +149,7 @@ def main(cfg: DictConfig) -> float | None:
     In a multirun a failing trial is recorded (error.txt in its directory) and the sweep goes on.
     """
     run = RunContext.from_hydra()  # the one place Hydra's global state is read
+    keep_freed_memory()  # this process is the job's: memory freed by a step stays for the next (allocator.py)
     try:
         with RunDirLock(run.run_dir):  # a second job aimed at this directory is refused (exit 2)
             metrics = train(cfg, run)
