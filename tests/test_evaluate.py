@@ -88,3 +88,6 @@ def test_rank_choices_needs_the_datasets_labels():
         check_values(compose(["decoding=choices", "dataset=terms_general"], return_hydra_config=False), deep=False)
     with pytest.raises(ConfigError, match="at least 2"):
         check_values(compose(["decoding=choices", "dataset.choices=[positive]"], return_hydra_config=False), deep=False)
+    with pytest.raises(ConfigError, match="no dataset"):
+        check_values(compose(["decoding=choices", "prompt=hi"], config_name="generate", return_hydra_config=False),
+                     deep=False)

@@ -250,6 +250,9 @@ def _check_rank_choices(cfg: DictConfig) -> None:
     """decoding.rank_choices picks among a task's `choices`: every task scored must list at least two."""
     if _value(cfg, "decoding.rank_choices") is not True:
         return
+    if _value(cfg, "dataset") is MISSING_VALUE:  # generate, serve: text is asked for, there are no labels
+        raise ConfigError("decoding.rank_choices picks among a dataset's labels, and this command has no dataset",
+                          _where(cfg, "decoding.rank_choices"), "use decoding=greedy or decoding=creative here")
     tasks = _value(cfg, "dataset.tasks")
     names = [f"dataset.tasks.{n}" for n in tasks] if isinstance(tasks, dict) and tasks else ["dataset"]
     for name in names:
