@@ -31,7 +31,7 @@ demo: setup
 # pytest exits 5 when it collects no test; that is not a failure of the code under test.
 # The suite runs in TEST_JOBS processes (pytest-xdist), one test file per process at a time so a file's
 # module fixtures are built once, each process with one torch thread so they never fight over the cores
-# (measured on the 2-core machine: 12 min 40 s in one process, 5 min 56 s on 2 with 56 more tests).
+# (measured on the 2-core machine: 12 min 40 s in one process; 6 min 43 s on 2, with 98 more tests).
 # TEST_JOBS=0 runs it in this process.
 TEST_JOBS ?= $(shell n=$$(nproc 2>/dev/null || echo 2); [ $$n -gt 4 ] && n=4; echo $$n)
 XDIST := $(if $(filter 0,$(TEST_JOBS)),,-n $(TEST_JOBS) --dist loadfile)
