@@ -14,6 +14,8 @@ from typing import Any
 
 import torch
 
+from tunelab.errors import ConfigError
+
 Scorer = Callable[[str, str], float]
 
 # Keys of the decoding group that only matter when sampling; greedy decoding drops them so transformers
@@ -130,9 +132,7 @@ def answer(
 ) -> list[str]:
     """Answers to left-padded prompts: generated, or with `decoding.rank_choices` the most likely of `choices`."""
     if decoding.get("rank_choices"):
-        if not choices:
-            from tunelab.errors import ConfigError
-
+        if not choices:  # checks.py refuses this config first; a direct caller gets the same message
             raise ConfigError("decoding.rank_choices needs the dataset's choices, and this dataset lists none",
                               "keys decoding.rank_choices and dataset.choices",
                               "list the labels in the dataset config (choices: [positive, negative]), "
