@@ -16,7 +16,7 @@ optimizer, schedule and batches (bf16=True, logging every 10 steps, no saving).
 
 Time per step is the interval between the starts of consecutive optimizer steps over `--steps` steps after
 `--warmup` untimed ones (the GPU synchronised at both ends). Tokens are real (non-padding) tokens; MFU is
-tokens/s × (4N + 2·N_trainable) / the device's peak (tunelab.callbacks.training_flops_per_token; attention's
+tokens/s × (4N + 2·N_trainable) / the device's peak (tunelab.training.callbacks.training_flops_per_token; attention's
 own FLOPs left out, so MFU reads low). Peak memory is torch.cuda.max_memory_allocated over the configuration.
 
     PYTHONPATH=src python3 bench/gpu.py --out $OUT            # GPU machine: every configuration, a few minutes
@@ -48,16 +48,16 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader
 
-from tunelab.callbacks import (
+from tunelab.data.encode import IGNORE
+from tunelab.models.load import speed_up
+from tunelab.training.callbacks import (
     Throughput,
     matmul_parameters,
     model_flops_utilization,
     peak_tflops,
     training_flops_per_token,
 )
-from tunelab.data.encode import IGNORE
-from tunelab.models import speed_up
-from tunelab.module import TuneModule
+from tunelab.training.module import TuneModule
 
 QWEN25_05B = dict(vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
                   num_attention_heads=14, num_key_value_heads=2, max_position_embeddings=32768,

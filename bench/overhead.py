@@ -8,7 +8,7 @@ loss; full fine-tuning and LoRA (r 16, all linear layers). tunelab runs through 
 callbacks: checkpointing, throughput, progress bar, LR monitor, model export; CSV logger) and HF Trainer with its
 defaults (progress bar, no reporting, no saving); both log every 10 steps. All three run in one process that
 first does what `tunelab train`'s entry point does, `keep_freed_memory()` (glibc keeps freed memory for the next
-step; without it Lightning's loop page-faulted 2,700-5,800 times a step, see tunelab/allocator.py); `--malloc
+step; without it Lightning's loop page-faulted 2,700-5,800 times a step, see tunelab/training/allocator.py); `--malloc
 default` leaves glibc as it is.
 
 Time per step is measured inside the loop: the interval between the starts of consecutive optimizer steps,
@@ -41,11 +41,11 @@ import torch
 from omegaconf import DictConfig, open_dict
 from torch.utils.data import DataLoader
 
-from tunelab.allocator import keep_freed_memory
-from tunelab.config import build, compose
-from tunelab.models import apply_method, build_method
-from tunelab.module import summed_token_loss
-from tunelab.train import train
+from tunelab.config.schema import build, compose
+from tunelab.models.load import apply_method, build_method
+from tunelab.training.allocator import keep_freed_memory
+from tunelab.training.module import summed_token_loss
+from tunelab.verbs.train import train
 
 KEYS = ("input_ids", "attention_mask", "labels")
 

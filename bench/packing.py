@@ -32,12 +32,12 @@ from pathlib import Path
 
 import torch
 
-from tunelab.config import compose
+from tunelab.config.schema import compose
 from tunelab.data.datamodule import Collator, EpochSampler, TuneDataModule
 from tunelab.data.encode import Encoded
 from tunelab.data.packing import RowSampler, best_fit_decreasing, block_causal_mask, first_fit_decreasing
-from tunelab.models import load_causal_lm, load_tokenizer
-from tunelab.module import summed_token_loss
+from tunelab.models.load import load_causal_lm, load_tokenizer
+from tunelab.training.module import summed_token_loss
 
 REPO = Path(__file__).resolve().parents[1]
 MODES = ("none", "batch", "dataset")  # hyperparams.packing

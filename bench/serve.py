@@ -95,7 +95,7 @@ def in_process(run: Path, texts: list[str], max_tokens: int) -> dict[str, Any]:
     """The baseline: the same greedy answers from `model.generate` in this process, one after the other."""
     import torch
 
-    from tunelab.models import load_run
+    from tunelab.models.load import load_run
 
     model, tokenizer, _ = load_run(run)
     latencies, tokens, answers = [], 0, []

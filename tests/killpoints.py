@@ -14,7 +14,7 @@ from typing import Any
 
 import pytorch_lightning as pl
 
-import tunelab.checkpointing as checkpointing
+import tunelab.checkpoint.checkpointing as checkpointing
 
 
 class KillAt(pl.Callback):

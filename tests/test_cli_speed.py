@@ -8,7 +8,7 @@ import os
 import subprocess
 import sys
 
-from tunelab.signatures import Signatures
+from tunelab.config.signatures import Signatures
 
 PREFLIGHT = ("from tunelab.cli import preflight; preflight(['hyperparams.lr=1e-3'], deep=False); import sys; "
              "print(sorted(m for m in ('torch', 'transformers', 'peft', 'pytorch_lightning') if m in sys.modules))")
@@ -38,11 +38,11 @@ def test_a_stale_or_damaged_cache_is_never_trusted(tmp_path, monkeypatch):
     file = tmp_path / "tunelab" / "signatures-v1.json"
     file.parent.mkdir(parents=True)
     # An entry written for another version of the code (say, before a parameter was added) is refreshed.
-    file.write_text(json.dumps({"tunelab.metrics.exact_match": {"key": "old", "params": ["prediction"]}}))
+    file.write_text(json.dumps({"tunelab.evaluation.metrics.exact_match": {"key": "old", "params": ["prediction"]}}))
     signatures = Signatures()
-    assert signatures.params("tunelab.metrics.exact_match") == ["prediction", "reference", "normalized"]
+    assert signatures.params("tunelab.evaluation.metrics.exact_match") == ["prediction", "reference", "normalized"]
     signatures.save()
-    assert json.loads(file.read_text())["tunelab.metrics.exact_match"]["params"][-1] == "normalized"
+    assert json.loads(file.read_text())["tunelab.evaluation.metrics.exact_match"]["params"][-1] == "normalized"
     file.write_text("{not json")
     assert Signatures().params("torch.optim.AdamW")[:2] == ["params", "lr"]
-    assert Signatures().params("tunelab.loggers.wandb_logger") is None  # **kwargs: any key is accepted
+    assert Signatures().params("tunelab.tracking.loggers.wandb_logger") is None  # **kwargs: any key is accepted

@@ -14,7 +14,7 @@ from hydra.utils import get_object
 from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 
 from tunelab import paths
-from tunelab.config import INSTANTIATE_KEYS, compose, validate
+from tunelab.config.schema import INSTANTIATE_KEYS, compose, validate
 from tunelab.errors import ConfigError
 
 CONF = paths.conf_dir()
@@ -169,7 +169,7 @@ def test_user_config_dir_composes(tmp_path):
     validate(cfg)
     assert cfg.hydra.runtime.choices.model == "my_model"
     assert cfg.model.attn_implementation == "eager"
-    assert cfg.model._target_ == "tunelab.models.load_causal_lm"
+    assert cfg.model._target_ == "tunelab.models.load.load_causal_lm"
 
 
 def _run(args: list[str], cwd: Path) -> subprocess.CompletedProcess:

@@ -14,7 +14,7 @@ import pytest
 from conftest import fmt
 from tunelab.data.datamodule import TuneDataModule, encode_task
 from tunelab.errors import DataError
-from tunelab.models import load_tokenizer
+from tunelab.models.load import load_tokenizer
 from tunelab.paths import assets_dir
 
 TEMPLATE = [{"prompt": "Q: {{ q }}", "completion": "{{ a }}"}]

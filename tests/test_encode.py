@@ -12,7 +12,7 @@ from tunelab.data.datamodule import Collator, encode_task
 from tunelab.data.encode import IGNORE, Encoded, apply_length_policy, encode_chat, encode_text
 from tunelab.data.formats import Example
 from tunelab.errors import DataError
-from tunelab.models import load_tokenizer
+from tunelab.models.load import load_tokenizer
 
 TINY = str(paths.assets_dir() / "tiny-llama")
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from tunelab import paths
-from tunelab.config import Overlength
+from tunelab.config.schema import Overlength
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline", "PYTHONUNBUFFERED": "1"}
 
@@ -58,7 +58,7 @@ CASES: dict[str, tuple[list[str], int, list[str]]] = {
         "unknown dataset/format option 'chatt'", "did you mean 'chat'?",
     ]),
     "unknown_key_in_user_yaml": (["--config-dir", "{conf}", "model=bad"], 2, [
-        "unknown key 'name_or_pth' for tunelab.models.load_causal_lm", "key model.name_or_pth",
+        "unknown key 'name_or_pth' for tunelab.models.load.load_causal_lm", "key model.name_or_pth",
         "{conf}/model/bad.yaml:3", "did you mean 'name_or_path'",
     ]),
     "unknown_target_key_added": (["+method.peft.rr=3", "method=lora"], 2, [

@@ -14,7 +14,7 @@ from omegaconf import open_dict
 
 from conftest import REPO, make_cfg
 from tunelab import paths
-from tunelab.config import compose, validate
+from tunelab.config.schema import compose, validate
 from tunelab.errors import CheckpointError, ConfigError, DataError
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline", "PYTHONUNBUFFERED": "1"}
@@ -31,7 +31,7 @@ def eval_cfg(out: Path, overrides: list[str]):
 
 
 def run_eval(out: Path, overrides: list[str]) -> dict[str, float]:
-    from tunelab.eval import evaluate_cfg
+    from tunelab.verbs.eval import evaluate_cfg
 
     return evaluate_cfg(eval_cfg(out, ["logger=none", *overrides]))
 
@@ -61,7 +61,7 @@ def test_every_eval_option_composes_and_validates(override):
 def _samples(dataset: str):
     from omegaconf import OmegaConf
 
-    from tunelab.prompting import load_samples
+    from tunelab.evaluation.prompting import load_samples
 
     cfg = compose([f"dataset={dataset}"], config_name="eval", return_hydra_config=False)
     return load_samples(OmegaConf.to_container(cfg.dataset, resolve=True), 0)
@@ -70,8 +70,8 @@ def _samples(dataset: str):
 def test_few_shot_never_draws_from_test():
     from transformers import AutoTokenizer
 
-    from tunelab.evaluate import prompt_ids
-    from tunelab.prompting import FewShot, Setting
+    from tunelab.evaluation.evaluate import prompt_ids
+    from tunelab.evaluation.prompting import FewShot, Setting
 
     splits = _samples("knowledge")
     tokenizer = AutoTokenizer.from_pretrained(str(paths.assets_dir() / "tiny-llama"))
@@ -99,8 +99,8 @@ def test_few_shot_never_draws_from_test():
 def test_few_shot_says_how_many_fit():
     from transformers import AutoTokenizer
 
-    from tunelab.evaluate import prompt_ids
-    from tunelab.prompting import FewShot, Setting
+    from tunelab.evaluation.evaluate import prompt_ids
+    from tunelab.evaluation.prompting import FewShot, Setting
 
     splits = _samples("knowledge")
     tokenizer = AutoTokenizer.from_pretrained(str(paths.assets_dir() / "tiny-llama"))
@@ -113,7 +113,7 @@ def test_few_shot_says_how_many_fit():
 
 # ---- retrieval ----------------------------------------------------------------------------------------
 def test_retrieval_index_cache_hit_and_invalidation(tmp_path):
-    from tunelab.retrieval import Bm25Retriever, load_documents
+    from tunelab.evaluation.retrieval import Bm25Retriever, load_documents
 
     source = {"path": str(KNOWLEDGE / "documents.jsonl"), "text_column": "text", "id_column": "id",
               "title_column": "title"}
@@ -133,7 +133,7 @@ def test_retrieval_index_cache_hit_and_invalidation(tmp_path):
 
 
 def test_document_source_without_text_column(tmp_path):
-    from tunelab.retrieval import load_documents
+    from tunelab.evaluation.retrieval import load_documents
 
     (tmp_path / "docs.jsonl").write_text('{"id": "a", "body": "x"}\n')
     with pytest.raises(DataError, match="no column 'text'") as err:
@@ -176,7 +176,7 @@ def test_golden_predictions_row(tmp_path):
 @pytest.fixture(scope="module")
 def short_run(tmp_path_factory) -> tuple[Path, dict[str, float]]:
     """A demo-like run (full fine-tuning of the tiny model on reviews), scored on 64 test examples by train."""
-    from tunelab.train import train
+    from tunelab.verbs.train import train
 
     run = tmp_path_factory.mktemp("run")
     metrics = train(make_cfg(run, [*QUIET_TRAIN, "hyperparams.max_steps=60", "eval.max_eval_samples=64"]))
@@ -194,8 +194,8 @@ def test_eval_reproduces_the_runs_own_test_accuracy(short_run, tmp_path):
 
 @pytest.mark.slow
 def test_adapter_run_equals_its_merged_export(tmp_path):
-    from tunelab.export import export
-    from tunelab.train import train
+    from tunelab.verbs.export import export
+    from tunelab.verbs.train import train
 
     run = tmp_path / "lora"
     train(make_cfg(run, ["method=lora", "hyperparams.lr=3e-3", *QUIET_TRAIN, "eval.test=false",
@@ -237,7 +237,7 @@ def test_cli_exit_code_for_a_directory_that_is_not_a_run(tmp_path):
 
 # ---- the comparison ---------------------------------------------------------------------------------------
 def test_reading_is_generated_from_the_numbers():
-    from tunelab.compare import markdown, reading
+    from tunelab.verbs.compare import markdown, reading
 
     def row(arm, acc, low, high, tokens, params=None, train_s=None, hit=None, changed=None):
         out = {"arm": arm, "accuracy": acc, "accuracy_ci_low": low, "accuracy_ci_high": high,
@@ -263,7 +263,7 @@ def test_reading_is_generated_from_the_numbers():
 
 @pytest.mark.slow
 def test_compare_end_to_end(short_run, tmp_path):
-    from tunelab.compare import compare
+    from tunelab.verbs.compare import compare
 
     run, _ = short_run
     # data=/docs=/base= as a user types them (compare's keys must not collide with the eval groups' names)

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import torch
 
-from tunelab.config import build, compose
+from tunelab.config.schema import build, compose
 from tunelab.data.encode import encode_chat
 from tunelab.data.formats import Example
-from tunelab.evaluate import EvalItem, aggregate, evaluate, left_pad, prompt_ids
+from tunelab.evaluation.evaluate import EvalItem, aggregate, evaluate, left_pad, prompt_ids
 
 
 def _tiny():
@@ -56,7 +56,7 @@ def test_aggregate_is_the_mean_over_rows():
 def test_rank_choices_scores_each_option_as_a_separate_unpadded_forward_would():
     """decoding=choices: the batched (prompt x choice) log-likelihoods equal one plain forward per pair, and the
     answer is the argmax; prompts of different lengths arrive left-padded as generation takes them."""
-    from tunelab.evaluate import choice_logprobs
+    from tunelab.evaluation.evaluate import choice_logprobs
 
     model, tokenizer = _tiny()
     prompts = [prompt_ids(tokenizer, [{"role": "user", "content": text}]) for text in ("Is it good?", "Hm, is it?")]
@@ -80,7 +80,7 @@ def test_rank_choices_scores_each_option_as_a_separate_unpadded_forward_would():
 def test_rank_choices_needs_the_datasets_labels():
     import pytest
 
-    from tunelab.checks import check_values
+    from tunelab.config.checks import check_values
     from tunelab.errors import ConfigError
 
     check_values(compose(["decoding=choices"], return_hydra_config=False), deep=False)  # reviews_sentiment lists them

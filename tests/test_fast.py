@@ -17,19 +17,19 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-import tunelab.train as train_mod
+import tunelab.verbs.train as train_mod
 from conftest import REPO, make_cfg
-from tunelab.callbacks import (
+from tunelab.checkpoint.checkpointing import identity
+from tunelab.config.schema import build, compose, validate
+from tunelab.errors import ConfigError
+from tunelab.models.load import apply_method, build_method, load_causal_lm, load_tokenizer
+from tunelab.training.callbacks import (
     PEAK_TFLOPS,
     matmul_parameters,
     model_flops_utilization,
     peak_tflops,
     training_flops_per_token,
 )
-from tunelab.checkpointing import identity
-from tunelab.config import build, compose, validate
-from tunelab.errors import ConfigError
-from tunelab.models import apply_method, build_method, load_causal_lm, load_tokenizer
 
 TINY = str(REPO / "src/tunelab/assets/tiny-llama")
 TINY_CONFIG = json.loads((Path(TINY) / "config.json").read_text())
@@ -114,7 +114,7 @@ def batch(tmp_path_factory):
 
 
 def _loss_and_grads(batch: dict, method: str, checkpointing: bool) -> tuple[torch.Tensor, dict, int]:
-    from tunelab.module import summed_token_loss
+    from tunelab.training.module import summed_token_loss
 
     torch.manual_seed(0)
     model = load_causal_lm(TINY, random_init=True, gradient_checkpointing=checkpointing)
@@ -294,7 +294,7 @@ def test_train_figures_are_logged_on_logging_steps_and_the_last(run):
 def test_keep_freed_memory_sets_glibc_thresholds_unless_the_environment_chose(monkeypatch):
     """Its effect (2,700-5,800 page faults a step -> 1 on the tiny model) is measured in bench/overhead.py; a toy
     allocation pattern in a test process faulted 256-1,534 times a step by default, run to run: not a test."""
-    from tunelab.allocator import keep_freed_memory
+    from tunelab.training.allocator import keep_freed_memory
 
     monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "131072")
     assert keep_freed_memory() is False  # the environment's choice stands

@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from tunelab import forgetting as fg
+from tunelab.pipeline import forgetting as fg
 
 # R[i][j]: score on task j after stage i; task j is trained at stage j.
 R = [[0.6, 0.1, 0.2],

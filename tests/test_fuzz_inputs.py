@@ -28,7 +28,7 @@ from omegaconf import OmegaConf, open_dict
 
 from conftest import fmt
 from tunelab.cli import preflight
-from tunelab.config import compose, validate
+from tunelab.config.schema import compose, validate
 from tunelab.errors import TunelabError
 
 SEED = 8  # issue 8
@@ -432,7 +432,7 @@ DATA_CASES = data_cases()
 @pytest.fixture(scope="module")
 def tokenizer():
     from tunelab import paths
-    from tunelab.models import load_tokenizer
+    from tunelab.models.load import load_tokenizer
 
     return load_tokenizer(str(paths.assets_dir() / "tiny-llama"))
 
@@ -513,7 +513,7 @@ def test_diverged_run_exits_5(tmp_path):
     after it are not; the run used to end with exit 0 and NaN val/test loss in metrics.json."""
     from conftest import make_cfg
     from tunelab.errors import NumericsError
-    from tunelab.train import train
+    from tunelab.verbs.train import train
 
     cfg = make_cfg(tmp_path, ["hyperparams.lr=1e9", "hyperparams.warmup_ratio=0", "hyperparams.max_steps=1",
                               "eval.baseline=false", "eval.generate_on_val=false", "eval.max_eval_samples=4",

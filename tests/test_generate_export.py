@@ -14,12 +14,12 @@ import torch
 from hydra.core.global_hydra import GlobalHydra
 
 from conftest import REPO, make_cfg
-from tunelab.config import compose
+from tunelab.config.schema import compose
 from tunelab.errors import ConfigError
-from tunelab.export import export
-from tunelab.generate import generate
-from tunelab.models import load_run
-from tunelab.train import train
+from tunelab.models.load import load_run
+from tunelab.verbs.export import export
+from tunelab.verbs.generate import generate
+from tunelab.verbs.train import train
 
 QUIET = ["eval.baseline=false", "eval.test=false", "eval.generate_on_val=false", "eval.max_eval_samples=16",
          "logger=none"]

@@ -22,7 +22,7 @@ import torch
 from safetensors.torch import load_file
 
 from forkrun import fork_tunelab
-from tunelab.checkpointing import complete_checkpoints
+from tunelab.checkpoint.checkpointing import complete_checkpoints
 
 pytestmark = pytest.mark.slow
 
@@ -74,7 +74,7 @@ def reference(tmp_path_factory) -> dict[str, dict[str, torch.Tensor]]:
     import peft  # noqa: F401 - imported once here rather than in every forked run
     import transformers.modeling_utils  # noqa: F401
 
-    import tunelab.train  # noqa: F401
+    import tunelab.verbs.train  # noqa: F401
 
     tmp = tmp_path_factory.mktemp("reference")
     out = {}

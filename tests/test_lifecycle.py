@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from tunelab import paths
-from tunelab.config import build, compose
+from tunelab.config.schema import build, compose
 from tunelab.data.sources import load_splits
 from tunelab.errors import ConfigError
 

@@ -14,8 +14,8 @@ from tunelab.data.datamodule import Collator
 from tunelab.data.encode import IGNORE, encode_chat
 from tunelab.data.formats import Example
 from tunelab.errors import NumericsError
-from tunelab.models import load_causal_lm, load_tokenizer
-from tunelab.module import TuneModule, summed_token_loss
+from tunelab.models.load import load_causal_lm, load_tokenizer
+from tunelab.training.module import TuneModule, summed_token_loss
 
 TINY = str(paths.assets_dir() / "tiny-llama")
 ANSWERS = ["positive", "negative", "positive, clearly", "no", "negative: it broke after a week of use",

@@ -11,11 +11,11 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-import tunelab.train as train_mod
+import tunelab.verbs.train as train_mod
 from conftest import REPO, make_cfg
-from tunelab.config import build, compose
+from tunelab.config.schema import build, compose
 from tunelab.errors import ConfigError
-from tunelab.models import apply_method, build_method, load_causal_lm
+from tunelab.models.load import apply_method, build_method, load_causal_lm
 
 TINY = json.loads((REPO / "src/tunelab/assets/tiny-llama/config.json").read_text())
 MOE = json.loads((REPO / "src/tunelab/assets/tiny-moe/config.json").read_text())
@@ -166,7 +166,7 @@ def test_lora_zero_init_keeps_logits_and_merge_matches():
 
 def test_moe_aux_loss_in_training_loss():
     """The step's loss is CE summed over tokens + coef × aux × tokens (so coef × aux after normalisation)."""
-    from tunelab.module import TuneModule, summed_token_loss
+    from tunelab.training.module import TuneModule, summed_token_loss
 
     torch.manual_seed(0)
     model = load_causal_lm(str(REPO / "src/tunelab/assets/tiny-moe"), random_init=True)

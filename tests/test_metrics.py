@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tunelab.metrics import entity_f1, exact_match, normalize, parse_entities, token_f1
+from tunelab.evaluation.metrics import entity_f1, exact_match, normalize, parse_entities, token_f1
 
 REPO = Path(__file__).resolve().parents[1]
 REF = "person: Mara Quinlan; organisation: Northfield General Hospital; location: Averton"
@@ -76,7 +76,7 @@ def test_bundled_entity_targets_parse_back_to_their_lists(split: str) -> None:
 
 # ---- library metrics, corpus metrics and bootstrap intervals (issue 10) ----------------------------------
 def test_library_overlap_metrics_exact_values() -> None:
-    from tunelab.metrics import bleu, chrf, corpus_bleu, rouge_l
+    from tunelab.evaluation.metrics import bleu, chrf, corpus_bleu, rouge_l
 
     # LCS "the cat on the mat": 5 of 6 tokens in each, so P = R = F = 5/6.
     assert rouge_l("the cat sat on the mat", "the cat lay on the mat") == pytest.approx(5 / 6)
@@ -91,7 +91,7 @@ def test_library_overlap_metrics_exact_values() -> None:
 
 
 def test_macro_f1_weights_classes_equally() -> None:
-    from tunelab.metrics import macro_f1
+    from tunelab.evaluation.metrics import macro_f1
 
     refs = ["positive"] * 8 + ["negative"] * 2
     always_positive = ["positive"] * 10
@@ -102,7 +102,7 @@ def test_macro_f1_weights_classes_equally() -> None:
 
 
 def test_bootstrap_ci_known_sample() -> None:
-    from tunelab.metrics import corpus_ci, macro_f1, mean_ci
+    from tunelab.evaluation.metrics import corpus_ci, macro_f1, mean_ci
 
     half = [1.0] * 50 + [0.0] * 50
     est = mean_ci(half, resamples=2000, seed=0)
@@ -121,7 +121,7 @@ def test_bootstrap_ci_known_sample() -> None:
 def test_corpus_ci_fast_path_equals_rescoring_text():
     import functools
 
-    from tunelab.metrics import bootstrap_ci, corpus_bleu, corpus_chrf, corpus_ci
+    from tunelab.evaluation.metrics import bootstrap_ci, corpus_bleu, corpus_chrf, corpus_ci
 
     preds = ["250 mg twice daily", "refrigerated", "Corvane Labs", "x y z", "frozen"] * 8
     refs = ["250 mg once daily", "refrigerated", "Astley Pharma", "x y", "frozen"] * 8

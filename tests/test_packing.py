@@ -28,9 +28,9 @@ from tunelab.data.packing import (
     flatten_rows,
 )
 from tunelab.errors import DataError
-from tunelab.models import load_causal_lm, load_tokenizer
-from tunelab.module import TuneModule, summed_token_loss
+from tunelab.models.load import load_causal_lm, load_tokenizer
 from tunelab.paths import assets_dir
+from tunelab.training.module import TuneModule, summed_token_loss
 
 
 @pytest.fixture(scope="module")
@@ -140,7 +140,7 @@ def test_packed_logits_match_separate_forward_passes(tiny):
 @pytest.mark.parametrize(("value", "hint"), [("datset", "did you mean 'dataset'?"),
                                              ("true", "names a mode now: batch is what true meant")])
 def test_a_wrong_packing_mode_is_a_config_error_with_a_hint(value, hint):
-    from tunelab.config import compose, validate
+    from tunelab.config.schema import compose, validate
     from tunelab.errors import ConfigError
 
     with pytest.raises(ConfigError) as err:
@@ -303,7 +303,7 @@ def test_packed_run_resumed_mid_epoch_ends_bitwise_equal(tmp_path):
               "callbacks.checkpoint.every_n_steps=3", "callbacks.checkpoint.every_minutes=null",
               "callbacks.checkpoint.keep_last=9",
               f"paths.cache_dir={tmp_path}/cache"]
-    from tunelab.train import train
+    from tunelab.verbs.train import train
 
     train(make_cfg(tmp_path / "straight", common))
     checkpoint = tmp_path / "straight" / "checkpoints" / "step3.ckpt"

@@ -14,10 +14,10 @@ from safetensors.torch import load_file
 
 from tunelab import paths
 from tunelab.cli import preflight
-from tunelab.config import compose
+from tunelab.config.schema import compose
 from tunelab.errors import ConfigError
-from tunelab.pipeline import DONE, make_plan, run_pipeline
-from tunelab.run import RunContext
+from tunelab.job import RunContext
+from tunelab.verbs.pipeline import DONE, make_plan, run_pipeline
 
 CONF = paths.conf_dir()
 PIPELINES = sorted(p.stem for p in (CONF / "pipeline").glob("*.yaml"))
@@ -82,7 +82,7 @@ def test_a_bad_stage_override_fails_before_anything_trains(tmp_path):
 def test_the_cli_preflight_composes_every_stage_of_every_swept_strategy():
     with pytest.raises(ConfigError) as info:
         preflight(["-m", "strategy=sequential,replay", 'pipeline.stages.rating=["dataset=reviews_ratin"]'],
-                  "pipeline", check="tunelab.pipeline:preflight")
+                  "pipeline", check="tunelab.verbs.pipeline:preflight")
     assert "stage 'rating': unknown dataset option 'reviews_ratin'" in info.value.message()
 
 

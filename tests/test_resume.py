@@ -18,8 +18,8 @@ from torch import nn
 
 from conftest import make_cfg
 from forkrun import fork_tunelab, wait_for
-from tunelab import checkpointing
-from tunelab.checkpointing import (
+from tunelab.checkpoint import checkpointing
+from tunelab.checkpoint.checkpointing import (
     CheckpointInfo,
     Resume,
     complete_checkpoints,

@@ -19,10 +19,10 @@ import yaml
 from hydra.core.global_hydra import GlobalHydra
 
 from tunelab import paths
-from tunelab.config import compose
+from tunelab.config.schema import compose
 from tunelab.errors import CheckpointError, TunelabError
-from tunelab.generate import generate
-from tunelab.models import load_run
+from tunelab.models.load import load_run
+from tunelab.verbs.generate import generate
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline", "PYTHONUNBUFFERED": "1"}
 
@@ -30,7 +30,7 @@ ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline", "PYTHONUNBU
 @pytest.fixture(scope="module")
 def clean_run(tmp_path_factory) -> Path:
     """A run directory like `tunelab train` writes: model/ (safetensors, tokenizer, recipe), .hydra/config.yaml."""
-    from tunelab.models import load_causal_lm, load_tokenizer
+    from tunelab.models.load import load_causal_lm, load_tokenizer
 
     run = tmp_path_factory.mktemp("run")
     tiny = str(paths.assets_dir() / "tiny-llama")
@@ -151,7 +151,7 @@ def test_pickled_weights_in_the_run_are_refused(clean_run, tmp_path):
 def test_export_does_not_delete_a_directory_that_is_not_an_export(clean_run, tmp_path):
     """`out=` is replaced on export; `out=.` or a folder of someone's files must not be deleted."""
     from tunelab.errors import ConfigError
-    from tunelab.export import export
+    from tunelab.verbs.export import export
 
     keep = tmp_path / "mine"
     keep.mkdir()

@@ -24,7 +24,7 @@ import yaml
 
 from conftest import REPO, make_cfg
 from tunelab import paths
-from tunelab.checkpointing import (
+from tunelab.checkpoint.checkpointing import (
     AtomicCheckpointIO,
     Checkpointing,
     complete_checkpoints,
@@ -32,9 +32,9 @@ from tunelab.checkpointing import (
     mark_directory,
     marker_path,
 )
-from tunelab.checks import check_engine
 from tunelab.cli import preflight
-from tunelab.config import build, compose, validate
+from tunelab.config.checks import check_engine
+from tunelab.config.schema import build, compose, validate
 from tunelab.errors import CheckpointError, ConfigError
 
 SHARDED = ["fsdp", "deepspeed_zero2", "deepspeed_zero3"]
@@ -64,7 +64,7 @@ def test_fsdp_strategy_is_built_from_its_yaml():
     from pytorch_lightning.strategies import FSDPStrategy
     from torch.distributed.fsdp import ShardingStrategy
 
-    from tunelab.sharding import DecoderLayers
+    from tunelab.models.sharding import DecoderLayers
 
     strategy = build(compose(["trainer=fsdp"]).trainer.strategy)
     assert isinstance(strategy, FSDPStrategy)
@@ -72,7 +72,7 @@ def test_fsdp_strategy_is_built_from_its_yaml():
     assert isinstance(strategy.kwargs["auto_wrap_policy"], DecoderLayers)
     assert strategy._state_dict_type == "full" and strategy._activation_checkpointing_kwargs == {}
     checkpointed = build(compose(["trainer=fsdp", "trainer.strategy.activation_checkpointing_policy="
-                                  "{_target_:tunelab.sharding.DecoderLayers}"]).trainer.strategy)
+                                  "{_target_:tunelab.models.sharding.DecoderLayers}"]).trainer.strategy)
     assert isinstance(checkpointed._activation_checkpointing_kwargs["auto_wrap_policy"], DecoderLayers)
 
 
@@ -106,9 +106,9 @@ def test_decoder_layer_policy_wraps_exactly_the_decoder_layers(model):
         apply_activation_checkpointing,
     )
 
-    from tunelab.models import load_causal_lm
-    from tunelab.module import TuneModule
-    from tunelab.sharding import DecoderLayers
+    from tunelab.models.load import load_causal_lm
+    from tunelab.models.sharding import DecoderLayers
+    from tunelab.training.module import TuneModule
 
     torch.manual_seed(0)
     base = load_causal_lm(str(paths.assets_dir() / model), random_init=True)
@@ -149,7 +149,7 @@ def test_deepspeed_without_its_package_is_exit_2_naming_the_extra(option, tmp_pa
     text = info.value.message()
     assert text.startswith("tunelab: config error: trainer.strategy is DeepSpeed but the deepspeed package is not")
     assert "pip install -e '.[deepspeed]'" in text
-    from tunelab.train import train
+    from tunelab.verbs.train import train
 
     with pytest.raises(ConfigError, match=r"\.\[deepspeed\]"):  # train() checks it before building anything
         train(cfg)
@@ -262,7 +262,7 @@ def test_a_checkpoint_directory_without_marker_is_not_resumed(tmp_path):
 
 
 def identity_of(overrides: list[str]) -> dict:
-    from tunelab.checkpointing import identity
+    from tunelab.checkpoint.checkpointing import identity
 
     return identity(compose(overrides, return_hydra_config=False))
 
@@ -366,7 +366,7 @@ def test_every_srun_task_agrees_on_one_run_directory():
     """`srun tunelab train ...` starts every rank as its own command line: the id comes from the job step, and
     only rank 0 writes .hydra/; the composed run directory is the same for all 8 ranks."""
     from tunelab.cli import run_overrides
-    from tunelab.config import new_run_id
+    from tunelab.config.schema import new_run_id
 
     ranks = [{"SLURM_JOB_ID": "4242", "SLURM_NTASKS": "8", "SLURM_STEP_ID": "0", "SLURM_PROCID": str(r)}
              for r in range(8)]

@@ -20,12 +20,12 @@ import pytest
 from hydra.core.global_hydra import GlobalHydra
 
 from conftest import REPO, make_cfg
-from tunelab.artifacts import offline_artifacts, parse_reference, resolve_run
-from tunelab.config import compose
+from tunelab.config.schema import compose
 from tunelab.errors import CheckpointError, ConfigError
-from tunelab.export import export
-from tunelab.serve import serve
-from tunelab.train import train
+from tunelab.tracking.artifacts import offline_artifacts, parse_reference, resolve_run
+from tunelab.verbs.export import export
+from tunelab.verbs.serve import serve
+from tunelab.verbs.train import train
 
 pytestmark = pytest.mark.slow  # trains twice, then spawns a server and several CLI processes
 openai = pytest.importorskip("openai", reason="the dev extra installs the openai client")

@@ -15,10 +15,10 @@ import pytest
 import yaml
 
 from tunelab import cli
-from tunelab.config import compose, validate
+from tunelab.config.schema import compose, validate
 from tunelab.errors import ConfigError
-from tunelab.sweep_report import main as report_main
-from tunelab.sweep_report import report, wandb_records
+from tunelab.verbs.sweep_report import main as report_main
+from tunelab.verbs.sweep_report import report, wandb_records
 
 REPO = Path(__file__).resolve().parents[1]
 TUNELAB = str(Path(sys.executable).with_name("tunelab"))

@@ -18,8 +18,8 @@ from omegaconf import open_dict
 
 from conftest import make_cfg
 from tunelab import paths
-from tunelab.models import count_parameters
-from tunelab.train import train
+from tunelab.models.load import count_parameters
+from tunelab.verbs.train import train
 
 # Small and quick: a few steps, few eval samples, short generations.
 FAST = ["hyperparams.batch_size=8", "hyperparams.eval_batch_size=8", "eval.max_eval_samples=8",
@@ -163,7 +163,7 @@ def test_resumed_run_matches_the_uninterrupted_one(tmp_path):
     uninterrupted 2-epoch run (optimizer state restored, epoch 2 sees the same shuffle)."""
     from safetensors.torch import load_file
 
-    from tunelab.train import train
+    from tunelab.verbs.train import train
 
     common = ["eval.baseline=false", "eval.test=false", "eval.generate_on_val=false", "logger=none",
               "+trainer.limit_train_batches=6", "+trainer.limit_val_batches=1", "hyperparams.batch_size=4",

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from omegaconf import DictConfig, OmegaConf
 
-from tunelab.config import compose, new_run_id, register_resolvers, validate
+from tunelab.config.schema import compose, new_run_id, register_resolvers, validate
 from tunelab.errors import ConfigError, TunelabError, did_you_mean, exit_with
 
 
@@ -37,27 +37,29 @@ class Verb:
 
 # The one table of verbs: dispatch, pre-flight and --help all read it. A new verb is one line here.
 VERBS: tuple[Verb, ...] = (
-    Verb("train", "tunelab.train", "fine-tune: model=, method=, dataset=, hyperparams.*= (try: tunelab train --help)",
-         "train", check="tunelab.checks:check_engine"),
-    Verb("generate", "tunelab.generate",
+    Verb("train", "tunelab.verbs.train",
+         "fine-tune: model=, method=, dataset=, hyperparams.*= (try: tunelab train --help)",
+         "train", check="tunelab.config.checks:check_engine"),
+    Verb("generate", "tunelab.verbs.generate",
          'answer with a trained run: run=<run dir> prompt="..." [interactive=true] [decoding=creative]', "generate"),
-    Verb("eval", "tunelab.eval",
+    Verb("eval", "tunelab.verbs.eval",
          "score a run or a model on a test split: run=<dir> | model=, dataset=, prompting=few_shot|retrieval", "eval"),
-    Verb("compare", "tunelab.compare",
+    Verb("compare", "tunelab.verbs.compare",
          "base zero-/few-shot, retrieval, fine-tuned (+retrieval) on one test split: run=<dir> dataset=", "compare"),
-    Verb("export", "tunelab.export",
+    Verb("export", "tunelab.verbs.export",
          "merge adapters and write a plain Hugging Face model: run=<run dir> [out=<dir>] [merge=true|false]",
          "export"),
-    Verb("serve", "tunelab.serve", "an OpenAI-compatible HTTP API over a run: run=<run dir or W&B artifact> [port=]",
+    Verb("serve", "tunelab.verbs.serve",
+         "an OpenAI-compatible HTTP API over a run: run=<run dir or W&B artifact> [port=]",
          "serve"),
-    Verb("data preview", "tunelab.preview",
+    Verb("data preview", "tunelab.verbs.preview",
          "tokenised samples with supervised tokens marked, length percentiles: dataset=<name>", "data"),
-    Verb("sweep-report", "tunelab.sweep_report",
+    Verb("sweep-report", "tunelab.verbs.sweep_report",
          "rank the trials of a multirun directory, plot them, write the best config (--help)"),
-    Verb("pipeline", "tunelab.pipeline",
+    Verb("pipeline", "tunelab.verbs.pipeline",
          "train stages in order and measure forgetting: pipeline=<name> [strategy=replay] [-m strategy=a,b]",
-         "pipeline", check="tunelab.pipeline:preflight"),
-    Verb("pipeline-report", "tunelab.forgetting",
+         "pipeline", check="tunelab.verbs.pipeline:preflight"),
+    Verb("pipeline-report", "tunelab.pipeline.forgetting",
          "compare the strategies of a pipeline multirun: <multirun dir> (--help)"),
 )
 EXIT_CODES = ("exit codes: 0 ok, 1 unexpected bug, 2 config or usage error, 3 data error, 4 checkpoint error,"
@@ -170,7 +172,7 @@ def _unparsable(overrides: list[str]) -> str:
 def _check_multirun_strategy(cfg: DictConfig) -> None:
     """Refuse `-m` with a DDP launcher that re-runs the command line for ranks 1..N-1: under multirun that
     re-runs the sweep (pytorch-lightning#11300). SLURM starts ranks itself, and ddp_spawn forks, so both pass."""
-    from tunelab.checks import DEEPSPEED, FSDP, strategy_target
+    from tunelab.config.checks import DEEPSPEED, FSDP, strategy_target
 
     target = strategy_target(cfg)  # FSDP and DeepSpeed start their extra ranks the way DDP does
     strategy = target.rsplit(".", 1)[-1] if target else str(OmegaConf.select(cfg, "trainer.strategy", default="auto"))
@@ -304,7 +306,9 @@ def run_verb(verb: Verb | str, argv: list[str] | None = None) -> None:
         # Each verb's primary config is conf/<config>.yaml; --cfg job only prints, so it needs no deep checks.
         preflight(argv, verb.config, deep=not _answered_by_hydra(argv), check=verb.check)
         if not _answered_by_hydra(argv):
-            from tunelab.checkpointing import prepare_run_dir  # after preflight: a typo fails before torch loads
+            from tunelab.checkpoint.checkpointing import (
+                prepare_run_dir,  # after preflight: a typo fails before torch loads
+            )
 
             argv = prepare_run_dir(argv, verb.config)  # busy run dir (exit 2), bad resume= (exit 4): before Hydra
     except TunelabError as err:
@@ -312,7 +316,7 @@ def run_verb(verb: Verb | str, argv: list[str] | None = None) -> None:
     if _answered_by_hydra(argv):
         # --help, --cfg, --info: Hydra prints and exits without calling the verb, so its heavy module
         # (torch, Lightning, transformers: seconds) is not imported; the same config tree answers.
-        from tunelab.entry import hydra_verb
+        from tunelab.job import hydra_verb
 
         sys.argv = [f"tunelab {verb.name}", *argv]
         hydra_verb(verb.config, _never_called)()

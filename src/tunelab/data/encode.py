@@ -13,7 +13,7 @@ from typing import Any
 
 from tunelab.data.formats import Example
 from tunelab.errors import DataError
-from tunelab.evaluate import prompt_ids as render_prompt
+from tunelab.evaluation.evaluate import prompt_ids as render_prompt
 
 IGNORE = -100
 

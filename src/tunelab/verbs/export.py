@@ -15,11 +15,11 @@ from typing import Any
 import torch
 from omegaconf import DictConfig
 
-from tunelab.artifacts import resolve_run
-from tunelab.entry import hydra_verb
 from tunelab.errors import ConfigError
-from tunelab.model_card import write_export_card
-from tunelab.models import adapter_base, load_run
+from tunelab.job import hydra_verb
+from tunelab.models.load import adapter_base, load_run
+from tunelab.tracking.artifacts import resolve_run
+from tunelab.tracking.model_card import write_export_card
 
 
 def _mergeable(model: Any) -> bool:

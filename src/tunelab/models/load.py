@@ -278,7 +278,7 @@ class Method:
 
 def build_method(node: Any) -> Method:
     """Instantiate the `method` config node and refuse incompatible combinations before any model loads."""
-    from tunelab.config import build
+    from tunelab.config.schema import build
 
     built = build(node, _convert_="all") or {}
     unknown = sorted(set(built) - {f.name for f in fields(Method)})
@@ -426,7 +426,7 @@ def load_run(
     from `<run>/model/base` when the run saved it (random-init bases), else from its base_model_name_or_path.
     The run's `.hydra/config.yaml`, when present, says whether the base was quantized (QLoRA);
     `quantize=False` loads it in full precision instead (what merging needs). The directory is data:
-    `trust_remote_code` comes from the caller's command line, never from the run (see tunelab.rundir).
+    `trust_remote_code` comes from the caller's command line, never from the run (see tunelab.checkpoint.rundir).
     """
     import json
 
@@ -437,7 +437,7 @@ def load_run(
     if not (model_dir / "config.json").is_file() and not (model_dir / "adapter_config.json").is_file():
         raise ConfigError(f"no trained model in {model_dir}", "key run",
                           "give a run directory written by `tunelab train` (it holds model/)")
-    from tunelab.rundir import check_weight_files, instantiate_saved
+    from tunelab.checkpoint.rundir import check_weight_files, instantiate_saved
 
     check_weight_files(model_dir)
     saved = run_dir / ".hydra" / "config.yaml"

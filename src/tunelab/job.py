@@ -1,4 +1,5 @@
-"""A job's run context: where it writes, its id, whether it is one trial of a sweep.
+"""A job: its run context (where it writes, its id, whether it is one trial of a sweep) and the one
+Hydra entry point every verb uses.
 
 Verbs receive it as an argument (`train(cfg, run=...)`); only the Hydra entry points build it from
 Hydra's global state (`RunContext.from_hydra()`), so tests, notebooks and pipeline stages call the
@@ -7,9 +8,16 @@ verbs without touching Hydra's globals.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import hydra
+from omegaconf import DictConfig
+
+from tunelab import paths
+from tunelab.errors import TunelabError, exit_with
 
 
 @dataclass(frozen=True)
@@ -57,3 +65,15 @@ class RunContext:
             name = f"{self.job_num}:{self.override_dirname}" if self.override_dirname else str(self.job_num)
             return {"id": self.run_id, "group": sweep, "name": name}
         return {"id": self.run_id, "name": self.run_id}
+
+def hydra_verb(config_name: str, verb: Callable[[DictConfig, RunContext], Any]) -> Callable[[], Any]:
+    """A Hydra entry point running `verb(cfg, RunContext.from_hydra())` over `conf/<config_name>.yaml`."""
+
+    @hydra.main(config_path=str(paths.conf_dir()), config_name=config_name, version_base="1.3")
+    def main(cfg: DictConfig) -> Any:
+        try:
+            return verb(cfg, RunContext.from_hydra())  # the one place Hydra's global state is read
+        except TunelabError as err:
+            exit_with(err)
+
+    return main

@@ -25,8 +25,8 @@ from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
 from tunelab import paths
+from tunelab.config.signatures import Signatures
 from tunelab.errors import ConfigError, TunelabError, did_you_mean
-from tunelab.signatures import Signatures
 
 INSTANTIATE_KEYS = {"_target_", "_partial_", "_recursive_", "_convert_", "_args_"}
 
@@ -180,7 +180,7 @@ def _command_line_override(cfg: DictConfig, key_path: str) -> str | None:
         task = []
     for override in reversed(task):  # the last one wins, as in Hydra
         if re.split(r"[=@]", override.lstrip("+~"), maxsplit=1)[0] == key_path:
-            from tunelab.redact import redact
+            from tunelab.config.redact import redact
 
             return redact(override)
     return None
@@ -266,7 +266,7 @@ def _check_targets(cfg: DictConfig) -> None:
             try:
                 params = signatures.params(target)
             except Exception:  # hydra raises ImportError or its own InstantiationException
-                from tunelab.checks import import_hint
+                from tunelab.config.checks import import_hint
 
                 raise ConfigError(f"cannot import _target_ {target!r}", _where(cfg, f"{path}._target_"),
                                   import_hint(target)) from None
@@ -312,7 +312,7 @@ def validate(cfg: DictConfig, deep: bool = True) -> None:
         if "hydra:" not in str(err) and "HydraConfig was not set" not in str(err):
             raise ConfigError(f"cannot resolve {err.full_key}: {err.msg.splitlines()[0]}",
                               f"key {err.full_key}", "check the ${...} interpolation") from None
-    from tunelab.checks import check_values
+    from tunelab.config.checks import check_values
 
     check_values(cfg, deep)  # number ranges, names the libraries take, chat templates, output dirs
 

@@ -23,7 +23,7 @@ from torchmetrics import MeanMetric
 from tunelab.data.encode import IGNORE
 from tunelab.data.packing import VARLEN_KEYS, block_causal_mask, flatten_rows, uses_flash_attention
 from tunelab.errors import NumericsError
-from tunelab.evaluate import answer, score_answers
+from tunelab.evaluation.evaluate import answer, score_answers
 
 
 def summed_token_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -170,7 +170,7 @@ class TuneModule(pl.LightningModule):
 
     def configure_gradient_clipping(self, optimizer: torch.optim.Optimizer, gradient_clip_val: float | None = None,
                                     gradient_clip_algorithm: str | None = None) -> None:
-        from tunelab.sharding import clip_gradients
+        from tunelab.models.sharding import clip_gradients
 
         # FSDP shards the gradients: the global norm needs FSDP's own method (Lightning refuses norm clipping there).
         if gradient_clip_val and gradient_clip_algorithm in (None, "norm") and clip_gradients(self.trainer,
@@ -204,7 +204,7 @@ class TuneModule(pl.LightningModule):
         return {"optimizer": optimizer,
                 "lr_scheduler": {"scheduler": scheduler, "interval": "step", "name": "train/lr"}}
 
-    # ---- evaluation: the loss here, answers and scores through tunelab.evaluate -------------
+    # ---- evaluation: the loss here, answers and scores through tunelab.evaluation.evaluate -------------
     def _eval_step(self, stage: str, batch: dict[str, Any], score: bool) -> None:
         task = batch.get("task", next(iter(self.tasks)))
         groups = [self.running[stage]["overall"]] + ([self.running[stage][task]] if task in self.running[stage] else [])

@@ -15,11 +15,11 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from tunelab.artifacts import resolve_run
-from tunelab.entry import hydra_verb
 from tunelab.errors import CheckpointError, ConfigError
-from tunelab.evaluate import decoding_settings, left_pad, prompt_ids
-from tunelab.models import load_run
+from tunelab.evaluation.evaluate import decoding_settings, left_pad, prompt_ids
+from tunelab.job import hydra_verb
+from tunelab.models.load import load_run
+from tunelab.tracking.artifacts import resolve_run
 
 
 def user_message(recipe: Mapping[str, Any], prompt: str | None, fields: Any, template: int) -> str:

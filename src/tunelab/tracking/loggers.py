@@ -10,8 +10,8 @@ from typing import Any
 from omegaconf import Container, OmegaConf
 from pytorch_lightning.loggers import WandbLogger
 
-from tunelab.redact import redact, redact_line
-from tunelab.run import RunContext
+from tunelab.config.redact import redact, redact_line
+from tunelab.job import RunContext
 
 
 def wandb_credentials_present() -> bool:

@@ -19,8 +19,8 @@ from typing import Any
 
 import yaml
 
-from tunelab.redact import redact, redact_line
-from tunelab.run import RunContext
+from tunelab.config.redact import redact, redact_line
+from tunelab.job import RunContext
 
 log = logging.getLogger(__name__)
 CARD = "README.md"
@@ -185,8 +185,8 @@ def publish_model(cfg: Any, run: RunContext, callbacks: Sequence[Any], loggers: 
     from pytorch_lightning.loggers import WandbLogger
     from pytorch_lightning.utilities.rank_zero import rank_zero_only
 
-    from tunelab.artifacts import log_model_artifact
-    from tunelab.callbacks import SaveHFModel
+    from tunelab.tracking.artifacts import log_model_artifact
+    from tunelab.training.callbacks import SaveHFModel
 
     if rank_zero_only.rank != 0:
         return

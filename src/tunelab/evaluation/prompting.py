@@ -142,7 +142,7 @@ class FewShot:
         self.count = 0
         self.retriever = None
         if selection == "similar":
-            from tunelab.retrieval import Bm25Retriever, Passage
+            from tunelab.evaluation.retrieval import Bm25Retriever, Passage
 
             passages = [Passage(str(i), s.question, s.example.origin) for i, s in enumerate(setting.train)]
             self.retriever = Bm25Retriever(passages, setting.cache_dir)
@@ -186,7 +186,7 @@ class Retrieval:
         from jinja2 import StrictUndefined, TemplateSyntaxError
         from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-        from tunelab.retrieval import load_documents
+        from tunelab.evaluation.retrieval import load_documents
 
         if documents is None:
             raise ConfigError("prompting=retrieval needs a document source", "key documents",
@@ -238,7 +238,7 @@ def load_samples(dataset: Mapping[str, Any], seed: int) -> dict[str, list[Sample
     eval prompt equals the one `train` scored."""
     from dataclasses import asdict
 
-    from tunelab.config import OnBadRow, build, dataset_spec
+    from tunelab.config.schema import OnBadRow, build, dataset_spec
     from tunelab.data.formats import RowContext, compile_templates
     from tunelab.data.sources import load_splits
 

@@ -168,7 +168,7 @@ def resolve_local(ref: Reference, roots: list[Path] | None = None) -> Path | Non
 
 def _download(ref: Reference) -> Path:
     """Online: download the artifact with W&B's public API (files only; nothing in it is executed)."""
-    from tunelab.loggers import wandb_credentials_present
+    from tunelab.tracking.loggers import wandb_credentials_present
 
     if os.environ.get("WANDB_MODE") in ("offline", "disabled") or not wandb_credentials_present():
         raise ConfigError(f"W&B artifact {ref} is not among the local offline runs and W&B is offline",

@@ -190,7 +190,7 @@ OUTPUT_DIRS = ("paths.output_dir", "paths.cache_dir", "out")
 
 
 def _where(cfg: DictConfig, key: str) -> str:
-    from tunelab.config import _where as where
+    from tunelab.config.schema import _where as where
 
     return where(cfg, key)
 
@@ -303,7 +303,7 @@ def check_choices(cfg: DictConfig) -> None:
     """A string passed to a `_target_` argument annotated with an Enum or Literal must be one of its values."""
     from hydra.utils import get_object
 
-    from tunelab.config import INSTANTIATE_KEYS, _target_nodes
+    from tunelab.config.schema import INSTANTIATE_KEYS, _target_nodes
 
     for path, node in _target_nodes(cfg):
         try:
@@ -372,7 +372,7 @@ def _cause(err: BaseException) -> str:
 
 
 def check_chat_templates(cfg: DictConfig) -> None:
-    from tunelab.models import chat_template_problem
+    from tunelab.models.load import chat_template_problem
 
     for key in ["dataset.chat_template", *(f"dataset.tasks.{t}.chat_template"
                                            for t in OmegaConf.select(cfg, "dataset.tasks", default=None) or {})]:

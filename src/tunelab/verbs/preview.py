@@ -12,12 +12,12 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from tunelab.config import build, validate
+from tunelab.config.schema import build, validate
 from tunelab.data.datamodule import Collator, EpochSampler
 from tunelab.data.encode import IGNORE, Encoded
 from tunelab.data.packing import RowSampler
-from tunelab.entry import hydra_verb
 from tunelab.errors import ConfigError
+from tunelab.job import hydra_verb
 
 
 def marked(tokenizer: object, item: Encoded, colour: bool) -> Text:

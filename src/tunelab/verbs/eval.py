@@ -3,7 +3,7 @@
 compose → load the model (`run=<run dir>`: full or base + adapter with the prompt recipe it was trained
 with; or `model=<option>`) → format the split as training does → build each prompt with the prompting
 strategy (zero-shot, few-shot, retrieval; drawing on train or a document source, never on test) →
-answer and score through `tunelab.evaluate.evaluate` (the scoring path `train` uses too) → per-metric
+answer and score through `tunelab.evaluation.evaluate.evaluate` (the scoring path `train` uses too) → per-metric
 bootstrap confidence intervals, corpus metrics, slices → the eval directory:
 
     .hydra/            the composed config and overrides
@@ -28,14 +28,13 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from tunelab.config import build, build_with, validate
-from tunelab.entry import hydra_verb
+from tunelab.config.redact import redact_file
+from tunelab.config.schema import build, build_with, validate
 from tunelab.errors import CheckpointError, ConfigError
-from tunelab.evaluate import EvalItem, evaluate, prompt_ids
-from tunelab.metrics import Estimate, corpus_ci, mean_ci
-from tunelab.prompting import Sample, Setting, load_samples
-from tunelab.redact import redact_file
-from tunelab.run import RunContext
+from tunelab.evaluation.evaluate import EvalItem, evaluate, prompt_ids
+from tunelab.evaluation.metrics import Estimate, corpus_ci, mean_ci
+from tunelab.evaluation.prompting import Sample, Setting, load_samples
+from tunelab.job import RunContext, hydra_verb
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +67,7 @@ def run_dir_of(cfg: DictConfig) -> Path | None:
     """`cfg.run` as a checked run directory (one that holds model/), or None when a model option is scored."""
     if cfg.run is None:
         return None
-    from tunelab.artifacts import resolve_run
+    from tunelab.tracking.artifacts import resolve_run
 
     run_dir = resolve_run(str(cfg.run))  # a directory, or a W&B artifact reference resolved to one
     if not run_dir.is_dir():
@@ -83,7 +82,7 @@ def run_dir_of(cfg: DictConfig) -> Path | None:
 def load_model(cfg: DictConfig, run_dir: Path | None, seed: int) -> tuple[Any, Any, dict[str, Any]]:
     """(model, tokenizer, recipe): the run's when given, else the `model` option as it is (no training)."""
     if run_dir is not None:
-        from tunelab.models import load_run
+        from tunelab.models.load import load_run
 
         # trust_remote_code only from this command line, never from the run directory
         return load_run(run_dir, trust_remote_code=bool(cfg.get("trust_remote_code", False)))
@@ -178,7 +177,7 @@ def evaluate_cfg(cfg: DictConfig, run: RunContext | None = None) -> dict[str, fl
     tasks = dataset.get("tasks") or {dataset["name"]: dataset}  # a mixture is scored task by task
     metrics: dict[str, float] = {k: v for k, v in run_settings.items() if "/" in k}  # params/*, perf/train_s
     if run_dir is not None and "params/trainable" not in metrics:
-        from tunelab.models import count_parameters
+        from tunelab.models.load import count_parameters
 
         metrics["params/trainable"], metrics["params/total"] = count_parameters(model)
     all_rows: list[dict[str, Any]] = []
@@ -228,7 +227,7 @@ def _log(cfg: DictConfig, run: RunContext, metrics: dict[str, float], rows: list
     """The W&B run (job_type from the logger config: `eval`): summary metrics and a Table of predictions."""
     from pytorch_lightning.loggers import WandbLogger
 
-    from tunelab.redact import redact
+    from tunelab.config.redact import redact
 
     resolved = OmegaConf.to_container(OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"]), resolve=True)
     for node in cfg.logger.values():

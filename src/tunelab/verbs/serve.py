@@ -33,9 +33,9 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from pydantic import BaseModel, ConfigDict, Field
 
-from tunelab.entry import hydra_verb
 from tunelab.errors import CheckpointError, ConfigError, TunelabError
-from tunelab.evaluate import decoding_settings, prompt_ids
+from tunelab.evaluation.evaluate import decoding_settings, prompt_ids
+from tunelab.job import hydra_verb
 
 log = logging.getLogger(__name__)
 API_KEY_ENV = "TUNELAB_API_KEY"
@@ -467,8 +467,8 @@ def _bind(host: str, port: int) -> socket.socket:
 def load_served(cfg: DictConfig) -> Served:
     """The model, tokenizer and recipe to serve: from `run=` (a run directory or W&B artifact reference)
     or from a `model=` option as it is."""
-    from tunelab.artifacts import resolve_run
-    from tunelab.models import load_run, load_tokenizer
+    from tunelab.models.load import load_run, load_tokenizer
+    from tunelab.tracking.artifacts import resolve_run
 
     torch.manual_seed(int(cfg.seed))  # a random-init model option is the same model every launch
     if (cfg.run is None) == (cfg.get("model") is None):
@@ -486,7 +486,7 @@ def load_served(cfg: DictConfig) -> Served:
                                   "key run", "the run directory looks damaged; retrain or export it again") from None
         name = run_dir.name if Path(str(cfg.run)).exists() else str(cfg.run).rsplit("/", 1)[-1]
     else:
-        from tunelab.config import build
+        from tunelab.config.schema import build
 
         with_trust = OmegaConf.merge(cfg.model, {"trust_remote_code": bool(cfg.trust_remote_code)})
         model = build(with_trust).eval()

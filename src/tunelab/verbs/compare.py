@@ -25,10 +25,9 @@ from typing import Any
 
 from omegaconf import DictConfig, open_dict
 
-from tunelab.config import compose
-from tunelab.entry import hydra_verb
+from tunelab.config.schema import compose
 from tunelab.errors import ConfigError
-from tunelab.run import RunContext
+from tunelab.job import RunContext, hydra_verb
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +40,7 @@ def arm_overrides(cfg: DictConfig, arm: Mapping[str, Any]) -> list[str]:
               f"logger={cfg.tracker}", f"group={cfg.group}"]
     run = [f"run={cfg.run}"] if arm.get("run") else []
     if cfg.run is not None:  # every arm draws the run's templates (its seed), so all score the same prompts
-        from tunelab.eval import _run_settings
+        from tunelab.verbs.eval import _run_settings
 
         seed = _run_settings(Path(str(cfg.run))).get("seed") if Path(str(cfg.run)).is_dir() else None
         shared += [f"seed={seed}"] if seed is not None else []
@@ -50,7 +49,7 @@ def arm_overrides(cfg: DictConfig, arm: Mapping[str, Any]) -> list[str]:
 
 def arm_configs(cfg: DictConfig, out_dir: Path) -> dict[str, DictConfig]:
     """Every arm's composed and validated eval config, before any arm runs (a typo fails at once)."""
-    from tunelab.config import validate
+    from tunelab.config.schema import validate
 
     configs: dict[str, DictConfig] = {}
     for name, arm in cfg.arms.items():
@@ -71,7 +70,7 @@ def arm_configs(cfg: DictConfig, out_dir: Path) -> dict[str, DictConfig]:
 
 def run_arms(cfg: DictConfig, run: RunContext, configs: Mapping[str, DictConfig]) -> dict[str, dict[str, float]]:
     """Evaluate every arm into `<out>/<arm>/`; arm -> metrics."""
-    from tunelab.eval import evaluate_cfg
+    from tunelab.verbs.eval import evaluate_cfg
 
     results: dict[str, dict[str, float]] = {}
     for name, eval_cfg in configs.items():

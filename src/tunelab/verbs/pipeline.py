@@ -7,8 +7,8 @@
 
 compose → plan (every stage composed and validated, the strategy applied, models and tokenizers checked
 alike) → score the starting model (the baseline row) → for each stage: train it from the previous stage's
-model (`tunelab.train.train`, in its own run directory), mark it done, score the model on every task of the
-pipeline and the probe (through `tunelab.evaluate.evaluate`), rewrite the matrix → a W&B table.
+model (`tunelab.verbs.train.train`, in its own run directory), mark it done, score the model on every task of the
+pipeline and the probe (through `tunelab.evaluation.evaluate.evaluate`), rewrite the matrix → a W&B table.
 
 The pipeline directory:
 
@@ -38,12 +38,11 @@ import pytorch_lightning as pl
 import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from tunelab import forgetting
-from tunelab.config import build, build_with, compose, dataset_spec, validate
-from tunelab.entry import hydra_verb
+from tunelab.config.schema import build, build_with, compose, dataset_spec, validate
 from tunelab.errors import CheckpointError, ConfigError, TunelabError
-from tunelab.run import RunContext
-from tunelab.strategies import Stage
+from tunelab.job import RunContext, hydra_verb
+from tunelab.pipeline import forgetting
+from tunelab.pipeline.strategies import Stage
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +75,7 @@ def merge_adapter(prev_run: Path, stage_dir: Path, prev_method: Mapping[str, Any
     an adapter stage then adds a fresh adapter on top."""
     start = stage_dir / "start_model"
     if prepare:
-        from tunelab.models import load_run
+        from tunelab.models.load import load_run
 
         model, tokenizer, _ = load_run(prev_run, quantize=False)
         if model.peft_config[model.active_adapter].is_prompt_learning:
@@ -108,7 +107,7 @@ def continue_adapter(prev_run: Path, stage_dir: Path, prev_method: Mapping[str, 
     name = base if isinstance(base, Path) else str(base)
     return [f"model.name_or_path={_quote(name)}", f"model.tokenizer_name_or_path={_quote(model)}",
             "model.random_init=false",
-            "+callbacks.init_adapter._target_=tunelab.pipeline.InitAdapter",
+            "+callbacks.init_adapter._target_=tunelab.verbs.pipeline.InitAdapter",
             f"+callbacks.init_adapter.path={_quote(model)}"]
 
 
@@ -265,12 +264,12 @@ def preflight(cfg: DictConfig) -> None:
     make_plan(cfg, Path(str(cfg.paths.output_dir)) / "runs" / "<pipeline>")
 
 
-# ---- scoring: every task's test split through tunelab.evaluate, and a held-out loss ---------------------
+# ---- scoring: every task's test split through tunelab.evaluation.evaluate, and a held-out loss ---------------------
 @torch.no_grad()
 def heldout_loss(model: Any, examples: Sequence[Any], pad_id: int, batch_size: int) -> float:
     """Token-mean loss over supervised tokens of `examples` (the probe's perplexity is its exp)."""
     from tunelab.data.datamodule import Collator
-    from tunelab.module import summed_token_loss
+    from tunelab.training.module import summed_token_loss
 
     device = next(model.parameters()).device
     collate = Collator(pad_id, with_prompts=False)
@@ -311,7 +310,7 @@ class Scorer:
         return self._encoded[name]
 
     def __call__(self, model: Any, tokenizer: Any) -> dict[str, float]:
-        from tunelab.evaluate import EvalItem, evaluate
+        from tunelab.evaluation.evaluate import EvalItem, evaluate
 
         device = torch.device("cuda" if self.scoring.get("device") == "auto" and torch.cuda.is_available()
                               else "cpu" if self.scoring.get("device") == "auto" else str(self.scoring["device"]))
@@ -380,7 +379,7 @@ def _write_stage_config(stage_dir: Path, cfg: DictConfig, overrides: Sequence[st
 def _load_model(stage_dir: Path | None, cfg0: DictConfig) -> tuple[Any, Any]:
     """A finished stage's model, or (None) the model the first stage starts from, built as `train` builds it."""
     if stage_dir is not None:
-        from tunelab.models import load_run
+        from tunelab.models.load import load_run
 
         model, tokenizer, _ = load_run(stage_dir)
         return model, tokenizer
@@ -445,7 +444,7 @@ def run_pipeline(cfg: DictConfig, run: RunContext | None = None) -> dict[str, An
                     if "group" in node:
                         node.group = group
             _write_stage_config(stage_dir, scfg, [*stage.overrides, *start])
-            from tunelab.train import train
+            from tunelab.verbs.train import train
 
             metrics = train(scfg, RunContext.local(stage_dir, run_id=f"{run.run_id}-{stage_dirname(i, stage)}",
                                                    overrides=(*stage.overrides, *start)))

@@ -21,6 +21,8 @@ from typing import Any
 
 from hydra.utils import get_object
 
+from tunelab import paths
+
 _FILE = "signatures-v1.json"
 
 
@@ -35,7 +37,7 @@ def _version_key(target: str) -> str | None:
     if top == "builtins":
         return f"python-{sys.version}"
     if top == "tunelab":
-        package = Path(__file__).resolve().parent
+        package = paths.PACKAGE_DIR
         parts = target.split(".")[1:]
         for cut in range(len(parts), 0, -1):  # the longest module path that exists: tunelab.data.formats.chat
             for candidate in (package.joinpath(*parts[:cut]).with_suffix(".py"),

@@ -18,18 +18,19 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from pytorch_lightning.callbacks import LearningRateMonitor
 from pytorch_lightning.loggers import WandbLogger
 
-from tunelab import paths, report
-from tunelab.allocator import keep_freed_memory
-from tunelab.callbacks import Throughput
-from tunelab.checkpointing import find_resume, identity
-from tunelab.checks import check_engine
-from tunelab.config import build, build_with, validate
+from tunelab import paths
+from tunelab.checkpoint.checkpointing import find_resume, identity
+from tunelab.checkpoint.lock import RunDirLock
+from tunelab.config.checks import check_engine
+from tunelab.config.redact import redact, redact_file
+from tunelab.config.schema import build, build_with, validate
 from tunelab.errors import ConfigError, NumericsError, TunelabError, exit_with
-from tunelab.lock import RunDirLock
-from tunelab.model_card import publish_model
-from tunelab.models import apply_method, build_method, count_parameters
-from tunelab.redact import redact, redact_file
-from tunelab.run import RunContext
+from tunelab.job import RunContext
+from tunelab.models.load import apply_method, build_method, count_parameters
+from tunelab.tracking import report
+from tunelab.tracking.model_card import publish_model
+from tunelab.training.allocator import keep_freed_memory
+from tunelab.training.callbacks import Throughput
 
 log = logging.getLogger(__name__)
 

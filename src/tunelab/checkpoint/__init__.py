@@ -1,0 +1,1 @@
+"""Checkpoints and run directories: atomic writes, resume, signals, locks, run-directory safety."""

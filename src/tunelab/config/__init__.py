@@ -1,0 +1,1 @@
+"""Configuration: schemas, composition, semantic checks, target signatures, redaction."""

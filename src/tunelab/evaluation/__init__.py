@@ -1,0 +1,1 @@
+"""Evaluation: the one scoring path, metrics, prompting strategies, retrieval."""

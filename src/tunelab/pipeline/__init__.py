@@ -1,0 +1,1 @@
+"""Pipelines: stage strategies against forgetting and the forgetting matrix."""

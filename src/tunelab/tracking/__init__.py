@@ -1,0 +1,1 @@
+"""Tracking: loggers, W&B artifacts, model cards, the console report."""

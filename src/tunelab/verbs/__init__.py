@@ -1,0 +1,1 @@
+"""Verbs: one file per `tunelab <verb>`, each a plain function `(cfg, run) -> result`."""
