@@ -33,23 +33,19 @@ class TunelabError(Exception):
 
 
 class ConfigError(TunelabError):
-    kind = "config"
-    exit_code = 2
+    kind, exit_code = "config", 2
 
 
 class DataError(TunelabError):
-    kind = "data"
-    exit_code = 3
+    kind, exit_code = "data", 3
 
 
 class CheckpointError(TunelabError):
-    kind = "checkpoint"
-    exit_code = 4
+    kind, exit_code = "checkpoint", 4
 
 
 class NumericsError(TunelabError):
-    kind = "numerics"
-    exit_code = 5
+    kind, exit_code = "numerics", 5
 
 
 def exit_with(err: TunelabError) -> NoReturn:
