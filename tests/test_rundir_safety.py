@@ -100,6 +100,16 @@ def test_saved_config_target_outside_the_allowlist_is_not_built(clean_run, tmp_p
         load_run(run)  # what generate does (quantize=True reads method.quantization)
     assert victim.read_text() == "precious\n"
     assert str(run / ".hydra" / "config.yaml") in err.value.message()
+    # A class of a trusted package is no better: FileStore creates a file where the run says (and, with a folder
+    # that does not exist, waits forever); only the listed quantization config classes are built.
+    for target, args in (("torch.distributed.FileStore", {"file_name": str(tmp_path / "planted"), "world_size": 2}),
+                         ("torch.distributed.FileStore", {"file_name": str(tmp_path / "no" / "dir"), "world_size": 2}),
+                         ("transformers.TrainingArguments", {"output_dir": str(tmp_path / "planted_dir")})):
+        saved["method"]["quantization"] = {"_target_": target, **args}
+        (run / ".hydra" / "config.yaml").write_text(yaml.safe_dump(saved))
+        with pytest.raises(CheckpointError, match="not one of the config classes"):
+            load_run(run)
+        assert not (tmp_path / "planted").exists() and not (tmp_path / "planted_dir").exists()
     for target in ("torch.load", "transformers.AutoModelForCausalLM.from_pretrained"):
         saved["method"]["quantization"] = {"_target_": target, "f": str(victim)}
         (run / ".hydra" / "config.yaml").write_text(yaml.safe_dump(saved))

@@ -3,14 +3,14 @@
 A run directory can come from anyone (a shared drive, a colleague, a download). Its `.hydra/config.yaml`
 is read for facts about the run (was the base quantized?), never for permissions: `trust_remote_code`
 comes from the command line of the verb being run, templates render in Jinja's sandbox, and a `_target_`
-found in the directory is built only when it names a class of a package tunelab already trusts
-(`builtins.open` with mode `w` in a saved config would otherwise truncate a file of whoever loads the run;
-`torch.load` would unpickle; `*.from_pretrained(trust_remote_code=True)` would import code).
+found in the directory is built only when it is on `ALLOWED_TARGETS`, a short list of config classes, never a
+package prefix: `builtins.open` with mode `w` would truncate a file of whoever loads the run, `torch.load` would
+unpickle, and even a class of a trusted package can act (`torch.distributed.FileStore(path)` creates a file at
+a path the run chooses, and waits forever when its folder does not exist).
 """
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -20,10 +20,16 @@ from omegaconf.errors import OmegaConfBaseException
 
 from tunelab.errors import CheckpointError
 
-ALLOWED_PACKAGES = ("tunelab", "transformers", "peft", "torch", "pytorch_lightning", "torchmetrics")
-# Inside the trusted packages, what loads or runs code from elsewhere.
-DENIED_PREFIXES = ("torch.load", "torch.hub", "torch.jit", "torch.package", "torch.serialization",
-                   "torch.utils.cpp_extension", "torch.save", "torch.compile", "torch.ops", "torch.classes")
+# What a run directory's saved config may build: the config classes `method.quantization` names (QLoRA and the
+# other quantized bases transformers loads). Plain data holders: building one opens, loads and runs nothing.
+ALLOWED_TARGETS = frozenset({
+    "transformers.BitsAndBytesConfig",
+    "transformers.utils.quantization_config.BitsAndBytesConfig",
+    "transformers.GPTQConfig",
+    "transformers.AwqConfig",
+    "transformers.HqqConfig",
+    "transformers.TorchAoConfig",
+})
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 
 
@@ -42,20 +48,11 @@ def _refusal(target: Any, args: dict[str, Any]) -> str | None:
     """Why a `_target_` read from a run directory may not be built, or None when it may."""
     if not isinstance(target, str):
         return f"_target_ {target!r} is not a name"
-    if target.split(".", 1)[0] not in ALLOWED_PACKAGES:
-        return f"_target_ {target!r} is outside the packages a run directory may name ({', '.join(ALLOWED_PACKAGES)})"
-    if any(target == p or target.startswith(p + ".") for p in DENIED_PREFIXES):
-        return f"_target_ {target!r} loads or runs code"
+    if target not in ALLOWED_TARGETS:
+        return (f"_target_ {target!r} is not one of the config classes a run directory may name "
+                f"({', '.join(sorted(ALLOWED_TARGETS))})")
     if any(k == "trust_remote_code" and v for k, v in args.items()):
         return f"_target_ {target!r} asks for trust_remote_code"
-    from hydra.utils import get_object
-
-    try:
-        obj = get_object(target)
-    except Exception:  # hydra raises ImportError or its own exception type
-        return f"_target_ {target!r} does not import"
-    if not inspect.isclass(obj) and not target.startswith("tunelab."):
-        return f"_target_ {target!r} is not a class (a run directory may name config classes, not functions)"
     return None
 
 
@@ -74,7 +71,11 @@ def instantiate_saved(node: Any, source: Path, key: str) -> Any:
         if problem:
             raise CheckpointError(f"refusing to build {path} from the run directory: {problem}", f"file {source}",
                                   "a run directory is data; remove the key, or rebuild the run with tunelab train")
-    return instantiate(plain)
+    try:
+        return instantiate(plain)
+    except Exception as err:  # noqa: BLE001 - a damaged argument: hydra wraps the class's own error
+        raise CheckpointError(f"cannot build {key} from the run directory: {str(err).splitlines()[0]}",
+                              f"file {source}", "the run directory's saved config is damaged") from None
 
 
 def check_weight_files(model_dir: Path) -> None:
