@@ -172,3 +172,25 @@ def test_export_does_not_delete_a_directory_that_is_not_an_export(clean_run, tmp
         with pytest.raises(ConfigError, match="is not an earlier export"):
             export(cfg)
     assert (keep / "notes.txt").read_text() == "keep me\n" and (clean_run / "model" / "config.json").is_file()
+
+
+def test_export_never_writes_into_a_run(clean_run, tmp_path):
+    """`out=<run>/model` once rewrote the run's own weights and deleted tunelab_recipe.json; `out=<another run>/model`
+    replaced that run's weights; `out=<symlink>` was a traceback. Each is refused before the model loads."""
+    from tunelab.errors import ConfigError
+    from tunelab.verbs.export import export
+
+    other = _copy(clean_run, tmp_path / "other")
+    link = tmp_path / "link"
+    link.symlink_to(other / "model", target_is_directory=True)
+    before = {p: p.read_bytes() for p in (clean_run / "model").iterdir() if p.is_file()}
+    cases = {clean_run / "model": "part of it", clean_run / "checkpoints": "part of it",
+             other / "model": "inside another run", other / "export": "inside another run",
+             other / "model" / "sub": "inside another run", link: "symbolic link"}
+    for out, why in cases.items():
+        cfg = compose([f"run={clean_run}", f"out={out}"], config_name="export", return_hydra_config=False)
+        GlobalHydra.instance().clear()
+        with pytest.raises(ConfigError, match=why):
+            export(cfg)
+    assert {p: p.read_bytes() for p in (clean_run / "model").iterdir() if p.is_file()} == before
+    assert (other / "model" / "config.json").is_file() and not (other / "model" / "sub").exists()

@@ -37,13 +37,43 @@ def _save_hf(model: Any, tokenizer: Any, out: Path) -> None:
     tokenizer.save_pretrained(out)  # with the chat template used in training
 
 
-def _check_replaceable(out: Path, run_dir: Path) -> None:
-    """`out` is deleted and rewritten: only an earlier export may be (`out=.` must not delete the working dir)."""
-    looks_exported = (out / "config.json").is_file() or (out / "adapter_config.json").is_file()
-    holds_run = out.resolve() in (run_dir.resolve(), *run_dir.resolve().parents)
-    if not out.is_dir() or holds_run or (any(out.iterdir()) and not looks_exported):
-        raise ConfigError(f"out={out} exists and is not an earlier export; refusing to replace it", "key out",
+# What marks a directory as a run (train writes these): an export may not land inside another run at all.
+RUN_MARKERS = (".hydra/config.yaml", "checkpoints", "metrics.json", "model/tunelab_recipe.json")
+# What a run holds of its own: even the run's own export may not replace these.
+RUN_OWNED = frozenset({".hydra", "checkpoints", "model", "wandb", "metrics.json", "history.jsonl", "error.txt"})
+
+
+def _enclosing_run(path: Path) -> Path | None:
+    """The run directory `path` (resolved) lies in or is, if any."""
+    for folder in (path, *path.parents):
+        if any((folder / marker).exists() for marker in RUN_MARKERS):
+            return folder
+    return None
+
+
+def _check_out(out: Path, run_dir: Path) -> None:
+    """`out` is deleted and rewritten: it may be a new directory or an earlier export, never a symlink, never part of
+    a run (`out=<run>/model` would replace the run's own weights), never inside another run, never the working dir."""
+    if out.is_symlink():
+        raise ConfigError(f"out={out} is a symbolic link; refusing to write through it", "key out",
+                          "give a real directory path")
+    resolved, own = out.resolve(), run_dir.resolve()
+    holder = _enclosing_run(resolved)
+    if holder is not None and holder != own:
+        raise ConfigError(f"out={out} lies inside another run directory ({holder}); refusing to write there",
+                          "key out", "give a directory outside any run, or leave out= unset (<run>/export)")
+    if holder == own and (resolved == own or resolved.relative_to(own).parts[0] in RUN_OWNED):
+        raise ConfigError(f"out={out} is the run being exported or part of it, and is not an earlier export; "
+                          "refusing to replace it", "key out",
+                          "leave out= unset (<run>/export) or give a directory outside the run")
+    if resolved in own.parents:
+        raise ConfigError(f"out={out} holds the run being exported; refusing to replace it", "key out",
                           "give a new directory, or an earlier export's directory to overwrite it")
+    if out.exists():
+        looks_exported = (out / "config.json").is_file() or (out / "adapter_config.json").is_file()
+        if not out.is_dir() or (any(out.iterdir()) and not looks_exported):
+            raise ConfigError(f"out={out} exists and is not an earlier export; refusing to replace it", "key out",
+                              "give a new directory, or an earlier export's directory to overwrite it")
 
 
 def export(cfg: DictConfig) -> Path:
@@ -52,6 +82,7 @@ def export(cfg: DictConfig) -> Path:
         raise ConfigError("no run given", "key run", "tunelab export run=<run dir> [out=<dir>]")
     run_dir = resolve_run(str(cfg.run))  # a run directory, or a W&B model artifact reference
     out = Path(cfg.out) if cfg.out is not None else run_dir / "export"
+    _check_out(out, run_dir)  # before the model loads: a refusal costs nothing
     model, tokenizer, _ = load_run(run_dir, quantize=False, trust_remote_code=bool(cfg.get("trust_remote_code", False)))
     is_adapter = hasattr(model, "peft_config")
     if cfg.merge and is_adapter and not _mergeable(model):
@@ -64,7 +95,6 @@ def export(cfg: DictConfig) -> Path:
     if cfg.dtype is not None:
         model = model.to(getattr(torch, cfg.dtype))
     if out.exists():
-        _check_replaceable(out, run_dir)
         shutil.rmtree(out)
     if is_adapter and cfg.merge is not False and _mergeable(model):
         model = model.merge_and_unload()
