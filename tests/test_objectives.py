@@ -32,13 +32,11 @@ def old_summed_token_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[t
     return total, (targets != IGNORE).sum()
 
 
-def _examples(lengths: list[int], prompt: int = 3) -> list[Encoded]:
+def _examples(lengths: list[int]) -> list[Encoded]:
+    """Random token ids, the first three of each example a prompt (not supervised)."""
     gen = torch.Generator().manual_seed(1)
-    items = []
-    for n in lengths:
-        ids = torch.randint(4, 2000, (n,), generator=gen).tolist()
-        items.append(Encoded(ids, [IGNORE] * prompt + ids[prompt:], None, None, "test"))
-    return items
+    rows = [torch.randint(4, 2000, (n,), generator=gen).tolist() for n in lengths]
+    return [Encoded(ids, [IGNORE] * 3 + ids[3:], None, None, "test") for ids in rows]
 
 
 @pytest.fixture(scope="module")
