@@ -43,8 +43,8 @@ from torch.utils.data import DataLoader
 
 from tunelab.config.schema import build, compose
 from tunelab.models.load import apply_method, build_method
+from tunelab.objectives.sft import summed_token_loss
 from tunelab.training.allocator import keep_freed_memory
-from tunelab.training.module import summed_token_loss
 from tunelab.verbs.train import train
 
 KEYS = ("input_ids", "attention_mask", "labels")

@@ -37,7 +37,7 @@ from tunelab.data.datamodule import Collator, EpochSampler, TuneDataModule
 from tunelab.data.encode import Encoded
 from tunelab.data.packing import RowSampler, best_fit_decreasing, block_causal_mask, first_fit_decreasing
 from tunelab.models.load import load_causal_lm, load_tokenizer
-from tunelab.training.module import summed_token_loss
+from tunelab.objectives.sft import summed_token_loss
 
 REPO = Path(__file__).resolve().parents[1]
 MODES = ("none", "batch", "dataset")  # hyperparams.packing

@@ -73,7 +73,7 @@ def test_discovery_finds_the_config_tree():
     assert len(_cases()) >= 10
     # Groups every run composes; if these vanish, discovery is looking in the wrong place.
     for expected in ("train.yaml", "model/tiny.yaml", "method/lora.yaml", "method/full.yaml",
-                     "dataset/reviews_sentiment.yaml", "hyperparams/default.yaml"):
+                     "dataset/reviews_sentiment.yaml", "hyperparams/default.yaml", "objective/sft.yaml"):
         assert expected in found
 
 

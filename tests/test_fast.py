@@ -114,7 +114,7 @@ def batch(tmp_path_factory):
 
 
 def _loss_and_grads(batch: dict, method: str, checkpointing: bool) -> tuple[torch.Tensor, dict, int]:
-    from tunelab.training.module import summed_token_loss
+    from tunelab.objectives.sft import summed_token_loss
 
     torch.manual_seed(0)
     model = load_causal_lm(TINY, random_init=True, gradient_checkpointing=checkpointing)

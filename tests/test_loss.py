@@ -15,7 +15,8 @@ from tunelab.data.encode import IGNORE, encode_chat
 from tunelab.data.formats import Example
 from tunelab.errors import NumericsError
 from tunelab.models.load import load_causal_lm, load_tokenizer
-from tunelab.training.module import TuneModule, summed_token_loss
+from tunelab.objectives.sft import summed_token_loss
+from tunelab.training.module import TuneModule
 
 TINY = str(paths.assets_dir() / "tiny-llama")
 ANSWERS = ["positive", "negative", "positive, clearly", "no", "negative: it broke after a week of use",

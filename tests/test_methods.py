@@ -166,7 +166,8 @@ def test_lora_zero_init_keeps_logits_and_merge_matches():
 
 def test_moe_aux_loss_in_training_loss():
     """The step's loss is CE summed over tokens + coef × aux × tokens (so coef × aux after normalisation)."""
-    from tunelab.training.module import TuneModule, summed_token_loss
+    from tunelab.objectives.sft import router_aux_loss_coef, summed_token_loss
+    from tunelab.training.module import TuneModule
 
     torch.manual_seed(0)
     model = load_causal_lm(str(REPO / "src/tunelab/assets/tiny-moe"), random_init=True)
@@ -178,7 +179,7 @@ def test_moe_aux_loss_in_training_loss():
     loss = module.training_step(batch, 0)
     out = model(input_ids=ids, attention_mask=torch.ones_like(ids))
     ce, tokens = summed_token_loss(out.logits, labels)
-    assert module.aux_loss_coef == MOE["router_aux_loss_coef"] == 0.02
+    assert router_aux_loss_coef(module.model) == MOE["router_aux_loss_coef"] == 0.02
     assert out.aux_loss > 0
     assert torch.allclose(loss, ce + 0.02 * out.aux_loss * tokens)
     assert float(module._window_loss) == pytest.approx(float(ce))  # train/loss stays the token-mean CE

@@ -29,8 +29,9 @@ from tunelab.data.packing import (
 )
 from tunelab.errors import DataError
 from tunelab.models.load import load_causal_lm, load_tokenizer
+from tunelab.objectives.sft import summed_token_loss
 from tunelab.paths import assets_dir
-from tunelab.training.module import TuneModule, summed_token_loss
+from tunelab.training.module import TuneModule
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -143,8 +143,10 @@ class TuneDataModule(pl.LightningDataModule):
         num_workers: int = 0,
         max_eval_samples: int | None = None,
         cache_dir: str | None = None,
+        collator: Callable[..., Callable[[list[Any]], dict[str, Any]]] = Collator,
     ) -> None:
         super().__init__()
+        self.collator = collator  # the objective's (tunelab.objectives): `train` passes it, others get SFT's
         self.dataset: DatasetSchema = dataset if isinstance(dataset, DatasetSchema) else dataset_spec(dataset)
         self.tokenizer = tokenizer
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
@@ -206,7 +208,7 @@ class TuneDataModule(pl.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         examples, sampler = self._train_sampler()
-        collate = Collator(self.tokenizer.pad_token_id, False, self.packing, self.max_seq_len)
+        collate = self.collator(self.tokenizer.pad_token_id, False, self.packing, self.max_seq_len)
         if self.packing == Packing.dataset:  # the loader batches rows of max_seq_len, not examples
             rows = RowSampler(sampler, [len(e.input_ids) for e in examples], self.max_seq_len, self.seed)
             first = [i for row in rows.rows(0) for i in row]
@@ -224,8 +226,8 @@ class TuneDataModule(pl.LightningDataModule):
 
     def _eval_loaders(self, split: str) -> list[DataLoader]:
         return [DataLoader(self.splits[name][split], batch_size=self.eval_batch_size,
-                           collate_fn=Collator(self.tokenizer.pad_token_id, True, task=name,
-                                               choices=self.tasks[name].choices),
+                           collate_fn=self.collator(self.tokenizer.pad_token_id, True, task=name,
+                                                    choices=self.tasks[name].choices),
                            num_workers=self.num_workers) for name in self.tasks]
 
     def val_dataloader(self) -> list[DataLoader]:

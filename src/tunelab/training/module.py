@@ -1,9 +1,10 @@
-"""The one LightningModule: a causal LM (full or with a PEFT adapter) trained on supervised tokens.
+"""The one LightningModule: a causal LM (full or with a PEFT adapter) trained on what its objective computes.
 
-Loss normalisation: the loss is the mean over the supervised tokens of the whole effective batch
-(all micro-batches of one optimizer step, on all ranks). Lightning divides each micro-batch loss
-by `accumulate_grad_batches`, a mean of means (axolotl#1100); so each micro-batch returns its
-summed token loss and the gradients are rescaled once per step by accumulate × world / tokens.
+The loss itself comes from the objective (`tunelab.objectives`, SFT by default) as a sum over units (tokens).
+Loss normalisation: the loss is the mean over the units of the whole effective batch (all micro-batches of
+one optimizer step, on all ranks). Lightning divides each micro-batch loss by `accumulate_grad_batches`, a mean
+of means (axolotl#1100); so each micro-batch returns its summed loss and the gradients are rescaled once per
+step by accumulate × world / units.
 """
 
 from __future__ import annotations
@@ -14,32 +15,20 @@ from typing import Any
 
 import pytorch_lightning as pl
 import torch
-import torch.nn.functional as F
 from pytorch_lightning.plugins.precision import MixedPrecision, Precision
 from pytorch_lightning.utilities import GradClipAlgorithmType
 from torch import nn
 from torchmetrics import MeanMetric
 
-from tunelab.data.encode import IGNORE
 from tunelab.data.packing import VARLEN_KEYS, block_causal_mask, flatten_rows, uses_flash_attention
 from tunelab.errors import NumericsError
 from tunelab.evaluation.evaluate import answer, score_answers
-
-
-def summed_token_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(sum of next-token cross-entropy over supervised positions, number of them), in fp32."""
-    # Prompt tuning (PEFT) returns logits for its virtual tokens too, before the input's: keep the input's.
-    logits = logits[:, logits.shape[1] - labels.shape[1]:]
-    # The labels move one to the left (the last position predicts nothing), not the logits: slicing the
-    # logits made a copy of the largest tensor of the step, and its gradient another (1.7 ms of a 170 ms
-    # step on the tiny model; batch × length × vocabulary × 4 bytes each way on a real one). Same sum.
-    targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE).flatten()
-    total = F.cross_entropy(logits.float().flatten(0, 1), targets, ignore_index=IGNORE, reduction="sum")
-    return total, (targets != IGNORE).sum()
+from tunelab.objectives import Objective
+from tunelab.objectives.sft import SFT
 
 
 class TuneModule(pl.LightningModule):
-    """Trains `model` on token-normalised loss; scores generated answers with the dataset's metrics."""
+    """Trains `model` on its objective's token-normalised loss; scores generated answers with the dataset's metrics."""
 
     def __init__(
         self,
@@ -52,9 +41,11 @@ class TuneModule(pl.LightningModule):
         tasks: Mapping[str, Mapping[str, Callable[[str, str], float]]] | None = None,
         on_nonfinite: str = "stop",
         generate_on_val: bool = True,
+        objective: Objective | None = None,
     ) -> None:
         super().__init__()
         self.model, self.tokenizer = model, tokenizer
+        self.objective: Objective = objective if objective is not None else SFT()  # conf/objective/
         self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
         self.warmup_ratio = warmup_ratio
         self.generation = dict(generation or {})
@@ -66,8 +57,6 @@ class TuneModule(pl.LightningModule):
         # Checkpoints of adapter/partly frozen runs hold only what trains (on_save_checkpoint): resume loads
         # them non-strictly, the frozen rest being rebuilt from the model config and seed.
         self.strict_loading = all(p.requires_grad for p in model.parameters())
-        # MoE routers' load-balancing loss weight (Mixtral, Qwen-MoE configs); 0 for dense models.
-        self.aux_loss_coef = float(getattr(getattr(model, "config", None), "router_aux_loss_coef", 0.0) or 0.0)
         self._window_loss = torch.zeros(())
         self._window_tokens = 0
         self._window_pad, self._window_batches = 0.0, 0
@@ -109,33 +98,29 @@ class TuneModule(pl.LightningModule):
 
     # ---- training -------------------------------------------------------------------------
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor | None:
-        out = self.forward_batch(batch)
-        loss_sum, tokens = summed_token_loss(out.logits, batch["labels"])
+        loss = self.objective.train_loss(self, batch)
         self._window_pad += float(batch["pad_fraction"])
         self._window_batches += 1
-        if not torch.isfinite(loss_sum):
+        if not torch.isfinite(loss.total):
             if self.on_nonfinite == "skip":
                 self.log("train/nonfinite_skipped", 1.0, reduce_fx="sum", on_step=True)
                 return None  # Lightning skips backward and the step for this micro-batch
             raise NumericsError(
-                f"non-finite loss ({loss_sum.item()}) at step {self.global_step}, batch {batch_idx}",
+                f"non-finite loss ({loss.total.item()}) at step {self.global_step}, batch {batch_idx}",
                 "hyperparams.on_nonfinite=stop",
                 "lower hyperparams.lr, check the data, or set hyperparams.on_nonfinite=skip",
             )
-        self._window_loss = self._window_loss.to(loss_sum.device) + loss_sum.detach()
-        self._window_tokens += int(tokens)
-        aux = getattr(out, "aux_loss", None)  # a per-batch mean, when the model routes tokens to experts
-        if aux is not None and self.aux_loss_coef:
-            self.log("train/aux_loss", aux.detach(), on_step=True, batch_size=batch["input_ids"].shape[0])
-            # × tokens: after the division by the effective batch's token count (on_before_optimizer_step)
-            # the step's loss gains coef × (token-weighted mean of aux), as the model's own loss would.
-            loss_sum = loss_sum + self.aux_loss_coef * aux * tokens
+        self._window_loss = self._window_loss.to(loss.total.device) + loss.total.detach()
+        self._window_tokens += int(loss.units)
+        for name, value in loss.figures.items():
+            self.log(name, value, on_step=True)
+        loss_sum = loss.total if loss.regulariser is None else loss.total + loss.regulariser
         trainer = self._trainer  # None when a test calls the step without a Trainer
         if trainer is not None and trainer.strategy.handles_gradient_accumulation:
             # DeepSpeed keeps the gradients in its own buffers (param.grad is empty in on_before_optimizer_step), so
             # normalise before backward: by this micro-batch's supervised tokens on all ranks, which is the step's
             # token mean since checks.check_strategy holds DeepSpeed runs to one micro-batch per step.
-            everywhere = trainer.strategy.reduce(tokens.float(), reduce_op="sum")
+            everywhere = trainer.strategy.reduce(loss.units.float(), reduce_op="sum")
             return loss_sum * trainer.world_size / everywhere.clamp(min=1.0)
         return loss_sum
 
@@ -204,14 +189,13 @@ class TuneModule(pl.LightningModule):
         return {"optimizer": optimizer,
                 "lr_scheduler": {"scheduler": scheduler, "interval": "step", "name": "train/lr"}}
 
-    # ---- evaluation: the loss here, answers and scores through tunelab.evaluation.evaluate -------------
+    # ---- evaluation: the loss from the objective, answers and scores through tunelab.evaluation.evaluate --
     def _eval_step(self, stage: str, batch: dict[str, Any], score: bool) -> None:
         task = batch.get("task", next(iter(self.tasks)))
         groups = [self.running[stage]["overall"]] + ([self.running[stage][task]] if task in self.running[stage] else [])
-        out = self.forward_batch(batch)
-        loss_sum, tokens = summed_token_loss(out.logits, batch["labels"])
+        loss = self.objective.eval_loss(self, batch)
         for running in groups:  # token means over the whole split, not means of batch means
-            running["loss"].update(loss_sum / tokens.clamp(min=1), weight=tokens)
+            running["loss"].update(loss.total / loss.units.clamp(min=1), weight=loss.units)
         scorers = self.tasks.get(task, self.scorers)
         if score and scorers and "prompt_ids" in batch:
             # The one scoring path (tunelab eval, pipelines and the server use the same two calls).

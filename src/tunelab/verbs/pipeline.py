@@ -269,7 +269,7 @@ def preflight(cfg: DictConfig) -> None:
 def heldout_loss(model: Any, examples: Sequence[Any], pad_id: int, batch_size: int) -> float:
     """Token-mean loss over supervised tokens of `examples` (the probe's perplexity is its exp)."""
     from tunelab.data.datamodule import Collator
-    from tunelab.training.module import summed_token_loss
+    from tunelab.objectives.sft import summed_token_loss
 
     device = next(model.parameters()).device
     collate = Collator(pad_id, with_prompts=False)

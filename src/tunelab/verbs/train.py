@@ -73,7 +73,8 @@ def train(cfg: DictConfig, run: RunContext | None = None) -> dict[str, float]:
         raise ConfigError("packing cannot be combined with a prompt-learning method (prompt/prefix tuning)",
                           "keys hyperparams.packing and method", "set hyperparams.packing=none, or use LoRA/IA3")
     tokenizer = build(cfg.tokenizer)
-    datamodule = build(cfg.datamodule, tokenizer=tokenizer, _convert_="all")
+    objective = build(cfg.objective)  # how batches are collated and how loss comes from them (tunelab.objectives)
+    datamodule = build(cfg.datamodule, tokenizer=tokenizer, collator=objective.collator, _convert_="all")
     datamodule.setup("fit")  # data errors surface here, before any model is built
     model = apply_method(build(cfg.model, quantization_config=method.quantization), method)
     if packed and getattr(getattr(model, "config", None), "output_router_logits", False):
@@ -83,7 +84,7 @@ def train(cfg: DictConfig, run: RunContext | None = None) -> dict[str, float]:
     trainable, total = count_parameters(model)
     report.parameters(trainable, total, model)
     tasks = build(datamodule.task_metrics, _convert_="all")  # task -> metric name -> scorer
-    module = build(cfg.module, model=model, tokenizer=tokenizer, tasks=tasks, _convert_="all")
+    module = build(cfg.module, model=model, tokenizer=tokenizer, tasks=tasks, objective=objective, _convert_="all")
 
     resume.continue_logger_runs(cfg.logger)  # resumed in place: the same W&B run
     loggers = [build_with(node, run=run) for node in cfg.logger.values()]
