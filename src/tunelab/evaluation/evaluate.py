@@ -76,16 +76,29 @@ def left_pad(prompts: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tenso
 
 
 @torch.no_grad()
+def generate_tokens(model: Any, tokenizer: Any, ids: torch.Tensor, mask: torch.Tensor, settings: Mapping[str, Any],
+                    streamer: Any = None, stopping_criteria: Any = None) -> torch.Tensor:
+    """The one generation loop: new token ids (rows, new) continuing left-padded prompts.
+
+    `settings` are `model.generate` keyword arguments (`decoding_settings` of a decoding group, or the server's
+    per-request ones). Eval, the module's validation, `tunelab generate` and the server (blocking and streamed:
+    `streamer` receives the tokens as they come; `stopping_criteria` lets a client that went away stop it)
+    all call this, so one prompt with one setting gives one answer everywhere.
+    """
+    device = next(model.parameters()).device
+    out = model.generate(
+        input_ids=ids.to(device), attention_mask=mask.to(device), pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id, streamer=streamer, stopping_criteria=stopping_criteria, **settings,
+    )
+    return out[:, ids.shape[1]:]
+
+
 def generate_answers(
     model: Any, tokenizer: Any, ids: torch.Tensor, mask: torch.Tensor, decoding: Mapping[str, Any]
 ) -> list[str]:
     """Answers to left-padded prompts, decoded without special tokens and stripped."""
-    device = next(model.parameters()).device
-    out = model.generate(
-        input_ids=ids.to(device), attention_mask=mask.to(device), pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id, **decoding_settings(decoding),
-    )
-    return [text.strip() for text in tokenizer.batch_decode(out[:, ids.shape[1]:], skip_special_tokens=True)]
+    new = generate_tokens(model, tokenizer, ids, mask, decoding_settings(decoding))
+    return [text.strip() for text in tokenizer.batch_decode(new, skip_special_tokens=True)]
 
 
 @torch.no_grad()
