@@ -23,6 +23,7 @@ Scorer = Callable[[str, str], float]
 _SAMPLING_ONLY = ("temperature", "top_p", "top_k")
 # Keys of the decoding group that tunelab reads itself and `model.generate` must not see.
 _TUNELAB_ONLY = ("rank_choices",)
+MAX_LOG_PPL = 30.0  # exp(30) ≈ 1e13
 
 
 @dataclass
@@ -41,6 +42,13 @@ class EvalResult:
 
     rows: list[dict[str, Any]]
     metrics: dict[str, float]
+
+
+def perplexity(mean_loss: torch.Tensor | float) -> torch.Tensor:
+    """The one perplexity: exp of a token-mean loss, capped at exp(30) so a diverged model's figure stays finite in
+    tables and loggers (validation, test and a pipeline's probe all report it). `float()` it for a number."""
+    loss = mean_loss if isinstance(mean_loss, torch.Tensor) else torch.tensor(float(mean_loss), dtype=torch.float64)
+    return torch.exp(loss.clamp(max=MAX_LOG_PPL))
 
 
 def decoding_settings(decoding: Mapping[str, Any]) -> dict[str, Any]:
