@@ -17,7 +17,6 @@ from tunelab.evaluation.score import score_task
 from tunelab.pipeline.stages import Plan
 
 
-# ---- scoring: every task's test split through tunelab.evaluation.evaluate, and a held-out loss ---------------------
 @torch.no_grad()
 def heldout_loss(model: Any, examples: Sequence[Any], pad_id: int, batch_size: int) -> float:
     """Token-mean loss over supervised tokens of `examples` (the probe's perplexity is its exp)."""
