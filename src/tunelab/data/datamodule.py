@@ -13,13 +13,13 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, Sampler
 
-from tunelab.config.schema import DatasetSchema, OnBadRow, Packing, build, dataset_spec
+from tunelab.config.schema import DatasetSchema, Packing, dataset_spec
 from tunelab.data.cache import cache_key, read_cache, write_cache
 from tunelab.data.encode import IGNORE, Encoded, apply_length_policy, encode_chat, encode_text
-from tunelab.data.formats import Format, RowContext, compile_templates
+from tunelab.data.formats import Example
+from tunelab.data.items import build_items
 from tunelab.data.packing import PackedRows, RowSampler, first_fit_decreasing
 from tunelab.data.resumable import ResumableLoader
-from tunelab.data.sources import load_splits
 from tunelab.errors import DataError, did_you_mean
 
 log = logging.getLogger(__name__)
@@ -238,60 +238,35 @@ class TuneDataModule(pl.LightningDataModule):
 
 
 def encode_task(
-    cfg: DatasetSchema | Mapping[str, Any], tokenizer: Any, max_seq_len: int, seed: int
+    cfg: DatasetSchema | Mapping[str, Any], tokenizer: Any, max_seq_len: int, seed: int,
+    splits: Mapping[str, Any] | None = None,
 ) -> tuple[dict[str, list[Encoded]], dict[str, Any]]:
     """Every split of one task as tokenised, masked examples, with counts of what was dropped and why.
 
-    A malformed row is an error (exit 3, `file:line: field: problem`) unless `on_bad_row: skip`,
-    which drops it, reports how many and which lines, and still fails past `max_bad_fraction`.
+    The rows are read by the one row loop (`items.build_items`: bad rows are errors unless `on_bad_row: skip`,
+    bounded by `max_bad_fraction`); `splits` overrides `source.splits` (None leaves a split out).
     """
     cfg = cfg if isinstance(cfg, DatasetSchema) else dataset_spec(cfg)
-    templates = compile_templates(cfg.templates)
-    to_example: Format = build(cfg.format)
-    skip_bad = cfg.on_bad_row == OnBadRow.skip
-    splits: dict[str, list[Encoded]] = {}
+
+    def encode(fields: dict[str, Any], example: Example) -> Encoded | None:
+        item = (encode_text(tokenizer, example) if example.text is not None
+                else encode_chat(tokenizer, example, cfg.train_on_prompt))
+        return apply_length_policy(item, max_seq_len, cfg.overlength.value)
+
+    out: dict[str, list[Encoded]] = {}
     stats: dict[str, Any] = {}
-    for split, rows in load_splits(asdict(cfg.source), seed).items():
-        encoded, dropped, bad = [], 0, []
-        for index, row in enumerate(rows):
-            try:
-                if row.error:
-                    raise DataError(row.error)
-                fields = {cfg.column_map.get(k, k): v for k, v in row.fields.items()}
-                example = to_example(fields, RowContext(row.origin, index, seed, templates, cfg.system_prompt))
-                item = (encode_text(tokenizer, example) if example.text is not None
-                        else encode_chat(tokenizer, example, cfg.train_on_prompt))
-                item = apply_length_policy(item, max_seq_len, cfg.overlength.value)
-            except DataError as err:
-                if not skip_bad:
-                    raise
-                bad.append(err.what)
-                continue
-            if item is None:
-                dropped += 1
-                continue
-            encoded.append(item)
-        where = rows[0].origin.rsplit(":", 1)[0] if rows else cfg.source.path
-        if bad:
-            log.warning("%s: skipped %d bad rows of %d (on_bad_row=skip): %s", where, len(bad), len(rows),
-                        "; ".join(bad[:5]) + (" ..." if len(bad) > 5 else ""))
-            bound = cfg.max_bad_fraction
-            if len(bad) / max(len(rows), 1) > bound:
-                raise DataError(
-                    f"{len(bad)} of {len(rows)} rows are bad ({len(bad) / len(rows):.1%} > "
-                    f"max_bad_fraction={bound}); first: {bad[0]}", where,
-                    "fix the data, or raise dataset.max_bad_fraction if dropping them is intended",
-                )
+    for split, part in build_items(cfg, seed, encode, splits).items():
+        encoded, dropped, bad = part.items, part.dropped, part.bad
         supervised = sum(item.supervised for item in encoded)
         if not encoded or supervised == 0:
             raise DataError(
-                f"the {split} split has no supervised tokens ({len(rows)} rows, {dropped} over-length dropped, "
-                f"{len(bad)} bad)", where, "check the template/format: the loss would be computed on nothing",
+                f"the {split} split has no supervised tokens ({part.rows} rows, {dropped} over-length dropped, "
+                f"{len(bad)} bad)", part.where, "check the template/format: the loss would be computed on nothing",
             )
         if dropped:
-            log.warning("%s: dropped %d over-length examples (max_seq_len=%d)", where, dropped, max_seq_len)
-        splits[split] = encoded
+            log.warning("%s: dropped %d over-length examples (max_seq_len=%d)", part.where, dropped, max_seq_len)
+        out[split] = encoded
         stats[split] = {"examples": len(encoded), "dropped_overlength": dropped, "bad_rows": len(bad),
                         "bad_lines": [b.split(": ", 1)[0] for b in bad][:100],
                         "supervised_tokens": supervised, "tokens": sum(len(i.input_ids) for i in encoded)}
-    return splits, stats
+    return out, stats

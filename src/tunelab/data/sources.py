@@ -151,7 +151,7 @@ def _split_file(folder: Path, split: str) -> Path | None:
     return None
 
 
-def _load_hub(path: str, subset: str | None, split: str) -> list[Row]:
+def load_hub(path: str, subset: str | None, split: str) -> list[Row]:
     import datasets
 
     try:
@@ -198,7 +198,7 @@ def load_splits(source: Mapping[str, Any], seed: int) -> dict[str, list[Row]]:
         elif path_text.startswith((".", "/", "~")):
             raise DataError(f"data path not found: {path}", "key dataset.source.path")
         else:
-            splits[split] = _load_hub(path_text, source.get("subset"), name)
+            splits[split] = load_hub(path_text, source.get("subset"), name)
     rng = random.Random(seed)
     total = len(splits.get("train", []))  # fractions are of the whole source, whichever split is carved first
     for split, size_key in (("test", "test_size"), ("validation", "val_size")):

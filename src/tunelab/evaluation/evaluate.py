@@ -23,6 +23,7 @@ Scorer = Callable[[str, str], float]
 _SAMPLING_ONLY = ("temperature", "top_p", "top_k")
 # Keys of the decoding group that tunelab reads itself and `model.generate` must not see.
 _TUNELAB_ONLY = ("rank_choices",)
+MAX_LOG_PPL = 30.0  # exp(30) ≈ 1e13
 
 
 @dataclass
@@ -41,6 +42,13 @@ class EvalResult:
 
     rows: list[dict[str, Any]]
     metrics: dict[str, float]
+
+
+def perplexity(mean_loss: torch.Tensor | float) -> torch.Tensor:
+    """The one perplexity: exp of a token-mean loss, capped at exp(30) so a diverged model's figure stays finite in
+    tables and loggers (validation, test and a pipeline's probe all report it). `float()` it for a number."""
+    loss = mean_loss if isinstance(mean_loss, torch.Tensor) else torch.tensor(float(mean_loss), dtype=torch.float64)
+    return torch.exp(loss.clamp(max=MAX_LOG_PPL))
 
 
 def decoding_settings(decoding: Mapping[str, Any]) -> dict[str, Any]:
@@ -76,16 +84,29 @@ def left_pad(prompts: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tenso
 
 
 @torch.no_grad()
+def generate_tokens(model: Any, tokenizer: Any, ids: torch.Tensor, mask: torch.Tensor, settings: Mapping[str, Any],
+                    streamer: Any = None, stopping_criteria: Any = None) -> torch.Tensor:
+    """The one generation loop: new token ids (rows, new) continuing left-padded prompts.
+
+    `settings` are `model.generate` keyword arguments (`decoding_settings` of a decoding group, or the server's
+    per-request ones). Eval, the module's validation, `tunelab generate` and the server (blocking and streamed:
+    `streamer` receives the tokens as they come; `stopping_criteria` lets a client that went away stop it)
+    all call this, so one prompt with one setting gives one answer everywhere.
+    """
+    device = next(model.parameters()).device
+    out = model.generate(
+        input_ids=ids.to(device), attention_mask=mask.to(device), pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id, streamer=streamer, stopping_criteria=stopping_criteria, **settings,
+    )
+    return out[:, ids.shape[1]:]
+
+
 def generate_answers(
     model: Any, tokenizer: Any, ids: torch.Tensor, mask: torch.Tensor, decoding: Mapping[str, Any]
 ) -> list[str]:
     """Answers to left-padded prompts, decoded without special tokens and stripped."""
-    device = next(model.parameters()).device
-    out = model.generate(
-        input_ids=ids.to(device), attention_mask=mask.to(device), pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id, **decoding_settings(decoding),
-    )
-    return [text.strip() for text in tokenizer.batch_decode(out[:, ids.shape[1]:], skip_special_tokens=True)]
+    new = generate_tokens(model, tokenizer, ids, mask, decoding_settings(decoding))
+    return [text.strip() for text in tokenizer.batch_decode(new, skip_special_tokens=True)]
 
 
 @torch.no_grad()

@@ -232,32 +232,15 @@ class Retrieval:
         return self.budget.summary()
 
 
-def load_samples(dataset: Mapping[str, Any], seed: int) -> dict[str, list[Sample]]:
-    """Every split of one dataset config as Samples, formatted exactly as training formats them (the same
-    format function, the same sandboxed templates, the same row index drawing the same template), so an
-    eval prompt equals the one `train` scored."""
-    from dataclasses import asdict
+def load_samples(dataset: Mapping[str, Any], seed: int, splits: Mapping[str, Any] | None = None
+                 ) -> dict[str, list[Sample]]:
+    """Every split of one dataset config as Samples, read by the one row loop training reads with
+    (`data.items.build_items`: the same format function, the same sandboxed templates, the same row index drawing
+    the same template, the same bad-row policy), so an eval prompt equals the one `train` scored.
+    `splits` overrides `source.splits` (None leaves a split out)."""
+    from tunelab.data.items import build_items
 
-    from tunelab.config.schema import OnBadRow, build, dataset_spec
-    from tunelab.data.formats import RowContext, compile_templates
-    from tunelab.data.sources import load_splits
-
-    spec = dataset_spec(dataset)
-    templates = compile_templates(spec.templates)
-    to_example = build(spec.format)
     out: dict[str, list[Sample]] = {}
-    for split, rows in load_splits(asdict(spec.source), seed).items():
-        samples = []
-        for index, row in enumerate(rows):
-            fields = {spec.column_map.get(k, k): v for k, v in row.fields.items()}
-            try:
-                if row.error:
-                    raise DataError(row.error)
-                example = to_example(fields, RowContext(row.origin, index, seed, templates, spec.system_prompt))
-            except DataError:
-                if spec.on_bad_row == OnBadRow.skip:
-                    continue
-                raise
-            samples.append(Sample(fields, example, split))
-        out[split] = samples
+    for split, part in build_items(dataset, seed, lambda fields, example: (fields, example), splits).items():
+        out[split] = [Sample(fields, example, split) for fields, example in part.items]
     return out

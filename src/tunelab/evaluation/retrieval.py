@@ -47,7 +47,7 @@ def load_documents(source: Mapping[str, Any], train_texts: Sequence[tuple[str, s
             raise ConfigError("documents.path is null and there is no train split to retrieve from",
                               "key documents.path", "give a document file, e.g. documents=knowledge")
         return [Passage(pid, text, origin) for pid, text, origin in train_texts]
-    from tunelab.data.sources import SUFFIXES, _load_hub, read_file
+    from tunelab.data.sources import SUFFIXES, load_hub, read_file
 
     path_text = str(source["path"])
     path = Path(path_text).expanduser()
@@ -57,7 +57,7 @@ def load_documents(source: Mapping[str, Any], train_texts: Sequence[tuple[str, s
                             "give a .jsonl/.json/.csv/.parquet file of passages")
         rows = read_file(path)
     else:
-        rows = _load_hub(path_text, source.get("subset"), source.get("split") or "train")
+        rows = load_hub(path_text, source.get("subset"), source.get("split") or "train")
     text_col, id_col, title_col = source.get("text_column", "text"), source.get("id_column"), source.get("title_column")
     passages = []
     for number, row in enumerate(rows):

@@ -22,7 +22,7 @@ from torchmetrics import MeanMetric
 
 from tunelab.data.packing import VARLEN_KEYS, block_causal_mask, flatten_rows, uses_flash_attention
 from tunelab.errors import NumericsError
-from tunelab.evaluation.evaluate import answer, score_answers
+from tunelab.evaluation.evaluate import answer, perplexity, score_answers
 from tunelab.objectives import Objective
 from tunelab.objectives.sft import SFT
 
@@ -213,7 +213,7 @@ class TuneModule(pl.LightningModule):
                     value = metric.compute()
                     self.log(f"{base}/{name}", value, add_dataloader_idx=False)
                     if name == "loss":
-                        self.log(f"{base}/ppl", torch.exp(value.clamp(max=30)), add_dataloader_idx=False)
+                        self.log(f"{base}/ppl", perplexity(value), add_dataloader_idx=False)
                 metric.reset()
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> None:

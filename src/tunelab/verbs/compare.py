@@ -40,9 +40,9 @@ def arm_overrides(cfg: DictConfig, arm: Mapping[str, Any]) -> list[str]:
               f"logger={cfg.tracker}", f"group={cfg.group}"]
     run = [f"run={cfg.run}"] if arm.get("run") else []
     if cfg.run is not None:  # every arm draws the run's templates (its seed), so all score the same prompts
-        from tunelab.verbs.eval import _run_settings
+        from tunelab.verbs.eval import read_run_settings
 
-        seed = _run_settings(Path(str(cfg.run))).get("seed") if Path(str(cfg.run)).is_dir() else None
+        seed = read_run_settings(Path(str(cfg.run))).get("seed") if Path(str(cfg.run)).is_dir() else None
         shared += [f"seed={seed}"] if seed is not None else []
     return [*shared, *run, *cfg.overrides, *arm.get("overrides", [])]
 

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import logging
-import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -31,16 +30,16 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from tunelab.config.redact import redact_file
 from tunelab.config.schema import build, build_with, validate
 from tunelab.errors import CheckpointError, ConfigError
-from tunelab.evaluation.evaluate import EvalItem, evaluate, prompt_ids
 from tunelab.evaluation.metrics import Estimate, corpus_ci, mean_ci
-from tunelab.evaluation.prompting import Sample, Setting, load_samples
+from tunelab.evaluation.prompting import load_samples
+from tunelab.evaluation.score import prompt_budget, score_task
 from tunelab.job import RunContext, hydra_verb
 
 log = logging.getLogger(__name__)
 
 
 # ---- the model: a run directory or a model option ----------------------------------------------------
-def _run_settings(run_dir: Path) -> dict[str, Any]:
+def read_run_settings(run_dir: Path) -> dict[str, Any]:
     """Plain values of the run's saved config and metrics (seed, eval batch size, cost); nothing is built
     from a run directory (ARCHITECTURE: a run directory is data, not code)."""
     out: dict[str, Any] = {}
@@ -159,7 +158,7 @@ def evaluate_cfg(cfg: DictConfig, run: RunContext | None = None) -> dict[str, fl
     for saved in (out_dir / ".hydra").glob("*.yaml"):
         redact_file(saved)
     run_dir = run_dir_of(cfg)
-    run_settings = _run_settings(run_dir) if run_dir is not None else {}
+    run_settings = read_run_settings(run_dir) if run_dir is not None else {}
     seed = int(cfg.seed)
     # Templates are drawn per row with a seed: a run's own seed draws the very prompts it was tested on.
     template_seed = int(run_settings.get("seed", seed))
@@ -168,8 +167,7 @@ def evaluate_cfg(cfg: DictConfig, run: RunContext | None = None) -> dict[str, fl
                           "cpu" if cfg.device == "auto" else str(cfg.device))
     model.to(device)
     decoding = OmegaConf.to_container(cfg.decoding, resolve=True)
-    context = getattr(getattr(model, "config", None), "max_position_embeddings", None) or 2048
-    budget = int(cfg.max_prompt_tokens or context - int(decoding.get("max_new_tokens", 64)))
+    budget = prompt_budget(model, decoding, cfg.max_prompt_tokens)
     batch_size = int(cfg.batch_size or run_settings.get("batch_size", 32))
     bootstrap = OmegaConf.to_container(cfg.bootstrap, resolve=True)
 
@@ -184,26 +182,14 @@ def evaluate_cfg(cfg: DictConfig, run: RunContext | None = None) -> dict[str, fl
     notes: list[str] = []
     for name, task in tasks.items():
         task = _with_recipe(task, recipe)
-        splits = load_samples(task, template_seed)
-        if cfg.split not in splits:
-            raise ConfigError(f"dataset {name!r} has no {cfg.split} split", "key split",
-                              f"splits: {', '.join(splits)}")
-        held_out = splits[cfg.split][: cfg.max_samples or None]
-        setting = Setting(tokenizer, splits.get("train", []), budget, Path(cfg.paths.cache_dir), seed, prompt_ids)
-        strategy = build(cfg.prompting, setting=setting)
-        items = [_item(strategy(sample), sample, name, tokenizer, cfg.slice_by) for sample in held_out]
-        if getattr(strategy, "summary", None) and strategy.summary():
-            notes.append(f"{name}: {strategy.summary()}")
-            log.warning(notes[-1])
-        scorers = build(task.get("metrics") or {}, _convert_="all")
-        corpus = build(task.get("corpus_metrics") or {}, _convert_="all")
-        began = time.perf_counter()
-        result = evaluate(model, tokenizer, items, {name: scorers}, decoding, batch_size,
-                          {name: task.get("choices") or []})
-        log.info("%s: %d answers in %.1f s", name, len(items), time.perf_counter() - began)
+        scored = score_task(model, tokenizer, name, task, load_samples(task, template_seed), cfg.prompting, decoding,
+                            split=cfg.split, seed=seed, budget=budget, batch_size=batch_size,
+                            max_samples=cfg.max_samples, cache_dir=cfg.paths.cache_dir, slice_by=list(cfg.slice_by))
+        notes += [scored.note] if scored.note else []
         prefix = cfg.split if len(tasks) == 1 else f"{cfg.split}/{name}"
-        metrics.update(summarize(result.rows, prefix, scorers, corpus, bootstrap, list(cfg.slice_by)))
-        all_rows.extend({"dataset": name, **row} for row in result.rows)
+        metrics.update(summarize(scored.result.rows, prefix, scored.scorers, scored.corpus, bootstrap,
+                                 list(cfg.slice_by)))
+        all_rows.extend({"dataset": name, **row} for row in scored.result.rows)
 
     with (out_dir / "predictions.jsonl").open("w") as handle:
         for row in all_rows:
@@ -214,13 +200,6 @@ def evaluate_cfg(cfg: DictConfig, run: RunContext | None = None) -> dict[str, fl
     _log(cfg, run, metrics, all_rows)
     _print(out_dir, metrics, notes)
     return metrics
-
-
-def _item(prompt: Any, sample: Sample, task: str, tokenizer: Any, slice_by: Sequence[str]) -> EvalItem:
-    meta = {"id": sample.fields.get("id", sample.example.origin), "origin": sample.example.origin,
-            "prompt": tokenizer.decode(prompt.ids), **prompt.meta}
-    meta.update({field: sample.fields[field] for field in slice_by if field in sample.fields})
-    return EvalItem(prompt.ids, sample.example.reference or "", task, meta)
 
 
 def _log(cfg: DictConfig, run: RunContext, metrics: dict[str, float], rows: list[dict[str, Any]]) -> None:

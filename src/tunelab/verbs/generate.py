@@ -16,7 +16,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from tunelab.errors import CheckpointError, ConfigError
-from tunelab.evaluation.evaluate import decoding_settings, left_pad, prompt_ids
+from tunelab.evaluation.evaluate import decoding_settings, generate_tokens, left_pad, prompt_ids
 from tunelab.job import hydra_verb
 from tunelab.models.load import load_run
 from tunelab.tracking.artifacts import resolve_run
@@ -67,14 +67,9 @@ def answer(model: Any, tokenizer: Any, messages: list[dict[str, str]], settings:
         raise CheckpointError(f"the run's chat template cannot render: {type(err).__name__}: {err}",
                               "file model/chat_template.jinja (or tokenizer_config.json)",
                               "a run directory is data; restore the template saved by tunelab train") from None
-    device = next(model.parameters()).device
     streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True) if stream else None
-    with torch.no_grad():
-        out = model.generate(
-            input_ids=ids.to(device), attention_mask=mask.to(device), pad_token_id=tokenizer.pad_token_id,
-            eos_token_id=tokenizer.eos_token_id, streamer=streamer, **decoding_settings(settings),
-        )
-    return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip()
+    new = generate_tokens(model, tokenizer, ids, mask, decoding_settings(settings), streamer)
+    return tokenizer.decode(new[0], skip_special_tokens=True).strip()
 
 
 def chat(model: Any, tokenizer: Any, system: list[dict[str, str]], settings: Mapping[str, Any],

@@ -1,0 +1,6 @@
+"""The OpenAI-compatible HTTP server behind `tunelab serve` (the verb, verbs/serve.py, binds and loads the model).
+
+    requests.py    what the server holds (`Served`), request bodies, their validation, prompt rendering
+    generation.py  one request's generation (through `evaluation.evaluate.generate_tokens`), stop strings
+    app.py         the FastAPI app: limits, errors, endpoints, server-sent events
+"""

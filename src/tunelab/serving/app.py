@@ -1,0 +1,225 @@
+"""The FastAPI application: the API key, body size, draining and queue limits, OpenAI-style errors, the
+endpoints, and server-sent events for `stream: true`."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import secrets
+import threading
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+from tunelab.serving.generation import Cancelled, cut_at_stop, run_generate
+from tunelab.serving.requests import (
+    APIError,
+    ChatRequest,
+    CompletionRequest,
+    Served,
+    chat_messages,
+    chat_prompt_ids,
+    check_length,
+    generation_kwargs,
+    stop_strings,
+)
+
+log = logging.getLogger(__name__)
+
+def build_app(served: Served) -> Any:
+    """The FastAPI application answering for `served`."""
+    from fastapi import FastAPI, Request
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import JSONResponse, StreamingResponse
+    from starlette.concurrency import iterate_in_threadpool, run_in_threadpool
+    from starlette.exceptions import HTTPException
+
+    app = FastAPI(title="tunelab serve", docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.draining = False  # set on SIGTERM: new requests get 503 while the ones in flight finish
+    slots = asyncio.Semaphore(served.max_concurrent)
+    admitted = {"n": 0}  # requests generating or waiting for a slot
+
+    @app.exception_handler(APIError)
+    async def api_error(request: Request, err: APIError) -> JSONResponse:
+        return JSONResponse(err.body(), status_code=err.status, headers=err.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, err: RequestValidationError) -> JSONResponse:
+        problems = err.errors()
+        first = problems[0] if problems else {}
+        where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
+        if first.get("type") == "json_invalid":
+            return JSONResponse(APIError(400, "the request body is not valid JSON", None, "invalid_json").body(), 400)
+        message = f"{where}: {first.get('msg', 'invalid')}" if where else str(first.get("msg", "invalid request"))
+        return JSONResponse(APIError(422, message, where or None, "invalid_request").body(), 422)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, err: HTTPException) -> JSONResponse:
+        kind = "not_found_error" if err.status_code == 404 else "invalid_request_error"
+        return JSONResponse(APIError(err.status_code, str(err.detail), kind=kind).body(), err.status_code)
+
+    @app.exception_handler(Exception)
+    async def unexpected(request: Request, err: Exception) -> JSONResponse:
+        log.exception("request %s %s failed", request.method, request.url.path)  # the traceback stays here
+        return JSONResponse(APIError(500, "internal server error", kind="server_error").body(), 500)
+
+    @app.middleware("http")
+    async def guard(request: Request, call_next: Any) -> Any:
+        """API key, body size and draining, before any body is parsed."""
+        try:
+            if served.api_key and request.url.path != "/health":
+                scheme, _, key = request.headers.get("authorization", "").partition(" ")
+                if scheme.lower() != "bearer" or not secrets.compare_digest(key.strip(), served.api_key):
+                    raise APIError(401, "missing or wrong API key (send Authorization: Bearer <key>)",
+                                   code="invalid_api_key", kind="authentication_error")
+            size = request.headers.get("content-length")
+            if size is not None and size.isdigit() and int(size) > served.max_request_bytes:
+                raise APIError(413, f"request body of {size} bytes is over the limit of {served.max_request_bytes}")
+            if app.state.draining and request.url.path != "/health":
+                raise APIError(503, "the server is shutting down", kind="server_error",
+                               headers={"Retry-After": "5"})
+        except APIError as err:
+            return JSONResponse(err.body(), status_code=err.status, headers=err.headers)
+        return await call_next(request)
+
+    def check_model(name: str) -> None:
+        if name != served.model_id:
+            raise APIError(404, f"the model {name!r} does not exist; this server has {served.model_id!r}",
+                           "model", "model_not_found")
+
+    def admit(count: bool = True) -> None:
+        """429 when `max_concurrent` generate and `max_waiting` wait; else count the request in (a stream
+        counts itself in once its body starts, so a client gone before that leaves nothing counted)."""
+        if admitted["n"] >= served.max_concurrent + served.max_waiting:
+            raise APIError(429, f"too many requests: {served.max_concurrent} generating and {served.max_waiting} "
+                                "waiting", code="rate_limit_exceeded", kind="rate_limit_error",
+                           headers={"Retry-After": "1"})
+        admitted["n"] += 1 if count else 0
+
+    async def complete(ids: list[int], settings: dict[str, Any], stops: list[str]) -> tuple[str, str, int]:
+        """Non-streamed generation in a worker thread: (text, finish reason, completion tokens)."""
+        admit()
+        try:
+            async with slots:
+                new, finish = await run_in_threadpool(run_generate, served, ids, settings)
+        finally:
+            admitted["n"] -= 1
+        text, hit = cut_at_stop(served.tokenizer.decode(new, skip_special_tokens=True), stops)
+        return text, "stop" if hit else finish, len(new)
+
+    async def stream(ids: list[int], settings: dict[str, Any], stops: list[str],
+                     chunk: Any) -> AsyncIterator[str]:
+        """Server-sent events: one chunk per piece of text from transformers' TextIteratorStreamer."""
+        from transformers import TextIteratorStreamer
+
+        admitted["n"] += 1
+        try:
+            async with slots:
+                streamer = TextIteratorStreamer(served.tokenizer, skip_prompt=True, skip_special_tokens=True,
+                                                timeout=600)
+                cancelled = Cancelled()
+                result: dict[str, Any] = {}
+
+                def work() -> None:
+                    try:
+                        result["out"] = run_generate(served, ids, settings, streamer, cancelled)
+                    except BaseException as err:  # noqa: BLE001 - reported to the stream below
+                        result["error"] = err
+                        streamer.end()
+
+                thread = threading.Thread(target=work, daemon=True)
+                thread.start()
+                text, hit = "", False
+                try:
+                    async for piece in iterate_in_threadpool(streamer):
+                        if hit or not piece:
+                            continue
+                        emitted, (text, hit) = len(text), cut_at_stop(text + piece, stops)
+                        if len(text) > emitted:
+                            yield f"data: {json.dumps(chunk(text[emitted:], None))}\n\n"
+                        if hit:
+                            cancelled.event.set()
+                finally:
+                    cancelled.event.set()  # the client went away, or a stop string was seen
+                    await run_in_threadpool(thread.join)
+                if "error" in result:
+                    log.error("streamed generation failed: %r", result["error"])
+                    body = APIError(500, "internal server error", kind="server_error").body()
+                    yield f"data: {json.dumps(body)}\n\n"
+                    return
+                yield f"data: {json.dumps(chunk(None, 'stop' if hit else result['out'][1]))}\n\n"
+                yield "data: [DONE]\n\n"
+        finally:
+            admitted["n"] -= 1
+
+    def sse(events: AsyncIterator[str]) -> StreamingResponse:
+        return StreamingResponse(events, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+    @app.get("/health")
+    async def health() -> dict[str, Any]:
+        return {"status": "draining" if app.state.draining else "ok", "model": served.model_id,
+                "in_flight": admitted["n"]}
+
+    @app.get("/v1/models")
+    async def models() -> dict[str, Any]:
+        return {"object": "list", "data": [{"id": served.model_id, "object": "model", "created": served.created,
+                                            "owned_by": "tunelab"}]}
+
+    @app.get("/v1/models/{name:path}")
+    async def one_model(name: str) -> dict[str, Any]:
+        check_model(name)
+        return {"id": served.model_id, "object": "model", "created": served.created, "owned_by": "tunelab"}
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: ChatRequest) -> Any:
+        check_model(request.model)
+        settings = generation_kwargs(served, request)
+        ids = chat_prompt_ids(served.tokenizer, chat_messages(served, request))
+        check_length(served, ids, settings)
+        rid, created, stops = f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), stop_strings(request)
+        if request.stream:
+            admit(count=False)
+            first = [True]
+
+            def chunk(text: str | None, finish: str | None) -> dict[str, Any]:
+                delta: dict[str, Any] = {} if text is None else {"content": text}
+                if first[0]:
+                    delta["role"], first[0] = "assistant", False
+                return {"id": rid, "object": "chat.completion.chunk", "created": created, "model": served.model_id,
+                        "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
+
+            return sse(stream(ids, settings, stops, chunk))
+        text, finish, used = await complete(ids, settings, stops)
+        return {"id": rid, "object": "chat.completion", "created": created, "model": served.model_id,
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
+                             "finish_reason": finish}],
+                "usage": {"prompt_tokens": len(ids), "completion_tokens": used, "total_tokens": len(ids) + used}}
+
+    @app.post("/v1/completions")
+    async def completions(request: CompletionRequest) -> Any:
+        check_model(request.model)
+        prompts = [request.prompt] if isinstance(request.prompt, str) else request.prompt
+        if len(prompts) != 1:
+            raise APIError(400, "give one prompt per request", "prompt")
+        settings = generation_kwargs(served, request)
+        ids = served.tokenizer(prompts[0], add_special_tokens=True)["input_ids"]
+        if not ids:
+            raise APIError(400, "the prompt is empty", "prompt")
+        check_length(served, ids, settings)
+        rid, created, stops = f"cmpl-{uuid.uuid4().hex}", int(time.time()), stop_strings(request)
+        if request.stream:
+            admit(count=False)
+
+            def chunk(text: str | None, finish: str | None) -> dict[str, Any]:
+                return {"id": rid, "object": "text_completion", "created": created, "model": served.model_id,
+                        "choices": [{"index": 0, "text": text or "", "finish_reason": finish, "logprobs": None}]}
+
+            return sse(stream(ids, settings, stops, chunk))
+        text, finish, used = await complete(ids, settings, stops)
+        return {"id": rid, "object": "text_completion", "created": created, "model": served.model_id,
+                "choices": [{"index": 0, "text": text, "finish_reason": finish, "logprobs": None}],
+                "usage": {"prompt_tokens": len(ids), "completion_tokens": used, "total_tokens": len(ids) + used}}
+
+    return app
