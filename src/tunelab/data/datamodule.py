@@ -13,7 +13,8 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, Sampler
 
-from tunelab.config.schema import DatasetSchema, OnBadRow, Packing, build, dataset_spec
+from tunelab.config.build import build
+from tunelab.config.schema import DatasetSchema, OnBadRow, Packing, dataset_spec
 from tunelab.data.cache import cache_key, read_cache, write_cache
 from tunelab.data.encode import IGNORE, Encoded, apply_length_policy, encode_chat, encode_text
 from tunelab.data.formats import Format, RowContext, compile_templates

@@ -238,7 +238,8 @@ def load_samples(dataset: Mapping[str, Any], seed: int) -> dict[str, list[Sample
     eval prompt equals the one `train` scored."""
     from dataclasses import asdict
 
-    from tunelab.config.schema import OnBadRow, build, dataset_spec
+    from tunelab.config.build import build
+    from tunelab.config.schema import OnBadRow, dataset_spec
     from tunelab.data.formats import RowContext, compile_templates
     from tunelab.data.sources import load_splits
 

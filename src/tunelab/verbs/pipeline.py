@@ -38,7 +38,10 @@ import pytorch_lightning as pl
 import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from tunelab.config.schema import build, build_with, compose, dataset_spec, validate
+from tunelab.config.build import build, build_with
+from tunelab.config.compose import compose
+from tunelab.config.schema import dataset_spec
+from tunelab.config.validate import validate
 from tunelab.errors import CheckpointError, ConfigError, TunelabError
 from tunelab.job import RunContext, hydra_verb
 from tunelab.pipeline import forgetting
