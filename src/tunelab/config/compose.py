@@ -137,5 +137,9 @@ def _signature_keys(target: str) -> list[str] | None:
         signatures.save()
 
 
+# Folders of conf/ holding values a key names (dataset.chat_template=chatml), not groups a command line chooses.
+NAMED_VALUES = {"chat_template"}
+
+
 def _groups() -> list[str]:
-    return [p.name for p in paths.conf_dir().iterdir() if p.is_dir()]
+    return [p.name for p in paths.conf_dir().iterdir() if p.is_dir() and p.name not in NAMED_VALUES]
