@@ -41,8 +41,9 @@ import torch
 from omegaconf import DictConfig, open_dict
 from torch.utils.data import DataLoader
 
-from tunelab.config.schema import build, compose
-from tunelab.models.load import apply_method, build_method
+from tunelab.config.build import build
+from tunelab.config.compose import compose
+from tunelab.models.method import apply_method, build_method
 from tunelab.objectives.sft import summed_token_loss
 from tunelab.training.allocator import keep_freed_memory
 from tunelab.verbs.train import train

@@ -32,7 +32,7 @@ from pathlib import Path
 
 import torch
 
-from tunelab.config.schema import compose
+from tunelab.config.compose import compose
 from tunelab.data.datamodule import Collator, EpochSampler, TuneDataModule
 from tunelab.data.encode import Encoded
 from tunelab.data.packing import RowSampler, best_fit_decreasing, block_causal_mask, first_fit_decreasing

@@ -17,7 +17,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 def make_cfg(tmp_path: Path, overrides: list[str] | None = None) -> DictConfig:
     """A composed train config whose run directory is `tmp_path`, ready for `train(cfg)` (no Hydra globals)."""
-    from tunelab.config.schema import compose
+    from tunelab.config.compose import compose
 
     cfg = compose(list(overrides or []) + [f"paths.output_dir={tmp_path}"])
     with open_dict(cfg):

@@ -14,7 +14,9 @@ from hydra.utils import get_object
 from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 
 from tunelab import paths
-from tunelab.config.schema import INSTANTIATE_KEYS, compose, validate
+from tunelab.config.compose import compose
+from tunelab.config.targets import INSTANTIATE_KEYS
+from tunelab.config.validate import validate
 from tunelab.errors import ConfigError
 
 CONF = paths.conf_dir()

@@ -237,3 +237,15 @@ def test_template_library_draws_several_templates_reproducibly(tok):
     assert sorted(counts) == ["A", "B", "C"] and min(counts.values()) > 60  # ~100 each of 300
     assert [e.input_ids for e in again["train"]] == [e.input_ids for e in first["train"]]
     assert [e.input_ids for e in other["train"]] != [e.input_ids for e in first["train"]]
+
+
+def test_named_templates_are_the_files_of_conf_chat_template():
+    """A named template is one YAML under conf/chat_template/ (a one-line header, then `template:`), listed."""
+    from tunelab.config.chat_templates import chat_template_problem, named_chat_templates
+
+    files = sorted((paths.conf_dir() / "chat_template").glob("*.yaml"))
+    assert {"alpaca", "chatml", "plain"} <= {f.stem for f in files}
+    assert sorted(named_chat_templates()) == [f.stem for f in files]
+    for file in files:
+        assert file.read_text().startswith("# ")
+        assert chat_template_problem(named_chat_templates()[file.stem]) is None  # Jinja that reads `messages`

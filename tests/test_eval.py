@@ -14,7 +14,8 @@ from omegaconf import open_dict
 
 from conftest import REPO, make_cfg
 from tunelab import paths
-from tunelab.config.schema import compose, validate
+from tunelab.config.compose import compose
+from tunelab.config.validate import validate
 from tunelab.errors import CheckpointError, ConfigError, DataError
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline", "PYTHONUNBUFFERED": "1"}

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from tunelab.config.schema import build, compose
+from tunelab.config.build import build
+from tunelab.config.compose import compose
 from tunelab.data.encode import encode_chat
 from tunelab.data.formats import Example
 from tunelab.evaluation.evaluate import EvalItem, aggregate, evaluate, left_pad, prompt_ids

@@ -10,7 +10,9 @@ from pathlib import Path
 from typing import Any
 
 from conftest import REPO
-from tunelab.config.schema import build, compose, validate
+from tunelab.config.build import build
+from tunelab.config.compose import compose
+from tunelab.config.validate import validate
 from tunelab.data.formats import Example, RowContext
 
 SRC = REPO / "src" / "tunelab"

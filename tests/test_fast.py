@@ -20,9 +20,12 @@ from omegaconf import OmegaConf
 import tunelab.verbs.train as train_mod
 from conftest import REPO, make_cfg
 from tunelab.checkpoint.checkpointing import identity
-from tunelab.config.schema import build, compose, validate
+from tunelab.config.build import build
+from tunelab.config.compose import compose
+from tunelab.config.validate import validate
 from tunelab.errors import ConfigError
-from tunelab.models.load import apply_method, build_method, load_causal_lm, load_tokenizer
+from tunelab.models.load import load_causal_lm, load_tokenizer
+from tunelab.models.method import apply_method, build_method
 from tunelab.training.callbacks import (
     PEAK_TFLOPS,
     matmul_parameters,

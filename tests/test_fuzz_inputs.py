@@ -28,7 +28,8 @@ from omegaconf import OmegaConf, open_dict
 
 from conftest import fmt
 from tunelab.cli import preflight
-from tunelab.config.schema import compose, validate
+from tunelab.config.compose import compose
+from tunelab.config.validate import validate
 from tunelab.errors import TunelabError
 
 SEED = 8  # issue 8

@@ -14,7 +14,7 @@ import torch
 from hydra.core.global_hydra import GlobalHydra
 
 from conftest import REPO, make_cfg
-from tunelab.config.schema import compose
+from tunelab.config.compose import compose
 from tunelab.errors import ConfigError
 from tunelab.models.load import load_run
 from tunelab.verbs.export import export

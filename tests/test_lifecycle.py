@@ -13,7 +13,8 @@ import pytest
 import torch
 
 from tunelab import paths
-from tunelab.config.schema import build, compose
+from tunelab.config.build import build
+from tunelab.config.compose import compose
 from tunelab.data.sources import load_splits
 from tunelab.errors import ConfigError
 

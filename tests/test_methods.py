@@ -13,9 +13,11 @@ from omegaconf import OmegaConf
 
 import tunelab.verbs.train as train_mod
 from conftest import REPO, make_cfg
-from tunelab.config.schema import build, compose
+from tunelab.config.build import build
+from tunelab.config.compose import compose
 from tunelab.errors import ConfigError
-from tunelab.models.load import apply_method, build_method, load_causal_lm
+from tunelab.models.load import load_causal_lm
+from tunelab.models.method import apply_method, build_method
 
 TINY = json.loads((REPO / "src/tunelab/assets/tiny-llama/config.json").read_text())
 MOE = json.loads((REPO / "src/tunelab/assets/tiny-moe/config.json").read_text())

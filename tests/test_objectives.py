@@ -13,7 +13,8 @@ from omegaconf import open_dict
 from torchmetrics import MeanMetric
 
 from tunelab import paths
-from tunelab.config.schema import compose, validate
+from tunelab.config.compose import compose
+from tunelab.config.validate import validate
 from tunelab.data.encode import IGNORE, Encoded
 from tunelab.models.load import load_causal_lm
 from tunelab.objectives import Forward, Loss

@@ -141,7 +141,8 @@ def test_packed_logits_match_separate_forward_passes(tiny):
 @pytest.mark.parametrize(("value", "hint"), [("datset", "did you mean 'dataset'?"),
                                              ("true", "names a mode now: batch is what true meant")])
 def test_a_wrong_packing_mode_is_a_config_error_with_a_hint(value, hint):
-    from tunelab.config.schema import compose, validate
+    from tunelab.config.compose import compose
+    from tunelab.config.validate import validate
     from tunelab.errors import ConfigError
 
     with pytest.raises(ConfigError) as err:

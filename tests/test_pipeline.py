@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 
 from tunelab import paths
 from tunelab.cli import preflight
-from tunelab.config.schema import compose
+from tunelab.config.compose import compose
 from tunelab.errors import ConfigError
 from tunelab.job import RunContext
 from tunelab.verbs.pipeline import DONE, make_plan, run_pipeline

@@ -19,7 +19,7 @@ import yaml
 from hydra.core.global_hydra import GlobalHydra
 
 from tunelab import paths
-from tunelab.config.schema import compose
+from tunelab.config.compose import compose
 from tunelab.errors import CheckpointError, TunelabError
 from tunelab.models.load import load_run
 from tunelab.verbs.generate import generate

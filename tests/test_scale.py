@@ -33,8 +33,10 @@ from tunelab.checkpoint.checkpointing import (
     marker_path,
 )
 from tunelab.cli import preflight
-from tunelab.config.checks import check_engine
-from tunelab.config.schema import build, compose, validate
+from tunelab.config.build import build
+from tunelab.config.compose import compose
+from tunelab.config.engine import check_engine
+from tunelab.config.validate import validate
 from tunelab.errors import CheckpointError, ConfigError
 
 SHARDED = ["fsdp", "deepspeed_zero2", "deepspeed_zero3"]
@@ -366,7 +368,7 @@ def test_every_srun_task_agrees_on_one_run_directory():
     """`srun tunelab train ...` starts every rank as its own command line: the id comes from the job step, and
     only rank 0 writes .hydra/; the composed run directory is the same for all 8 ranks."""
     from tunelab.cli import run_overrides
-    from tunelab.config.schema import new_run_id
+    from tunelab.config.compose import new_run_id
 
     ranks = [{"SLURM_JOB_ID": "4242", "SLURM_NTASKS": "8", "SLURM_STEP_ID": "0", "SLURM_PROCID": str(r)}
              for r in range(8)]

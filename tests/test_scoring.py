@@ -10,7 +10,8 @@ import pytest
 from omegaconf import OmegaConf, open_dict
 
 from conftest import REPO, fmt
-from tunelab.config.schema import build, compose
+from tunelab.config.build import build
+from tunelab.config.compose import compose
 from tunelab.errors import DataError
 from tunelab.evaluation import score
 from tunelab.evaluation.evaluate import perplexity

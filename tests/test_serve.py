@@ -20,7 +20,7 @@ import pytest
 from hydra.core.global_hydra import GlobalHydra
 
 from conftest import REPO, make_cfg
-from tunelab.config.schema import compose
+from tunelab.config.compose import compose
 from tunelab.errors import CheckpointError, ConfigError
 from tunelab.tracking.artifacts import offline_artifacts, parse_reference, resolve_run
 from tunelab.verbs.export import export

@@ -15,7 +15,8 @@ import pytest
 import yaml
 
 from tunelab import cli
-from tunelab.config.schema import compose, validate
+from tunelab.config.compose import compose
+from tunelab.config.validate import validate
 from tunelab.errors import ConfigError
 from tunelab.verbs.sweep_report import main as report_main
 from tunelab.verbs.sweep_report import report, wandb_records

@@ -18,7 +18,7 @@ from omegaconf import open_dict
 
 from conftest import make_cfg
 from tunelab import paths
-from tunelab.models.load import count_parameters
+from tunelab.models.method import count_parameters
 from tunelab.verbs.train import train
 
 # Small and quick: a few steps, few eval samples, short generations.

@@ -15,7 +15,8 @@ from dataclasses import dataclass
 
 from omegaconf import DictConfig, OmegaConf
 
-from tunelab.config.schema import compose, new_run_id, register_resolvers, validate
+from tunelab.config.compose import compose, new_run_id, register_resolvers
+from tunelab.config.validate import validate
 from tunelab.errors import ConfigError, TunelabError, did_you_mean, exit_with
 
 
@@ -39,7 +40,7 @@ class Verb:
 VERBS: tuple[Verb, ...] = (
     Verb("train", "tunelab.verbs.train",
          "fine-tune: model=, method=, dataset=, hyperparams.*= (try: tunelab train --help)",
-         "train", check="tunelab.config.checks:check_engine"),
+         "train", check="tunelab.config.engine:check_engine"),
     Verb("generate", "tunelab.verbs.generate",
          'answer with a trained run: run=<run dir> prompt="..." [interactive=true] [decoding=creative]', "generate"),
     Verb("eval", "tunelab.verbs.eval",
@@ -172,19 +173,19 @@ def _unparsable(overrides: list[str]) -> str:
 def _check_multirun_strategy(cfg: DictConfig) -> None:
     """Refuse `-m` with a DDP launcher that re-runs the command line for ranks 1..N-1: under multirun that
     re-runs the sweep (pytorch-lightning#11300). SLURM starts ranks itself, and ddp_spawn forks, so both pass."""
-    from tunelab.config.checks import DEEPSPEED, FSDP, strategy_target
+    from tunelab.config.engine import sharded_strategy
 
-    target = strategy_target(cfg)  # FSDP and DeepSpeed start their extra ranks the way DDP does
-    strategy = target.rsplit(".", 1)[-1] if target else str(OmegaConf.select(cfg, "trainer.strategy", default="auto"))
+    sharded = sharded_strategy(cfg)  # FSDP and DeepSpeed start their extra ranks the way DDP does
+    strategy = sharded.name if sharded else str(OmegaConf.select(cfg, "trainer.strategy", default="auto"))
     devices = OmegaConf.select(cfg, "trainer.devices", default=1)
     launcher = str(OmegaConf.select(cfg, "hydra.launcher._target_", default=""))
-    relaunches = target in (FSDP, DEEPSPEED) or (strategy.startswith("ddp") and "spawn" not in strategy)
+    relaunches = sharded is not None or (strategy.startswith("ddp") and "spawn" not in strategy)
     if relaunches and devices not in (1, "1") and "submitit" not in launcher:
         raise ConfigError(
             f"a sweep (-m) cannot run trials with trainer.strategy={strategy} on {devices} devices here: "
             "Lightning re-runs the command line for each extra rank, which would re-run the sweep",
             "keys trainer.strategy, trainer.devices",
-            ("one device per trial, or hydra/launcher=slurm (see docs/SCALE.md)" if target else
+            ("one device per trial, or hydra/launcher=slurm (see docs/SCALE.md)" if sharded else
              "use trainer.strategy=ddp_spawn, one device per trial, or hydra/launcher=slurm (see docs/SWEEPS.md)"),
         )
 

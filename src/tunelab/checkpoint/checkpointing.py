@@ -409,7 +409,7 @@ def prepare_run_dir(argv: list[str], config_name: str = "train") -> list[str]:
     from hydra._internal.utils import get_args_parser
 
     from tunelab.checkpoint.lock import check_free
-    from tunelab.config.schema import compose, new_run_id
+    from tunelab.config.compose import compose, new_run_id
 
     args = get_args_parser().parse_args(argv)
     if args.multirun or args.help or args.hydra_help or args.cfg or args.info or args.shell_completion:

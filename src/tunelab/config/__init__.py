@@ -1,1 +1,1 @@
-"""Configuration: schemas, composition, semantic checks, target signatures, redaction."""
+"""Configuration: compose, schema (types, ranges), validate (targets, checks, engine), build, chat templates."""

@@ -15,7 +15,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any, Generic, TypeVar
 
-from tunelab.config.schema import DatasetSchema, OnBadRow, build, dataset_spec
+from tunelab.config.build import build
+from tunelab.config.schema import DatasetSchema, OnBadRow, dataset_spec
 from tunelab.data.formats import Example, Format, RowContext, compile_templates
 from tunelab.data.sources import load_splits
 from tunelab.errors import DataError

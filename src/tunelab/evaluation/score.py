@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tunelab.config.schema import build
+from tunelab.config.build import build
 from tunelab.errors import ConfigError
 from tunelab.evaluation.evaluate import EvalItem, EvalResult, evaluate, prompt_ids
 from tunelab.evaluation.prompting import Sample, Setting

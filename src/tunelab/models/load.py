@@ -1,70 +1,21 @@
-"""Load tokenizers and causal LMs, and apply a fine-tuning method (a PEFT config, or none)."""
+"""Load tokenizers and causal LMs (the opt-in fast paths applied), and the model of a trained run."""
 
 from __future__ import annotations
 
 import importlib.util
 import logging
-import re
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from tunelab.config.chat_templates import chat_template_problem, resolve_chat_template
 from tunelab.errors import CheckpointError, ConfigError, did_you_mean
 
 log = logging.getLogger(__name__)
-
-# Named chat templates a dataset may pick instead of the tokenizer's own (`dataset.chat_template`).
-# Jinja, rendered by the tokenizer exactly as a model's own template would be.
-NAMED_CHAT_TEMPLATES: dict[str, str] = {
-    "chatml": (
-        "{% for message in messages %}"
-        "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
-        "{% endfor %}"
-        "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
-    ),
-    "alpaca": (
-        "{% for message in messages %}"
-        "{% if message['role'] == 'system' %}{{ message['content'] + '\n\n' }}"
-        "{% elif message['role'] == 'user' %}{{ '### Instruction:\n' + message['content'] + '\n\n' }}"
-        "{% else %}{{ '### Response:\n' + message['content'] + eos_token + '\n\n' }}{% endif %}"
-        "{% endfor %}"
-        "{% if add_generation_prompt %}{{ '### Response:\n' }}{% endif %}"
-    ),
-    "plain": (
-        "{% for message in messages %}"
-        "{% if message['role'] == 'assistant' %}{{ message['content'] + eos_token }}"
-        "{% else %}{{ message['content'] + '\n' }}{% endif %}"
-        "{% endfor %}"
-    ),
-}
-
-
-def chat_template_problem(value: Any) -> tuple[str, str] | None:
-    """(what, hint) when `value` is not a usable `dataset.chat_template`: a name of NAMED_CHAT_TEMPLATES, or
-    Jinja that parses and reads `messages`. Anything else ("nope", a typo of a name) would be taken as a
-    template that renders the same text for every example and trains on it."""
-    if value is None or value in NAMED_CHAT_TEMPLATES:
-        return None
-    names = did_you_mean(str(value), NAMED_CHAT_TEMPLATES)
-    hint = f"{names}; or inline Jinja that loops over messages; null: the tokenizer's own"
-    if not isinstance(value, str):
-        return f"expected a template name or Jinja text, got {type(value).__name__}", hint
-    import jinja2
-    import jinja2.meta
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-    try:
-        parsed = ImmutableSandboxedEnvironment().parse(value)
-    except jinja2.TemplateSyntaxError as err:
-        return f"not a known name and not valid Jinja: {err.message} (line {err.lineno})", hint
-    if "messages" not in jinja2.meta.find_undeclared_variables(parsed):
-        return f"{value[:40]!r} is neither a known template name nor Jinja that reads `messages`", hint
-    return None
 
 
 def _is_local(name_or_path: str) -> bool:
@@ -102,7 +53,7 @@ def load_tokenizer(
 ) -> Any:
     """A Hugging Face tokenizer with a pad token distinct from EOS and the chosen chat template.
 
-    `chat_template` is None (the tokenizer's own), a name from NAMED_CHAT_TEMPLATES, or inline Jinja.
+    `chat_template` is None (the tokenizer's own), a name of conf/chat_template/, or inline Jinja.
     """
     from transformers import AutoTokenizer
 
@@ -113,7 +64,7 @@ def load_tokenizer(
         problem = chat_template_problem(chat_template)
         if problem:
             raise ConfigError(f"dataset.chat_template: {problem[0]}", "key dataset.chat_template", problem[1])
-        tokenizer.chat_template = NAMED_CHAT_TEMPLATES.get(chat_template, chat_template)
+        tokenizer.chat_template = resolve_chat_template(chat_template)
     if tokenizer.eos_token is None:
         raise ConfigError(
             f"tokenizer {name_or_path} has no eos_token", "key model.tokenizer_name_or_path",
@@ -235,7 +186,7 @@ def speed_up(model: nn.Module, gradient_checkpointing: bool = False, compile: bo
         # Each transformer block on its own, not the whole model: the blocks share one graph (compiled once,
         # not once per layer), the loss stays eager in the module, and a graph break in the model's glue
         # code (masks, caches) costs nothing. `nn.Module.compile` keeps parameter names (no `_orig_mod.`).
-        _, blocks = _block_stack(model, "key model.compile")
+        _, blocks = block_stack(model, "key model.compile")
         for block in blocks:
             block.compile()
     return model
@@ -262,128 +213,13 @@ def _apply_liger(model: nn.Module) -> None:
     _apply_liger_kernel_to_instance(model=model, fused_linear_cross_entropy=False, cross_entropy=False)
 
 
-@dataclass
-class Method:
-    """A fine-tuning method as built from `method.*`: the library's own objects, no names to dispatch on.
-
-    peft: a PEFT config (adapter or prompt learning), or None to train the model's own weights.
-    quantization: a transformers quantization config the base is loaded with (QLoRA), or None.
-    freeze: a callable `freeze(model)` choosing which of the model's own weights train, or None for all.
-    """
-
-    peft: Any | None = None
-    quantization: Any | None = None
-    freeze: Callable[[nn.Module], None] | None = None
-
-
-def build_method(node: Any) -> Method:
-    """Instantiate the `method` config node and refuse incompatible combinations before any model loads."""
-    from tunelab.config.schema import build
-
-    built = build(node, _convert_="all") or {}
-    unknown = sorted(set(built) - {f.name for f in fields(Method)})
-    if unknown:
-        raise ConfigError(f"unknown key {unknown[0]!r} in the method", f"key method.{unknown[0]}",
-                          did_you_mean(unknown[0], [f.name for f in fields(Method)]))
-    method = Method(**built)
-    if method.quantization is not None:
-        if method.peft is None:
-            raise ConfigError(
-                "a quantized base cannot be fully fine-tuned: 4-bit weights take no gradient updates",
-                "key method.quantization",
-                "use method=qlora (LoRA on the quantized base), or drop method.quantization",
-            )
-        if not torch.cuda.is_available():  # checked when the run is built, not at import
-            raise ConfigError(
-                "method.quantization (bitsandbytes 4-bit, QLoRA) needs a CUDA GPU and none is available",
-                "key method.quantization",
-                "run on a GPU machine (trainer=gpu), or use method=lora on the CPU",
-            )
-        if importlib.util.find_spec("bitsandbytes") is None:
-            raise ConfigError("method.quantization needs the bitsandbytes package, which is not installed",
-                              "key method.quantization", "pip install 'tunelab[qlora]' (make does it on a GPU box)")
-    if method.peft is not None and method.freeze is not None:
-        raise ConfigError("method.freeze applies to full fine-tuning; a PEFT adapter already freezes the base",
-                          "key method.freeze", "set method.peft=null or method.freeze=null")
-    return method
-
-
-def apply_method(model: nn.Module, method: Method | None = None) -> nn.Module:
-    """Wrap the model with the method's PEFT adapter, or train its own weights (all, or those `freeze` keeps)."""
-    method = method or Method()
-    if method.peft is None:
-        model.requires_grad_(True)
-        if method.freeze is not None:
-            method.freeze(model)
-        return model
-    from peft import get_peft_model, prepare_model_for_kbit_training
-
-    if getattr(model, "is_quantized", False) or getattr(model, "is_loaded_in_4bit", False):
-        # PEFT's recipe for a k-bit base: norms in fp32, input grads on, so adapters get gradients.
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
-    try:
-        return get_peft_model(model, method.peft)
-    except (ValueError, NotImplementedError) as err:  # PEFT refuses bad settings with either
-        if "not found in the base model" in str(err) or "Target modules" in str(err):
-            names = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)})
-            raise ConfigError(
-                f"method.peft.target_modules matches no module of this model ({err})",
-                "key method.peft.target_modules",
-                f"linear modules here: {', '.join(names)}; or use all-linear",
-            ) from None
-        # PEFT's other refusals are about this config on this model (e.g. dropout on MoE expert weights).
-        raise ConfigError(f"PEFT cannot apply method.peft to this model: {err}", "key method.peft",
-                          "change the method's settings as the message says, e.g. method.peft.lora_dropout=0") from None
-
-
-def _block_stack(model: nn.Module, key: str = "key method.freeze.last_n_layers") -> tuple[str, nn.ModuleList]:
+def block_stack(model: nn.Module, key: str = "key method.freeze.last_n_layers") -> tuple[str, nn.ModuleList]:
     """The transformer blocks: the ModuleList holding the most parameters (decoder layers in every HF LM)."""
     lists = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.ModuleList) and len(m)]
     if not lists:
         hint = "use method.freeze.patterns instead" if key.startswith("key method") else f"set {key[4:]}=false"
         raise ConfigError("this model has no stack of layers to choose from", key, hint)
     return max(lists, key=lambda item: sum(p.numel() for p in item[1].parameters()))
-
-
-def train_only(model: nn.Module, last_n_layers: int = 0, patterns: list[str] | None = None) -> None:
-    """Freeze every weight except those of the last `last_n_layers` blocks and those whose name matches
-    one of `patterns` (regular expressions searched in parameter names, e.g. `lm_head|norm`)."""
-    stack_name, stack = _block_stack(model)
-    if not 0 <= last_n_layers <= len(stack):
-        raise ConfigError(f"method.freeze.last_n_layers={last_n_layers} but the model has {len(stack)} layers",
-                          "key method.freeze.last_n_layers", f"give a number from 0 to {len(stack)}")
-    keep = {f"{stack_name}.{i}." for i in range(len(stack) - last_n_layers, len(stack))}
-    compiled = [re.compile(p) for p in patterns or []]
-    # Every name of a tied tensor counts: `lm_head` selects the embeddings it shares its weight with.
-    named = list(model.named_parameters(remove_duplicate=False))
-    names = [n for n, _ in named]
-    for pattern in compiled:
-        if not any(pattern.search(n) for n in names):
-            raise ConfigError(
-                f"method.freeze.patterns: {pattern.pattern!r} matches no parameter", "key method.freeze.patterns",
-                f"parameters look like: {', '.join(names[:3])}, ..., {names[-1]}",
-            )
-    model.requires_grad_(False)
-    for name, param in named:
-        if any(name.startswith(k) for k in keep) or any(p.search(name) for p in compiled):
-            param.requires_grad_(True)
-    if not any(p.requires_grad for p in model.parameters()):
-        raise ConfigError("method.freeze leaves no parameter to train", "key method.freeze",
-                          "raise last_n_layers or add a pattern")
-
-
-def count_parameters(model: nn.Module) -> tuple[int, int]:
-    """(trainable, total) parameter counts; shared (tied) tensors are counted once."""
-    seen: set[int] = set()
-    trainable = total = 0
-    for param in model.parameters():
-        if id(param) in seen:
-            continue
-        seen.add(id(param))
-        total += param.numel()
-        if param.requires_grad:
-            trainable += param.numel()
-    return trainable, total
 
 
 # ---- trained runs: save what generate/export need, and load it back ---------------------------

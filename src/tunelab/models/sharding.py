@@ -7,7 +7,7 @@
 - `clip_gradients`: norm clipping of sharded gradients by the norm of the whole model (FSDP's own method).
 
 The config-time rules (a DeepSpeed strategy without deepspeed installed, combinations a sharded run cannot
-save) are `tunelab.config.checks.check_strategy`, which imports nothing heavy.
+save) are `tunelab.config.engine.check_strategy`, which imports nothing heavy.
 """
 
 from __future__ import annotations

@@ -12,7 +12,9 @@ from typing import Any
 import pytorch_lightning as pl
 from omegaconf import DictConfig, OmegaConf
 
-from tunelab.config.schema import build, compose, validate
+from tunelab.config.build import build
+from tunelab.config.compose import compose
+from tunelab.config.validate import validate
 from tunelab.errors import CheckpointError, ConfigError, TunelabError
 from tunelab.pipeline.strategies import Stage
 

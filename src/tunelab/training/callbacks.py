@@ -197,7 +197,7 @@ class SaveHFModel(pl.Callback):
         if state is None:  # every rank holds the whole model (one device, DDP, ZeRO-2)
             pl_module.model.save_pretrained(self.dirpath, safe_serialization=True)
             # An adapter over a random-init base is useless without that base's weights: keep them in model/base
-            # (refused with a sharded strategy by tunelab.config.checks.check_strategy).
+            # (refused with a sharded strategy by tunelab.config.engine.check_strategy).
             save_unloadable_base(pl_module.model, self.dirpath / "base")
         else:  # the gathered weights, consolidated into the usual files (an adapter keeps only its own tensors)
             pl_module.model.save_pretrained(self.dirpath, safe_serialization=True,

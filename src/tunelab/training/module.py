@@ -20,6 +20,7 @@ from pytorch_lightning.utilities import GradClipAlgorithmType
 from torch import nn
 from torchmetrics import MeanMetric
 
+from tunelab.config.schema import OnNonFinite
 from tunelab.data.packing import VARLEN_KEYS, block_causal_mask, flatten_rows, uses_flash_attention
 from tunelab.errors import NumericsError
 from tunelab.evaluation.evaluate import answer, perplexity, score_answers
@@ -102,7 +103,7 @@ class TuneModule(pl.LightningModule):
         self._window_pad += float(batch["pad_fraction"])
         self._window_batches += 1
         if not torch.isfinite(loss.total):
-            if self.on_nonfinite == "skip":
+            if OnNonFinite(self.on_nonfinite) is OnNonFinite.skip:
                 self.log("train/nonfinite_skipped", 1.0, reduce_fx="sum", on_step=True)
                 return None  # Lightning skips backward and the step for this micro-batch
             raise NumericsError(

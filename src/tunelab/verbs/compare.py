@@ -25,7 +25,7 @@ from typing import Any
 
 from omegaconf import DictConfig, open_dict
 
-from tunelab.config.schema import compose
+from tunelab.config.compose import compose
 from tunelab.errors import ConfigError
 from tunelab.job import RunContext, hydra_verb
 
@@ -49,7 +49,7 @@ def arm_overrides(cfg: DictConfig, arm: Mapping[str, Any]) -> list[str]:
 
 def arm_configs(cfg: DictConfig, out_dir: Path) -> dict[str, DictConfig]:
     """Every arm's composed and validated eval config, before any arm runs (a typo fails at once)."""
-    from tunelab.config.schema import validate
+    from tunelab.config.validate import validate
 
     configs: dict[str, DictConfig] = {}
     for name, arm in cfg.arms.items():

@@ -27,8 +27,9 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from tunelab.config.build import build, build_with
 from tunelab.config.redact import redact_file
-from tunelab.config.schema import build, build_with, validate
+from tunelab.config.validate import validate
 from tunelab.errors import CheckpointError, ConfigError
 from tunelab.evaluation.metrics import Estimate, corpus_ci, mean_ci
 from tunelab.evaluation.prompting import load_samples
@@ -175,7 +176,7 @@ def evaluate_cfg(cfg: DictConfig, run: RunContext | None = None) -> dict[str, fl
     tasks = dataset.get("tasks") or {dataset["name"]: dataset}  # a mixture is scored task by task
     metrics: dict[str, float] = {k: v for k, v in run_settings.items() if "/" in k}  # params/*, perf/train_s
     if run_dir is not None and "params/trainable" not in metrics:
-        from tunelab.models.load import count_parameters
+        from tunelab.models.method import count_parameters
 
         metrics["params/trainable"], metrics["params/total"] = count_parameters(model)
     all_rows: list[dict[str, Any]] = []

@@ -38,7 +38,8 @@ from typing import Any
 import pytorch_lightning as pl
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from tunelab.config.schema import build, build_with, validate
+from tunelab.config.build import build, build_with
+from tunelab.config.validate import validate
 from tunelab.errors import ConfigError
 from tunelab.job import RunContext, hydra_verb
 from tunelab.pipeline import forgetting

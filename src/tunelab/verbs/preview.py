@@ -12,7 +12,8 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from tunelab.config.schema import build, validate
+from tunelab.config.build import build
+from tunelab.config.validate import validate
 from tunelab.data.datamodule import Collator, EpochSampler
 from tunelab.data.encode import IGNORE, Encoded
 from tunelab.data.packing import RowSampler

@@ -92,7 +92,7 @@ def load_served(cfg: DictConfig) -> Served:
                                   "key run", "the run directory looks damaged; retrain or export it again") from None
         name = run_dir.name if Path(str(cfg.run)).exists() else str(cfg.run).rsplit("/", 1)[-1]
     else:
-        from tunelab.config.schema import build
+        from tunelab.config.build import build
 
         with_trust = OmegaConf.merge(cfg.model, {"trust_remote_code": bool(cfg.trust_remote_code)})
         model = build(with_trust).eval()

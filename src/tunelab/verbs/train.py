@@ -21,12 +21,14 @@ from pytorch_lightning.loggers import WandbLogger
 from tunelab import paths
 from tunelab.checkpoint.checkpointing import find_resume, identity
 from tunelab.checkpoint.lock import RunDirLock
-from tunelab.config.checks import check_engine
+from tunelab.config.build import build, build_with
+from tunelab.config.engine import check_engine
 from tunelab.config.redact import redact, redact_file
-from tunelab.config.schema import build, build_with, validate
+from tunelab.config.schema import Packing
+from tunelab.config.validate import validate
 from tunelab.errors import ConfigError, NumericsError, TunelabError, exit_with
 from tunelab.job import RunContext
-from tunelab.models.load import apply_method, build_method, count_parameters
+from tunelab.models.method import apply_method, build_method, count_parameters
 from tunelab.tracking import report
 from tunelab.tracking.model_card import publish_model
 from tunelab.training.allocator import keep_freed_memory
@@ -67,7 +69,7 @@ def train(cfg: DictConfig, run: RunContext | None = None) -> dict[str, float]:
     resume = find_resume(cfg.get("resume"), run_dir, identity(cfg))  # a bad resume= is exit 4 before anything is built
 
     method = build_method(cfg.method)  # PEFT config, quantization, freeze rule; bad combinations refused here
-    packed = str(cfg.hyperparams.packing) != "none"
+    packed = Packing(cfg.hyperparams.packing) is not Packing.none
     if packed and getattr(method.peft, "is_prompt_learning", False):
         # PEFT prepends virtual tokens and widens a 2D attention mask; a packed batch's 4D block mask cannot be.
         raise ConfigError("packing cannot be combined with a prompt-learning method (prompt/prefix tuning)",

@@ -1,0 +1,145 @@
+"""Compose configs (`conf/<verb>.yaml` with overrides) and the resolvers the tree uses, translating Hydra's
+errors into ConfigError with did-you-mean; used by the CLI's pre-flight check, tests and notebooks."""
+
+from __future__ import annotations
+
+import difflib
+import functools
+import re
+import secrets
+import time
+from pathlib import Path
+
+from hydra.errors import ConfigCompositionException, MissingConfigException, OverrideParseException
+from omegaconf import DictConfig, OmegaConf
+
+from tunelab import paths
+from tunelab.config.signatures import Signatures
+from tunelab.errors import ConfigError, did_you_mean
+
+
+@functools.cache
+def _run_id() -> str:
+    # Time for sorting, random bits so two jobs started in the same second never collide (hydra#2925).
+    return time.strftime("%Y-%m-%d_%H-%M-%S") + "_" + secrets.token_hex(3)
+
+
+def register_resolvers() -> None:
+    """Resolvers the config tree uses; safe to call more than once."""
+    OmegaConf.register_new_resolver("tunelab_run_id", _run_id, replace=True)
+    OmegaConf.register_new_resolver(
+        "tunelab_path", lambda name: str({"data": paths.data_dir, "assets": paths.assets_dir}[name]()), replace=True
+    )
+
+
+def new_run_id() -> str:
+    """The run id of this process (also what `${tunelab_run_id:}` resolves to)."""
+    return _run_id()
+
+
+def compose(
+    overrides: list[str] | None = None,
+    config_name: str = "train",
+    config_dir: str | None = None,
+    return_hydra_config: bool = True,
+) -> DictConfig:
+    """Compose `conf/<config_name>.yaml` with overrides, translating Hydra's errors into ConfigError."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    register_resolvers()
+    overrides = list(overrides or [])
+    if config_dir:
+        overrides.append(f"hydra.searchpath=[file://{Path(config_dir).resolve()}]")
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=str(paths.conf_dir()), version_base="1.3"):
+            return hydra_compose(config_name, overrides=overrides, return_hydra_config=return_hydra_config)
+    except MissingConfigException as err:
+        raise _missing_option(err, overrides) from None
+    except OverrideParseException as err:
+        raise ConfigError(f"cannot parse override: {str(err).splitlines()[0]}", "command line",
+                          "overrides look like key=value, group=option, +new_key=value") from None
+    except ConfigCompositionException as err:
+        raise _bad_override(err, overrides, config_name, config_dir) from None
+    except ValueError as err:  # Hydra's own refusal of an override's shape, e.g. `=1` (no key)
+        raise ConfigError(f"cannot apply the overrides: {str(err).splitlines()[0]}", "command line",
+                          "overrides look like key=value, group=option, +new_key=value") from None
+    finally:
+        GlobalHydra.instance().clear()
+
+
+def _missing_option(err: MissingConfigException, overrides: list[str]) -> ConfigError:
+    text = str(err)
+    match = re.search(r"Could not find '([^']+)'", text)
+    wanted = match.group(1) if match else "?"
+    group, _, option = wanted.rpartition("/")
+    if not group:
+        return ConfigError(f"config {wanted!r} not found", "command line", text.splitlines()[0])
+    key = group.replace("/", ".")
+    typed = [o for o in overrides if re.match(rf"[+~]*{re.escape(group)}(@[^=]*)?=", o)]
+    where = f"override {typed[-1]} on the command line" if typed else f"key {key}"
+    return ConfigError(f"unknown {group} option {option!r}", where, did_you_mean(option, err.options or []))
+
+
+def _bad_override(
+    err: ConfigCompositionException, overrides: list[str], config_name: str, config_dir: str | None
+) -> ConfigError:
+    text = str(err)
+    match = re.search(r"Could not (?:override|append to|delete from) '([^']+)'", text)
+    if not match:
+        cause = err.__cause__ or err
+        return ConfigError(str(cause).splitlines()[0], "command line")
+    key = match.group(1)
+    parent, _, leaf = key.rpartition(".")
+    rest = [o for o in overrides if not re.match(rf"[+~]*{re.escape(key)}(@[^=]*)?=", o)]
+    if len(rest) == len(overrides):  # not from the command line: an `override` in some file's defaults list
+        source = re.match(r"In '([^']+)'", text)
+        lines = text.splitlines()
+        return ConfigError(lines[0], f"defaults list of {source.group(1)}.yaml" if source else "a defaults list",
+                           lines[1] if len(lines) > 1 else "check the file's `override /group: option` lines")
+    rest = [o for o in rest if not o.startswith("hydra.searchpath=")]
+    try:
+        cfg = compose(rest, config_name, config_dir, return_hydra_config=False)
+        node = OmegaConf.select(cfg, parent) if parent else cfg
+        valid = list(node.keys()) if isinstance(node, DictConfig) else []
+    except ConfigError:
+        node, valid = None, []
+    add = f"; to add a key the YAML does not set use +{key}=..."
+    if isinstance(node, DictConfig) and "_target_" in node:
+        # The YAML names a few of the target's arguments; the user may mean any of the others.
+        target = str(node._get_node("_target_")._value())
+        accepted = _signature_keys(target)
+        if accepted is not None:
+            where = f"override {key} on the command line"
+            if leaf in accepted:
+                return ConfigError(f"{target} takes {leaf!r} but the YAML does not set it", where,
+                                   f"add it with +{key}=...")
+            return ConfigError(f"unknown key {leaf!r} for {target}", where, did_you_mean(leaf, accepted))
+    if not parent:
+        groups = _groups()
+        valid = sorted(set(valid) | set(groups))
+        if difflib.get_close_matches(leaf, groups, n=1, cutoff=0.6):
+            add = "; a config group is chosen with group=option"  # a typo of a group: '+' would not help
+    return ConfigError(f"unknown key {leaf!r}", f"override {key} on the command line",
+                       did_you_mean(leaf, [str(v) for v in valid]) + add)
+
+
+def _signature_keys(target: str) -> list[str] | None:
+    """The keyword arguments `target` accepts, or None when they cannot be listed (**kwargs, builtins)."""
+    signatures = Signatures()
+    try:
+        return signatures.params(target)
+    except Exception:  # unimportable: validate() reports the import problem
+        return None
+    finally:
+        signatures.save()
+
+
+# Folders of conf/ holding values a key names (dataset.chat_template=chatml), not groups a command line chooses.
+NAMED_VALUES = {"chat_template"}
+
+
+def _groups() -> list[str]:
+    return [p.name for p in paths.conf_dir().iterdir() if p.is_dir() and p.name not in NAMED_VALUES]
