@@ -19,7 +19,7 @@ from omegaconf import OmegaConf
 
 import tunelab.verbs.train as train_mod
 from conftest import REPO, make_cfg
-from tunelab.checkpoint.checkpointing import identity
+from tunelab.checkpoint.resume import identity
 from tunelab.config.schema import build, compose, validate
 from tunelab.errors import ConfigError
 from tunelab.models.load import apply_method, build_method, load_causal_lm, load_tokenizer

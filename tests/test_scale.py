@@ -24,14 +24,9 @@ import yaml
 
 from conftest import REPO, make_cfg
 from tunelab import paths
-from tunelab.checkpoint.checkpointing import (
-    AtomicCheckpointIO,
-    Checkpointing,
-    complete_checkpoints,
-    find_resume,
-    mark_directory,
-    marker_path,
-)
+from tunelab.checkpoint.callback import AtomicCheckpointIO, Checkpointing
+from tunelab.checkpoint.io import complete_checkpoints, mark_directory, marker_path
+from tunelab.checkpoint.resume import find_resume
 from tunelab.cli import preflight
 from tunelab.config.checks import check_engine
 from tunelab.config.schema import build, compose, validate
@@ -262,7 +257,7 @@ def test_a_checkpoint_directory_without_marker_is_not_resumed(tmp_path):
 
 
 def identity_of(overrides: list[str]) -> dict:
-    from tunelab.checkpoint.checkpointing import identity
+    from tunelab.checkpoint.resume import identity
 
     return identity(compose(overrides, return_hydra_config=False))
 
