@@ -25,7 +25,7 @@ import yaml
 from conftest import REPO, make_cfg
 from tunelab import paths
 from tunelab.checkpoint.callback import AtomicCheckpointIO, Checkpointing
-from tunelab.checkpoint.io import complete_checkpoints, mark_directory, marker_path
+from tunelab.checkpoint.io import complete_checkpoints, link_last, mark_directory, marker_path
 from tunelab.checkpoint.resume import find_resume
 from tunelab.cli import preflight
 from tunelab.config.checks import check_engine
@@ -218,7 +218,7 @@ def test_checkpoint_directories_are_marked_linked_pruned_and_resumed(tmp_path):
     for step in (2, 4, 6):
         path = _shards(directory / f"step{step}.ckpt")
         mark_directory(path, info, step=step, epoch=0)
-        callback._link_last(path)
+        link_last(directory, path)
         callback._prune()
     assert sorted(p.name for p in directory.glob("step*.ckpt")) == ["step4.ckpt", "step6.ckpt"]  # whole dirs gone
     assert not marker_path(directory / "step2.ckpt").exists()
