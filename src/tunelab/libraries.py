@@ -103,3 +103,18 @@ def sacrebleu_statistics(metric: Any, predictions: list[str], references: list[l
 def sacrebleu_score(metric: Any, statistics: list[Any]) -> float:
     """The corpus score (0-100) of summed sufficient statistics; the pair of `sacrebleu_statistics`."""
     return float(metric._compute_score_from_stats(statistics).score)
+
+
+# ---- OmegaConf (Hydra's config library) ---------------------------------------------------------------
+def config_child(node: Any, key: str | int) -> Any:
+    """The child of a DictConfig or ListConfig as stored: a node whose interpolations are not yet resolved.
+
+    Why private: the public `node[key]` resolves interpolations, and validation walks the tree before every
+    resolver can run (a `${tunelab_path:}` or a missing value must be reported, not raised mid-walk).
+    """
+    return node._get_node(key)
+
+
+def raw_target(node: Any) -> str:
+    """A node's `_target_` as written in the YAML (no interpolation resolved); the pair of `config_child`."""
+    return str(node._get_node("_target_")._value())

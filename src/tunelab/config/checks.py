@@ -25,6 +25,7 @@ from typing import Any
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from tunelab import libraries
 from tunelab.errors import ConfigError, did_you_mean
 
 MISSING_VALUE = object()
@@ -203,10 +204,10 @@ def _leaves(node: Any, path: str = "") -> Iterator[str]:
                 continue
             child = f"{path}.{key}" if path else str(key)
             yield child
-            yield from _leaves(node._get_node(key), child)
+            yield from _leaves(libraries.config_child(node, key), child)
     elif isinstance(node, ListConfig):
         for i in range(len(node)):
-            yield from _leaves(node._get_node(i), f"{path}[{i}]")
+            yield from _leaves(libraries.config_child(node, i), f"{path}[{i}]")
 
 
 def _value(cfg: DictConfig, key: str) -> Any:
@@ -307,7 +308,7 @@ def check_choices(cfg: DictConfig) -> None:
 
     for path, node in _target_nodes(cfg):
         try:
-            hints = _hints(get_object(str(node._get_node("_target_")._value())))
+            hints = _hints(get_object(libraries.raw_target(node)))
         except Exception:  # unimportable: _check_targets reports it
             continue
         for key in node:
@@ -322,7 +323,7 @@ def check_choices(cfg: DictConfig) -> None:
             if value in choices:
                 continue
             names = [str(c) for c in choices]
-            raise ConfigError(f"unknown {key} {value!r} for {node._get_node('_target_')._value()}",
+            raise ConfigError(f"unknown {key} {value!r} for {libraries.raw_target(node)}",
                               _where(cfg, f"{path}.{key}"), did_you_mean(str(value), names))
 
 
@@ -413,7 +414,7 @@ def strategy_target(cfg: DictConfig) -> str | None:
     """The `_target_` of trainer.strategy, or None when it is a name (`ddp`, `auto`) or absent."""
     node = OmegaConf.select(cfg, "trainer.strategy", default=None)
     if isinstance(node, DictConfig) and "_target_" in node:
-        return str(node._get_node("_target_")._value())
+        return libraries.raw_target(node)
     return None
 
 

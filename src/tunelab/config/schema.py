@@ -24,7 +24,7 @@ from hydra.utils import get_object
 from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
-from tunelab import paths
+from tunelab import libraries, paths
 from tunelab.config.signatures import Signatures
 from tunelab.errors import ConfigError, TunelabError, did_you_mean
 
@@ -251,7 +251,7 @@ def _target_nodes(node: Any, path: str = "") -> Iterator[tuple[str, DictConfig]]
         for key in node:
             if path == "" and key == "hydra":
                 continue
-            child = node._get_node(key)
+            child = libraries.config_child(node, key)
             yield from _target_nodes(child, f"{path}.{key}" if path else str(key))
     elif isinstance(node, ListConfig):
         for i, child in enumerate(node):
@@ -262,7 +262,7 @@ def _check_targets(cfg: DictConfig) -> None:
     signatures = Signatures()  # cached on disk: no import of torch & co. once each target has been seen
     try:
         for path, node in _target_nodes(cfg):
-            target = str(node._get_node("_target_")._value())
+            target = libraries.raw_target(node)
             try:
                 params = signatures.params(target)
             except Exception:  # hydra raises ImportError or its own InstantiationException
@@ -349,7 +349,7 @@ def build(node: Any, **kwargs: Any) -> Any:
 def build_with(node: Any, **runtime: Any) -> Any:
     """`build(node)`, passing each runtime object in `runtime` only to a target that names it as a parameter
     (a W&B logger takes the run context; a CSV logger does not)."""
-    target = get_object(str(node._get_node("_target_")._value()))
+    target = get_object(libraries.raw_target(node))
     try:
         params = inspect.signature(target).parameters
     except (TypeError, ValueError):
@@ -433,7 +433,7 @@ def _bad_override(
     add = f"; to add a key the YAML does not set use +{key}=..."
     if isinstance(node, DictConfig) and "_target_" in node:
         # The YAML names a few of the target's arguments; the user may mean any of the others.
-        target = str(node._get_node("_target_")._value())
+        target = libraries.raw_target(node)
         accepted = _signature_keys(target)
         if accepted is not None:
             where = f"override {key} on the command line"

@@ -76,7 +76,8 @@ def summarize(R: Matrix, baseline: Sequence[float], intro: Sequence[int]) -> dic
 
 
 # ---- writing a pipeline's matrix -----------------------------------------------------------------------
-def _fmt(value: float | None) -> str:
+def fmt(value: float | None) -> str:
+    """A figure as the matrix, the tables and the plot titles show it: 4 decimals, `-` where undefined."""
     return "-" if value is None else f"{value:.4f}"
 
 
@@ -140,10 +141,10 @@ def print_matrix(tasks: Sequence[str], rows: Sequence[tuple[str, Mapping[str, fl
     if probe:
         table.add_column(f"probe: {probe}", justify="right", overflow="fold")
     for name, scores in rows:
-        table.add_row(name, *(_fmt(scores.get(t)) for t in tasks), *([_fmt(scores.get(probe))] if probe else []))
+        table.add_row(name, *(fmt(scores.get(t)) for t in tasks), *([fmt(scores.get(probe))] if probe else []))
     console = Console()
     console.print(table)
-    console.print("  ".join(f"{key.upper()} {_fmt(summary.get(key))}" for key in ("acc", "bwt", "forgetting", "fwt")))
+    console.print("  ".join(f"{key.upper()} {fmt(summary.get(key))}" for key in ("acc", "bwt", "forgetting", "fwt")))
 
 
 # ---- comparing strategies: the pipelines of one multirun -----------------------------------------------
@@ -179,7 +180,7 @@ def compare(sweep_dir: Path, pipelines: Sequence[Mapping[str, Any]] | None = Non
     md = ["| strategy | stages | ACC | BWT | forgetting | FWT | probe change |", "|---|---:|---:|---:|---:|---:|---:|"]
     for p in pipelines:
         md.append(f"| {p.get('strategy', '?')} | {p.get('stages_done')}/{p.get('stages_total', '?')} | "
-                  + " | ".join(_fmt(p.get(k)) for k in COMPARED) + " |")
+                  + " | ".join(fmt(p.get(k)) for k in COMPARED) + " |")
     atomic_write(sweep_dir / "comparison.md", "\n".join(md) + "\n")
 
     import matplotlib
@@ -218,7 +219,7 @@ def print_comparison(pipelines: Sequence[Mapping[str, Any]], title: str) -> None
         table.add_column(column, justify="left" if column == "strategy" else "right")
     for p in pipelines:
         table.add_row(str(p.get("strategy", "?")), f"{p.get('stages_done')}/{p.get('stages_total', '?')}",
-                      *(_fmt(p.get(k)) for k in COMPARED))
+                      *(fmt(p.get(k)) for k in COMPARED))
     Console().print(table)
 
 

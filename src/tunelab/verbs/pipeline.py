@@ -476,8 +476,8 @@ def _write_outputs(pipeline_dir: Path, plan: Plan, rows: Sequence[tuple[str, dic
                "probe_change": (probe_values[-1] - probe_values[0]) if len(probe_values) > 1 else None,
                "stages": [asdict(s) for s in plan.stages]}
     forgetting.write_matrix(pipeline_dir, plan.tasks, metric_names(plan), rows, probe, summary)
-    heading = (f"{name} · {strategy} · ACC {forgetting._fmt(figures['acc'])} BWT {forgetting._fmt(figures['bwt'])} "
-               f"forgetting {forgetting._fmt(figures['forgetting'])}")
+    heading = (f"{name} · {strategy} · ACC {forgetting.fmt(figures['acc'])} BWT {forgetting.fmt(figures['bwt'])} "
+               f"forgetting {forgetting.fmt(figures['forgetting'])}")
     forgetting.heatmap(pipeline_dir / "heatmap.png", plan.tasks, rows, heading)
     forgetting.print_matrix(plan.tasks, rows, probe, summary, f"{title} — {'final' if final else 'so far'}")
     return summary
