@@ -14,7 +14,7 @@ from typing import Any
 
 import pytorch_lightning as pl
 
-import tunelab.checkpoint.checkpointing as checkpointing
+import tunelab.checkpoint.io as checkpoint_io
 
 
 class KillAt(pl.Callback):
@@ -42,7 +42,7 @@ class KillAt(pl.Callback):
                 self._die(self.step)
             replace(src, dst)
 
-        checkpointing.os.replace = replace_or_die  # the writer's own module: a kill inside save_atomic
+        checkpoint_io.os.replace = replace_or_die  # the writer's own module: a kill inside save_atomic
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
                              batch_idx: int) -> None:

@@ -88,7 +88,7 @@ def test_cache_hit_and_invalidation_on_content_change(tmp_path, tokenizer):
     for entry in cache.glob("*.json"):
         entry.write_text("{broken")
     assert load().splits["qa"]["train"][0].reference == "no!"
-    assert not list(cache.glob("*.tmp"))
+    assert not list(cache.glob(".*.tmp-*"))
 
 
 def test_mixture_sampling_follows_the_weights(tmp_path, tokenizer):

@@ -19,7 +19,7 @@ from omegaconf import OmegaConf
 
 import tunelab.verbs.train as train_mod
 from conftest import REPO, make_cfg
-from tunelab.checkpoint.checkpointing import identity
+from tunelab.checkpoint.resume import identity
 from tunelab.config.build import build
 from tunelab.config.compose import compose
 from tunelab.config.validate import validate

@@ -22,7 +22,7 @@ import torch
 from safetensors.torch import load_file
 
 from forkrun import fork_tunelab
-from tunelab.checkpoint.checkpointing import complete_checkpoints
+from tunelab.checkpoint.io import complete_checkpoints
 
 pytestmark = pytest.mark.slow
 

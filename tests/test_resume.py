@@ -18,16 +18,8 @@ from torch import nn
 
 from conftest import make_cfg
 from forkrun import fork_tunelab, wait_for
-from tunelab.checkpoint import checkpointing
-from tunelab.checkpoint.checkpointing import (
-    CheckpointInfo,
-    Resume,
-    complete_checkpoints,
-    find_resume,
-    identity,
-    marker_path,
-    save_atomic,
-)
+from tunelab.checkpoint.io import CheckpointInfo, complete_checkpoints, marker_path, save_atomic
+from tunelab.checkpoint.resume import Resume, find_resume, identity
 from tunelab.errors import CheckpointError
 
 
@@ -60,7 +52,7 @@ def test_a_full_disk_is_a_checkpoint_error_and_keeps_the_previous_checkpoint(tmp
         file.write(b"PK\x03\x04" + b"\0" * 1000)
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-    monkeypatch.setattr(checkpointing.torch, "save", save_half_then_fail)
+    monkeypatch.setattr(torch, "save", save_half_then_fail)
     with pytest.raises(CheckpointError) as err:
         save_atomic(_checkpoint(4), path)
     assert err.value.exit_code == 4 and "No space left on device" in err.value.message()

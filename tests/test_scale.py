@@ -24,14 +24,9 @@ import yaml
 
 from conftest import REPO, make_cfg
 from tunelab import paths
-from tunelab.checkpoint.checkpointing import (
-    AtomicCheckpointIO,
-    Checkpointing,
-    complete_checkpoints,
-    find_resume,
-    mark_directory,
-    marker_path,
-)
+from tunelab.checkpoint.callback import AtomicCheckpointIO, Checkpointing
+from tunelab.checkpoint.io import complete_checkpoints, link_last, mark_directory, marker_path
+from tunelab.checkpoint.resume import find_resume
 from tunelab.cli import preflight
 from tunelab.config.build import build
 from tunelab.config.compose import compose
@@ -225,7 +220,7 @@ def test_checkpoint_directories_are_marked_linked_pruned_and_resumed(tmp_path):
     for step in (2, 4, 6):
         path = _shards(directory / f"step{step}.ckpt")
         mark_directory(path, info, step=step, epoch=0)
-        callback._link_last(path)
+        link_last(directory, path)
         callback._prune()
     assert sorted(p.name for p in directory.glob("step*.ckpt")) == ["step4.ckpt", "step6.ckpt"]  # whole dirs gone
     assert not marker_path(directory / "step2.ckpt").exists()
@@ -264,7 +259,7 @@ def test_a_checkpoint_directory_without_marker_is_not_resumed(tmp_path):
 
 
 def identity_of(overrides: list[str]) -> dict:
-    from tunelab.checkpoint.checkpointing import identity
+    from tunelab.checkpoint.resume import identity
 
     return identity(compose(overrides, return_hydra_config=False))
 

@@ -18,8 +18,9 @@ from tunelab import cli
 from tunelab.config.compose import compose
 from tunelab.config.validate import validate
 from tunelab.errors import ConfigError
+from tunelab.tracking.wandb_log import records as wandb_records
 from tunelab.verbs.sweep_report import main as report_main
-from tunelab.verbs.sweep_report import report, wandb_records
+from tunelab.verbs.sweep_report import report
 
 REPO = Path(__file__).resolve().parents[1]
 TUNELAB = str(Path(sys.executable).with_name("tunelab"))

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 from omegaconf import DictConfig, OmegaConf
 
+from tunelab import libraries
 from tunelab.config.compose import compose, new_run_id, register_resolvers
 from tunelab.config.validate import validate
 from tunelab.errors import ConfigError, TunelabError, did_you_mean, exit_with
@@ -89,15 +90,9 @@ MAX_PREFLIGHT = 64  # sweep combinations composed before launch; beyond, each va
 
 def _config_loader(config_dir: str | None):  # noqa: ANN202 - hydra's ConfigLoaderImpl
     """Hydra's config loader over conf/ (and --config-dir), so `group=glob(*)` expands to the group's options."""
-    from hydra._internal.config_loader_impl import ConfigLoaderImpl
-    from hydra._internal.utils import create_config_search_path
-
     from tunelab import paths
 
-    search_path = create_config_search_path(str(paths.conf_dir()))
-    if config_dir:
-        search_path.prepend("command-line", f"file://{os.path.abspath(config_dir)}")
-    return ConfigLoaderImpl(config_search_path=search_path)
+    return libraries.hydra_config_loader(str(paths.conf_dir()), config_dir)
 
 
 def _expand(overrides: list[str], multirun: bool, config_dir: str | None = None) -> list[list[str]]:
@@ -129,9 +124,7 @@ def preflight(argv: list[str], config_name: str = "train", deep: bool = True, ch
     `deep=False` leaves out the checks that import the training libraries (see config.validate).
     `check` (`module:function`) is also called with each composed config when `deep` (a verb's own checks).
     """
-    from hydra._internal.utils import get_args_parser
-
-    args = get_args_parser().parse_args(argv)
+    args = libraries.hydra_args(argv)
     if args.help or args.hydra_help or args.info or args.shell_completion:
         return
     from hydra.errors import OverrideParseException
@@ -250,9 +243,7 @@ def overrides_last(argv: list[str]) -> list[str]:
     Hydra parses with argparse, which takes positionals only once: `a=1 --cfg job b=2` fails, and so
     would `a=1 --cfg job` once the CLI appends `run_id=...`. Reordering keeps every spelling working.
     """
-    from hydra._internal.utils import get_args_parser
-
-    overrides = get_args_parser().parse_intermixed_args(argv).overrides
+    overrides = libraries.hydra_args(argv, intermixed=True).overrides
     flags, pending = [], list(overrides)
     for token in argv:
         if pending and token == pending[0]:
@@ -263,9 +254,7 @@ def overrides_last(argv: list[str]) -> list[str]:
 
 
 def _answered_by_hydra(argv: list[str]) -> bool:
-    from hydra._internal.utils import get_args_parser
-
-    args = get_args_parser().parse_args(argv)
+    args = libraries.hydra_args(argv)
     return bool(args.help or args.hydra_help or args.cfg or args.info or args.shell_completion)
 
 
@@ -307,9 +296,7 @@ def run_verb(verb: Verb | str, argv: list[str] | None = None) -> None:
         # Each verb's primary config is conf/<config>.yaml; --cfg job only prints, so it needs no deep checks.
         preflight(argv, verb.config, deep=not _answered_by_hydra(argv), check=verb.check)
         if not _answered_by_hydra(argv):
-            from tunelab.checkpoint.checkpointing import (
-                prepare_run_dir,  # after preflight: a typo fails before torch loads
-            )
+            from tunelab.prelaunch import prepare_run_dir  # after preflight: a typo fails before torch loads
 
             argv = prepare_run_dir(argv, verb.config)  # busy run dir (exit 2), bad resume= (exit 4): before Hydra
     except TunelabError as err:

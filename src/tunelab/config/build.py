@@ -9,6 +9,7 @@ from typing import Any
 
 from hydra.utils import get_object
 
+from tunelab import libraries
 from tunelab.errors import ConfigError, TunelabError
 
 
@@ -43,7 +44,7 @@ def build(node: Any, **kwargs: Any) -> Any:
 def build_with(node: Any, **runtime: Any) -> Any:
     """`build(node)`, passing each runtime object in `runtime` only to a target that names it as a parameter
     (a W&B logger takes the run context; a CSV logger does not)."""
-    target = get_object(str(node._get_node("_target_")._value()))
+    target = get_object(libraries.raw_target(node))
     try:
         params = inspect.signature(target).parameters
     except (TypeError, ValueError):

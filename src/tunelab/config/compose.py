@@ -13,7 +13,7 @@ from pathlib import Path
 from hydra.errors import ConfigCompositionException, MissingConfigException, OverrideParseException
 from omegaconf import DictConfig, OmegaConf
 
-from tunelab import paths
+from tunelab import libraries, paths
 from tunelab.config.signatures import Signatures
 from tunelab.errors import ConfigError, did_you_mean
 
@@ -109,7 +109,7 @@ def _bad_override(
     add = f"; to add a key the YAML does not set use +{key}=..."
     if isinstance(node, DictConfig) and "_target_" in node:
         # The YAML names a few of the target's arguments; the user may mean any of the others.
-        target = str(node._get_node("_target_")._value())
+        target = libraries.raw_target(node)
         accepted = _signature_keys(target)
         if accepted is not None:
             where = f"override {key} on the command line"

@@ -7,6 +7,7 @@ from enum import Enum
 
 from omegaconf import DictConfig, OmegaConf
 
+from tunelab import libraries
 from tunelab.config.locate import MISSING_VALUE, value_at, where
 from tunelab.errors import ConfigError, did_you_mean
 
@@ -23,7 +24,7 @@ def strategy_target(cfg: DictConfig) -> str | None:
     """The `_target_` of trainer.strategy, or None when it is a name (`ddp`, `auto`) or absent."""
     node = OmegaConf.select(cfg, "trainer.strategy", default=None)
     if isinstance(node, DictConfig) and "_target_" in node:
-        return str(node._get_node("_target_")._value())
+        return libraries.raw_target(node)
     return None
 
 

@@ -11,7 +11,7 @@ from typing import Any
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from tunelab import paths
+from tunelab import libraries, paths
 
 MISSING_VALUE = object()  # what `value_at` returns for a key that is absent, missing or not yet resolvable
 
@@ -67,10 +67,10 @@ def leaves(node: Any, path: str = "") -> Iterator[str]:
                 continue
             child = f"{path}.{key}" if path else str(key)
             yield child
-            yield from leaves(node._get_node(key), child)
+            yield from leaves(libraries.config_child(node, key), child)
     elif isinstance(node, ListConfig):
         for i in range(len(node)):
-            yield from leaves(node._get_node(i), f"{path}[{i}]")
+            yield from leaves(libraries.config_child(node, i), f"{path}[{i}]")
 
 
 def value_at(cfg: DictConfig, key: str) -> Any:

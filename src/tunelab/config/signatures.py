@@ -15,13 +15,13 @@ import inspect
 import json
 import os
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any
 
 from hydra.utils import get_object
 
 from tunelab import paths
+from tunelab.checkpoint.io import atomic_write
 
 _FILE = "signatures-v1.json"
 
@@ -63,9 +63,7 @@ def _store(entries: dict[str, Any]) -> None:
     file = _cache_file()
     try:
         file.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile("w", dir=file.parent, suffix=".tmp", delete=False) as handle:
-            json.dump(entries, handle)
-        os.replace(handle.name, file)  # atomic: parallel jobs see the old file or the whole new one
+        atomic_write(file, json.dumps(entries), durable=False)  # parallel jobs see the old file or the whole new one
     except OSError:
         pass  # a read-only home only costs the import next time
 

@@ -16,6 +16,7 @@ from typing import Any
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
+from tunelab import libraries
 from tunelab.config.locate import MISSING_VALUE, value_at, where
 from tunelab.config.signatures import Signatures
 from tunelab.errors import ConfigError, did_you_mean
@@ -31,7 +32,7 @@ def target_nodes(node: Any, path: str = "") -> Iterator[tuple[str, DictConfig]]:
         for key in node:
             if path == "" and key == "hydra":
                 continue
-            child = node._get_node(key)
+            child = libraries.config_child(node, key)
             yield from target_nodes(child, f"{path}.{key}" if path else str(key))
     elif isinstance(node, ListConfig):
         for i, child in enumerate(node):
@@ -43,7 +44,7 @@ def check_targets(cfg: DictConfig) -> None:
     signatures = Signatures()  # cached on disk: no import of torch & co. once each target has been seen
     try:
         for path, node in target_nodes(cfg):
-            target = str(node._get_node("_target_")._value())
+            target = libraries.raw_target(node)
             try:
                 params = signatures.params(target)
             except Exception:  # hydra raises ImportError or its own InstantiationException
@@ -113,7 +114,7 @@ def check_choices(cfg: DictConfig) -> None:
 
     for path, node in target_nodes(cfg):
         try:
-            hints = _hints(get_object(str(node._get_node("_target_")._value())))
+            hints = _hints(get_object(libraries.raw_target(node)))
         except Exception:  # unimportable: check_targets reports it
             continue
         for key in node:
@@ -128,7 +129,7 @@ def check_choices(cfg: DictConfig) -> None:
             if value in choices:
                 continue
             names = [str(c) for c in choices]
-            raise ConfigError(f"unknown {key} {value!r} for {node._get_node('_target_')._value()}",
+            raise ConfigError(f"unknown {key} {value!r} for {libraries.raw_target(node)}",
                               where(cfg, f"{path}.{key}"), did_you_mean(str(value), names))
 
 

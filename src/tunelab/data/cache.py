@@ -12,11 +12,10 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
+from tunelab.checkpoint.io import atomic_write
 from tunelab.data.encode import Encoded
 from tunelab.data.sources import SUFFIXES
 
@@ -73,7 +72,5 @@ def read_cache(cache_dir: Path, key: str) -> tuple[dict[str, list[Encoded]], dic
 def write_cache(cache_dir: Path, key: str, splits: dict[str, list[Encoded]], stats: dict[str, Any]) -> None:
     cache_dir.mkdir(parents=True, exist_ok=True)
     data = {"splits": {split: [vars(item) for item in items] for split, items in splits.items()}, "stats": stats}
-    handle = tempfile.NamedTemporaryFile("w", dir=cache_dir, suffix=".tmp", delete=False)
-    with handle:
-        json.dump(data, handle)
-    os.replace(handle.name, cache_dir / f"{key}.json")  # atomic: readers see the old entry or the whole new one
+    # Readers see the old entry or the whole new one; a lost entry is only rebuilt, so no fsync.
+    atomic_write(cache_dir / f"{key}.json", json.dumps(data), durable=False)

@@ -16,6 +16,8 @@ from typing import Any
 
 import numpy as np
 
+from tunelab import libraries
+
 _PUNCT = re.compile(f"[{re.escape(string.punctuation)}]")
 
 
@@ -126,12 +128,12 @@ class SufficientStatistics:
 
     def stats(self, predictions: Sequence[str], references: Sequence[str]) -> np.ndarray:
         metric = _sacrebleu_metric(self.name)
-        return np.asarray(metric._extract_corpus_statistics(list(predictions), [list(references)]), dtype=float)
+        return np.asarray(libraries.sacrebleu_statistics(metric, list(predictions), [list(references)]), dtype=float)
 
     def from_stats(self, total: np.ndarray) -> float:
         metric = _sacrebleu_metric(self.name)
         counts = [int(x) if float(x).is_integer() else float(x) for x in total]  # BLEU wants integer counts
-        return float(metric._compute_score_from_stats(counts).score) / 100.0
+        return libraries.sacrebleu_score(metric, counts) / 100.0
 
     def __call__(self, predictions: Sequence[str], references: Sequence[str]) -> float:
         return self.from_stats(self.stats(predictions, references).sum(axis=0))

@@ -16,14 +16,12 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
-import shutil
-import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from tunelab.checkpoint.io import atomic_directory
 from tunelab.errors import ConfigError, DataError, did_you_mean
 
 log = logging.getLogger(__name__)
@@ -99,14 +97,8 @@ class Bm25Retriever:
             return
         self.index = bm25s.BM25(method=method, k1=k1, b=b)
         self.index.index(bm25s.tokenize(self.texts, stopwords=stopwords, show_progress=False), show_progress=False)
-        if folder is not None:
-            folder.parent.mkdir(parents=True, exist_ok=True)
-            staging = Path(tempfile.mkdtemp(dir=folder.parent, suffix=".tmp"))
-            self.index.save(str(staging), allow_pickle=False)
-            try:
-                os.replace(staging, folder)  # atomic: readers see no index or a whole one
-            except OSError:  # a parallel job renamed its identical index first
-                shutil.rmtree(staging, ignore_errors=True)
+        if folder is not None:  # readers see no index or a whole one; a parallel job may have renamed its own first
+            atomic_directory(folder, lambda staging: self.index.save(str(staging), allow_pickle=False))
 
     def search(self, query: str, k: int) -> list[tuple[Passage, float]]:
         """The `k` best passages for `query` with their BM25 scores, best first."""

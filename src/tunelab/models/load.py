@@ -12,6 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from tunelab import libraries
 from tunelab.config.chat_templates import chat_template_problem, resolve_chat_template
 from tunelab.errors import CheckpointError, ConfigError, did_you_mean
 
@@ -130,7 +131,7 @@ def load_causal_lm(
                                   f"key model.config_overrides.{key}",
                                   did_you_mean(key, [k for k in config.to_dict() if not k.startswith("_")]))
             setattr(config, key, value)
-        config._attn_implementation = attn_implementation
+        libraries.set_attn_implementation(config, attn_implementation)
         try:
             model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
         except (ValueError, RuntimeError) as err:  # e.g. a hidden size the heads do not divide
@@ -203,14 +204,14 @@ def _apply_liger(model: nn.Module) -> None:
     if importlib.util.find_spec("liger_kernel") is None:
         raise ConfigError("model.liger_kernel needs the liger-kernel package, which is not installed", key,
                           "pip install 'tunelab[liger]', or set model.liger_kernel=false")
-    from liger_kernel.transformers import _apply_liger_kernel_to_instance, monkey_patch
+    from liger_kernel.transformers import monkey_patch
 
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     supported = getattr(monkey_patch, "MODEL_TYPE_TO_APPLY_LIGER_FN", None)
     if supported is not None and model_type not in supported:  # Liger would only log this and do nothing
         raise ConfigError(f"Liger has no kernels for model type {model_type!r}", key,
                           f"{did_you_mean(str(model_type), list(supported))}; or set model.liger_kernel=false")
-    _apply_liger_kernel_to_instance(model=model, fused_linear_cross_entropy=False, cross_entropy=False)
+    libraries.apply_liger_kernel(model)
 
 
 def block_stack(model: nn.Module, key: str = "key method.freeze.last_n_layers") -> tuple[str, nn.ModuleList]:

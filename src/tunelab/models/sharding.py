@@ -17,6 +17,7 @@ from typing import Any
 from torch import nn
 from torch.distributed.fsdp.wrap import CustomPolicy
 
+from tunelab import libraries
 from tunelab.errors import ConfigError
 
 
@@ -66,7 +67,7 @@ def full_state_dict(trainer: Any) -> dict[str, Any] | None:
         state = strategy.lightning_module_state_dict()
         return state if trainer.is_global_zero else {}
     if isinstance(strategy, DeepSpeedStrategy) and strategy.zero_stage_3:
-        state = strategy.deepspeed_engine._zero3_consolidated_16bit_state_dict()
+        state = libraries.deepspeed_full_state_dict(strategy.deepspeed_engine)
         return dict(state) if trainer.is_global_zero and state is not None else {}
     return None
 

@@ -21,10 +21,11 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
+
+from tunelab.checkpoint.io import atomic_write
 
 Matrix = Sequence[Sequence[float]]
 
@@ -75,14 +76,8 @@ def summarize(R: Matrix, baseline: Sequence[float], intro: Sequence[int]) -> dic
 
 
 # ---- writing a pipeline's matrix -----------------------------------------------------------------------
-def _atomic_write(path: Path, text: str) -> None:
-    """Write via a temporary file and rename: a reader (or a kill) never sees half a file."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def _fmt(value: float | None) -> str:
+def fmt(value: float | None) -> str:
+    """A figure as the matrix, the tables and the plot titles show it: 4 decimals, `-` where undefined."""
     return "-" if value is None else f"{value:.4f}"
 
 
@@ -101,9 +96,9 @@ def write_matrix(out_dir: Path, tasks: Sequence[str], metric_names: Sequence[str
 
     buffer = StringIO()
     csv.writer(buffer, lineterminator="\n").writerows(lines)
-    _atomic_write(matrix, buffer.getvalue())
+    atomic_write(matrix, buffer.getvalue())
     summary_file = out_dir / "summary.json"
-    _atomic_write(summary_file, json.dumps(summary, indent=2, sort_keys=True) + "\n")
+    atomic_write(summary_file, json.dumps(summary, indent=2, sort_keys=True) + "\n")
     return [matrix, summary_file]
 
 
@@ -128,10 +123,8 @@ def heatmap(path: Path, tasks: Sequence[str], rows: Sequence[tuple[str, Mapping[
     ax.set_title(title, fontsize=9)
     fig.colorbar(image, ax=ax, fraction=0.046)
     fig.tight_layout()
-    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.png")
-    fig.savefig(tmp, dpi=110)
+    atomic_write(path, lambda file: fig.savefig(file, format="png", dpi=110), durable=False)
     plt.close(fig)
-    os.replace(tmp, path)
     return path
 
 
@@ -148,10 +141,10 @@ def print_matrix(tasks: Sequence[str], rows: Sequence[tuple[str, Mapping[str, fl
     if probe:
         table.add_column(f"probe: {probe}", justify="right", overflow="fold")
     for name, scores in rows:
-        table.add_row(name, *(_fmt(scores.get(t)) for t in tasks), *([_fmt(scores.get(probe))] if probe else []))
+        table.add_row(name, *(fmt(scores.get(t)) for t in tasks), *([fmt(scores.get(probe))] if probe else []))
     console = Console()
     console.print(table)
-    console.print("  ".join(f"{key.upper()} {_fmt(summary.get(key))}" for key in ("acc", "bwt", "forgetting", "fwt")))
+    console.print("  ".join(f"{key.upper()} {fmt(summary.get(key))}" for key in ("acc", "bwt", "forgetting", "fwt")))
 
 
 # ---- comparing strategies: the pipelines of one multirun -----------------------------------------------
@@ -183,12 +176,12 @@ def compare(sweep_dir: Path, pipelines: Sequence[Mapping[str, Any]] | None = Non
 
     buffer = StringIO()
     csv.writer(buffer, lineterminator="\n").writerows([header, *rows])
-    _atomic_write(sweep_dir / "comparison.csv", buffer.getvalue())
+    atomic_write(sweep_dir / "comparison.csv", buffer.getvalue())
     md = ["| strategy | stages | ACC | BWT | forgetting | FWT | probe change |", "|---|---:|---:|---:|---:|---:|---:|"]
     for p in pipelines:
         md.append(f"| {p.get('strategy', '?')} | {p.get('stages_done')}/{p.get('stages_total', '?')} | "
-                  + " | ".join(_fmt(p.get(k)) for k in COMPARED) + " |")
-    _atomic_write(sweep_dir / "comparison.md", "\n".join(md) + "\n")
+                  + " | ".join(fmt(p.get(k)) for k in COMPARED) + " |")
+    atomic_write(sweep_dir / "comparison.md", "\n".join(md) + "\n")
 
     import matplotlib
 
@@ -212,10 +205,8 @@ def compare(sweep_dir: Path, pipelines: Sequence[Mapping[str, Any]] | None = Non
     ax.set_title(f"{pipelines[0].get('pipeline', '')}: ACC, BWT and forgetting by strategy", fontsize=9)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    tmp = sweep_dir / f".comparison.{os.getpid()}.tmp.png"
-    fig.savefig(tmp, dpi=110)
+    atomic_write(sweep_dir / "comparison.png", lambda file: fig.savefig(file, format="png", dpi=110), durable=False)
     plt.close(fig)
-    os.replace(tmp, sweep_dir / "comparison.png")
     return [sweep_dir / "comparison.csv", sweep_dir / "comparison.md", sweep_dir / "comparison.png"]
 
 
@@ -228,7 +219,7 @@ def print_comparison(pipelines: Sequence[Mapping[str, Any]], title: str) -> None
         table.add_column(column, justify="left" if column == "strategy" else "right")
     for p in pipelines:
         table.add_row(str(p.get("strategy", "?")), f"{p.get('stages_done')}/{p.get('stages_total', '?')}",
-                      *(_fmt(p.get(k)) for k in COMPARED))
+                      *(fmt(p.get(k)) for k in COMPARED))
     Console().print(table)
 
 

@@ -24,19 +24,17 @@ import hashlib
 import json
 import os
 import re
-import struct
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from tunelab.errors import CheckpointError, ConfigError
+from tunelab.tracking import wandb_log
 
 SCHEME = "wandb-artifact://"
 ROOTS_ENV = "TUNELAB_ARTIFACT_ROOTS"
 _REF = re.compile(r"^(?:(?P<entity>[\w.-]+)/)?(?:(?P<project>[\w.-]+)/)?(?P<name>[\w.-]+)(?::(?P<alias>[\w.-]+))?$")
-_BLOCK = 32768  # W&B's transaction log uses LevelDB's log format: 32 KiB blocks of 7-byte-headed chunks
-_HEADER = 7  # ':W&B' + 2-byte magic + 1-byte version at the start of the file
 
 
 # ---- logging -------------------------------------------------------------------------------------
@@ -89,40 +87,9 @@ def parse_reference(text: str) -> Reference | None:
                      project=parts["project"])
 
 
-def _records(path: Path) -> Iterator[bytes]:
-    """The records of a W&B transaction log (LevelDB log format: each chunk is crc32, length, type)."""
-    data = path.read_bytes()
-    if data[:4] != b":W&B":
-        return
-    pos, pending = _HEADER, b""
-    while pos + 7 <= len(data):
-        left = _BLOCK - pos % _BLOCK
-        if left < 7:  # a block's tail too short for a header is padding
-            pos += left
-            continue
-        _, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
-        chunk, pos = data[pos + 7:pos + 7 + length], pos + 7 + length
-        if kind == 1:  # full
-            yield chunk
-        elif kind == 2:  # first
-            pending = chunk
-        elif kind == 3:  # middle
-            pending += chunk
-        elif kind == 4:  # last
-            yield pending + chunk
-            pending = b""
-
-
 def offline_artifacts(log_file: Path) -> Iterator[dict[str, Any]]:
     """The artifact records of one offline run: name, type, aliases, metadata, files (path -> md5 b64)."""
-    from wandb.proto import wandb_internal_pb2
-
-    for data in _records(log_file):
-        record = wandb_internal_pb2.Record()
-        try:
-            record.ParseFromString(data)
-        except Exception:  # noqa: BLE001 - a torn last record of a killed run
-            continue
+    for record in wandb_log.records(log_file):
         if record.WhichOneof("record_type") != "artifact":
             continue
         art = record.artifact

@@ -20,6 +20,7 @@ from pytorch_lightning.utilities import GradClipAlgorithmType
 from torch import nn
 from torchmetrics import MeanMetric
 
+from tunelab import libraries
 from tunelab.config.schema import OnNonFinite
 from tunelab.data.packing import VARLEN_KEYS, block_causal_mask, flatten_rows, uses_flash_attention
 from tunelab.errors import NumericsError
@@ -152,7 +153,7 @@ class TuneModule(pl.LightningModule):
         Lightning bookkeeping (cProfile); three a step, thrown away on 9 steps of 10, were tunelab's per-step
         overhead over HF Trainer (bench/overhead.py)."""
         trainer = self.trainer
-        return trainer._logger_connector.should_update_logs or trainer.global_step + 1 >= self._total_steps
+        return libraries.should_update_logs(trainer) or trainer.global_step + 1 >= self._total_steps
 
     def configure_gradient_clipping(self, optimizer: torch.optim.Optimizer, gradient_clip_val: float | None = None,
                                     gradient_clip_algorithm: str | None = None) -> None:

@@ -38,6 +38,7 @@ from typing import Any
 import pytorch_lightning as pl
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from tunelab.checkpoint.io import atomic_write
 from tunelab.config.build import build, build_with
 from tunelab.config.validate import validate
 from tunelab.errors import ConfigError
@@ -66,7 +67,7 @@ def _check_plan(pipeline_dir: Path, record: dict[str, Any]) -> None:
     """A resumed pipeline must be the same pipeline: same stages, same overrides, same strategy."""
     saved_file = pipeline_dir / "plan.json"
     if not saved_file.is_file():
-        forgetting._atomic_write(saved_file, json.dumps(record, indent=2) + "\n")
+        atomic_write(saved_file, json.dumps(record, indent=2) + "\n")
         return
     saved = json.loads(saved_file.read_text())
     if saved != record:
@@ -129,7 +130,7 @@ def run_pipeline(cfg: DictConfig, run: RunContext | None = None) -> dict[str, An
             del model
             log.info("scored %s in %.1f s", row_name, time.perf_counter() - began)
             out_dir.mkdir(parents=True, exist_ok=True)
-            forgetting._atomic_write(scores_file, json.dumps(scores, indent=2, sort_keys=True) + "\n")
+            atomic_write(scores_file, json.dumps(scores, indent=2, sort_keys=True) + "\n")
         rows.append((row_name, scores))
         _write_outputs(pipeline_dir, plan, rows, name, strategy, title)
 
@@ -156,7 +157,7 @@ def run_pipeline(cfg: DictConfig, run: RunContext | None = None) -> dict[str, An
 
             metrics = train(scfg, RunContext.local(stage_dir, run_id=f"{run.run_id}-{stage_dirname(i, stage)}",
                                                    overrides=(*stage.overrides, *start)))
-            forgetting._atomic_write(stage_dir / DONE, json.dumps(
+            atomic_write(stage_dir / DONE, json.dumps(
                 {"stage": stage.name, "index": i, "overrides": [*stage.overrides, *start],
                  "finished": time.strftime("%Y-%m-%dT%H:%M:%S"), "val/loss": metrics.get("val/loss")}, indent=2) + "\n")
         score_row(stage.name, stage_dir, stage_dir)
@@ -183,8 +184,8 @@ def _write_outputs(pipeline_dir: Path, plan: Plan, rows: Sequence[tuple[str, dic
                "probe_change": (probe_values[-1] - probe_values[0]) if len(probe_values) > 1 else None,
                "stages": [asdict(s) for s in plan.stages]}
     forgetting.write_matrix(pipeline_dir, plan.tasks, metric_names(plan), rows, probe, summary)
-    heading = (f"{name} · {strategy} · ACC {forgetting._fmt(figures['acc'])} BWT {forgetting._fmt(figures['bwt'])} "
-               f"forgetting {forgetting._fmt(figures['forgetting'])}")
+    heading = (f"{name} · {strategy} · ACC {forgetting.fmt(figures['acc'])} BWT {forgetting.fmt(figures['bwt'])} "
+               f"forgetting {forgetting.fmt(figures['forgetting'])}")
     forgetting.heatmap(pipeline_dir / "heatmap.png", plan.tasks, rows, heading)
     forgetting.print_matrix(plan.tasks, rows, probe, summary, f"{title} — {'final' if final else 'so far'}")
     return summary

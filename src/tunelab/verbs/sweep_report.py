@@ -16,7 +16,6 @@ import csv
 import json
 import math
 import re
-import struct
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +24,7 @@ from typing import Any
 import yaml
 
 from tunelab.errors import TunelabError, exit_with
+from tunelab.tracking import wandb_log
 
 # Overrides that say where or how a sweep ran, not what it trained: left out of the best config.
 NOT_CONFIG = ("run_id", "paths.", "hydra.", "hydra/", "hparams_search")
@@ -127,59 +127,10 @@ def val_history(trial: Trial, metric: str = "val/loss") -> list[tuple[int, float
             return [(int(r["step"]), float(r[metric])) for r in csv.DictReader(file) if r.get(metric)]
     for wandb_file in trial.path.glob("wandb/*run-*/*.wandb"):
         points = [(int(h.get("trainer/global_step", h.get("_step", 0))), float(h[metric]))
-                  for h in wandb_history(wandb_file) if metric in h]
+                  for h in wandb_log.history(wandb_file) if metric in h]
         if points:
             return points
     return []
-
-
-def wandb_records(path: Path) -> list[Any]:
-    """The protobuf records of a W&B run file (`run-<id>.wandb`, a LevelDB-style log), or [] if unreadable.
-
-    W&B ships no reader for its offline files; the format is 7-byte file header, then 32 KiB blocks of
-    chunks with a 7-byte header each (crc32, length, type: 1 full, 2 first, 3 middle, 4 last)."""
-    from wandb.proto import wandb_internal_pb2
-
-    block = 32768
-    try:
-        data = path.read_bytes()
-        if data[:4] != b":W&B":
-            return []
-        records, pending, pos = [], b"", 7
-        while pos + 7 <= len(data):
-            left = block - pos % block
-            if left < 7:  # too little room for a chunk header: the block is padded
-                pos += left
-                continue
-            _, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
-            chunk, pos = data[pos + 7:pos + 7 + length], pos + 7 + length
-            if kind == 0:  # zero padding at the end of a block
-                pos += block - pos % block if pos % block else 0
-                continue
-            pending = chunk if kind in (1, 2) else pending + chunk
-            if kind in (1, 4):
-                record = wandb_internal_pb2.Record()
-                record.ParseFromString(pending)
-                records.append(record)
-        return records
-    except Exception:  # a half-written or newer-format file: treated as unreadable, never fatal
-        return []
-
-
-def wandb_history(path: Path) -> list[dict[str, Any]]:
-    """The logged rows (`wandb.log` calls) of a W&B run file, each as {key: value}."""
-    rows = []
-    for record in wandb_records(path):
-        if record.WhichOneof("record_type") == "history":
-            row = {}
-            for item in record.history.item:
-                key = item.key or "/".join(item.nested_key)
-                try:
-                    row[key] = json.loads(item.value_json)
-                except ValueError:
-                    continue
-            rows.append(row)
-    return rows
 
 
 # ---- outputs --------------------------------------------------------------------------------

@@ -19,8 +19,8 @@ from pytorch_lightning.callbacks import LearningRateMonitor
 from pytorch_lightning.loggers import WandbLogger
 
 from tunelab import paths
-from tunelab.checkpoint.checkpointing import find_resume, identity
 from tunelab.checkpoint.lock import RunDirLock
+from tunelab.checkpoint.resume import find_resume, identity
 from tunelab.config.build import build, build_with
 from tunelab.config.engine import check_engine
 from tunelab.config.redact import redact, redact_file
