@@ -108,8 +108,9 @@ def needs_of(function: Callable[..., Any]) -> Needs:
 def prepare(cfg: DictConfig, run: RunContext | None, needs: Needs) -> RunContext:
     """The job's prologue: the run context, `${paths.run_dir}` pointing at its directory (Hydra or not),
     validation, the directory made, and the configs Hydra saved there (and the sweep's) masked."""
-    if run is None:
-        run = RunContext.local(OmegaConf.select(cfg, "paths.run_dir", default=None) or ".")
+    if run is None:  # a library call: the directory the config names (`${hydra:...}` resolves only under Hydra)
+        where = OmegaConf.select(cfg, "paths.run_dir", default=None, throw_on_resolution_failure=False)
+        run = RunContext.local(where or ".")
     if needs.run_dir:
         with open_dict(cfg):
             cfg.paths.run_dir = str(run.run_dir)
