@@ -10,12 +10,13 @@ from pathlib import Path
 
 import pytest
 import yaml
+from omegaconf import OmegaConf
 
 from conftest import REPO
 from tunelab import cli, paths
 from tunelab.config.schema import compose
 from tunelab.errors import ConfigError
-from tunelab.job import Needs, RunContext, needs_of, verb
+from tunelab.job import Needs, RunContext, needs_of, sweeper_value, verb
 
 SECRET = "sk-abcdefghijklmnopqrstuvwxyz0123"
 
@@ -25,6 +26,19 @@ def hello(cfg, run: RunContext) -> dict:
     """A test-local verb: writes one file into its run directory."""
     (run.run_dir / "hello.txt").write_text(f"{cfg.greeting} from {run.run_id}\n")
     return {"greeting": cfg.greeting}
+
+
+@verb(run_dir=True, sweep_goes_on=True)
+def boom(cfg, run: RunContext) -> dict:
+    """A test-local verb whose trials fail unless x=0."""
+    if cfg.x:
+        raise ValueError(f"boom {cfg.x}")
+    return {"val/loss": 0.5}
+
+
+HELLO = ("# A test-local verb's primary config.\ndefaults:\n  - paths: default\n  - hydra: default\n  - _self_\n"
+         "task_name: {name}\nrun_id: ${{tunelab_run_id:}}\ngreeting: hi\napi_key: null\nx: 0\n"
+         "optimized_metric: val/loss\nhydra:\n  run:\n    dir: ${{paths.output_dir}}/{name}/${{run_id}}\n")
 
 
 def _run_in_process(monkeypatch, tmp_path: Path, name: str, argv: list[str]) -> None:
@@ -54,10 +68,7 @@ def test_the_table_lists_every_verb_module():
 def test_a_new_verb_is_one_function_one_config_and_one_table_entry(tmp_path, monkeypatch):
     conf = tmp_path / "conf"
     conf.mkdir()
-    (conf / "hello.yaml").write_text(
-        "# A test-local verb's primary config.\ndefaults:\n  - paths: default\n  - hydra: default\n  - _self_\n"
-        "task_name: hello\nrun_id: ${tunelab_run_id:}\ngreeting: hi\napi_key: null\n"
-        "hydra:\n  run:\n    dir: ${paths.output_dir}/hello/${run_id}\n")
+    (conf / "hello.yaml").write_text(HELLO.format(name="hello"))
     monkeypatch.setattr(cli, "VERBS", (*cli.VERBS, cli.Verb("hello", "test_verbs:hello", "say hello", "hello")))
     _run_in_process(monkeypatch, tmp_path, "hello", ["--config-dir", str(conf), "greeting=bonjour",
                                                      f"paths.output_dir={tmp_path}", f"api_key={SECRET}"])
@@ -67,6 +78,19 @@ def test_a_new_verb_is_one_function_one_config_and_one_table_entry(tmp_path, mon
     assert saved["greeting"] == "bonjour" and saved["api_key"] == "REDACTED"
     assert not [p for p in run_dir.rglob("*") if p.is_file() and SECRET in p.read_text()]
     assert "hello" in cli.usage()  # --help reads the same table
+
+
+def test_a_failing_trial_is_recorded_and_the_sweep_goes_on(tmp_path, monkeypatch):
+    conf = tmp_path / "conf"
+    conf.mkdir()
+    (conf / "boom.yaml").write_text(HELLO.format(name="boom"))
+    monkeypatch.setattr(cli, "VERBS", (*cli.VERBS, cli.Verb("boom", "test_verbs:boom", "fail", "boom")))
+    _run_in_process(monkeypatch, tmp_path, "boom", ["--config-dir", str(conf), "-m", "x=1,0,2",
+                                                    f"paths.output_dir={tmp_path}"])
+    (sweep,) = (tmp_path / "multiruns").iterdir()
+    errors = {p.name: (p / "error.txt").read_text() for p in sorted(sweep.iterdir()) if (p / "error.txt").is_file()}
+    assert list(errors) == ["0", "2"] and "ValueError: boom 2" in errors["2"]  # trial 1 ran between them
+    assert sweeper_value(OmegaConf.create({"optimized_metric": "val/loss"}), {"val/loss": 1}) == 1.0  # to Optuna
 
 
 def test_the_pipeline_masks_its_own_saved_config(tmp_path, monkeypatch):
