@@ -304,4 +304,7 @@ def test_keep_freed_memory_sets_glibc_thresholds_unless_the_environment_chose(mo
     monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_")
     monkeypatch.delenv("MALLOC_TRIM_THRESHOLD_", raising=False)
     assert keep_freed_memory() is True  # glibc took both settings
-    assert "keep_freed_memory()" in inspect.getsource(train_mod.main)  # the job entry point asks for it
+    from tunelab import job
+
+    assert "keep_freed_memory()" in inspect.getsource(job.hydra_verb)  # the job entry point asks for it
+    assert train_mod.train.needs.training  # for the verb that declares a training process

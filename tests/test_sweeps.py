@@ -19,8 +19,7 @@ from tunelab.config.compose import compose
 from tunelab.config.validate import validate
 from tunelab.errors import ConfigError
 from tunelab.tracking.wandb_log import records as wandb_records
-from tunelab.verbs.sweep_report import main as report_main
-from tunelab.verbs.sweep_report import report
+from tunelab.verbs.sweep_report import print_report, report
 
 REPO = Path(__file__).resolve().parents[1]
 TUNELAB = str(Path(sys.executable).with_name("tunelab"))
@@ -234,7 +233,7 @@ def test_wandb_runs_grouped_by_sweep_and_failures_marked(joblib_sweep):
 
 @pytest.mark.slow  # a 4-trial joblib sweep
 def test_sweep_report_of_a_real_sweep(joblib_sweep, capsys):
-    report_main([str(joblib_sweep)])
+    print_report(joblib_sweep)
     out = capsys.readouterr().out
     assert "ranked by val/loss (min)" in out and "trial 0: failed: tunelab: data error" in out
     rows = list(csv.DictReader((joblib_sweep / "report" / "trials.csv").open()))
@@ -294,7 +293,7 @@ def test_report_ranks_skips_running_and_lists_failed(tmp_path, capsys):
            error="Traceback (most recent call last):\nRuntimeError: boom\n")
     _trial(sweep, 3, ["method=full", "hyperparams.lr=0.03", "paths.output_dir=/x", "run_id=r"])  # still running
     (sweep / "multirun.yaml").write_text(yaml.safe_dump({"hydra": {"sweeper": {"_target_": "BasicSweeper"}}}))
-    report_main([str(sweep)])
+    print_report(sweep)
     out = capsys.readouterr().out
     assert "note: trial 3: no metrics.json yet" in out and "note: trial 2: failed: RuntimeError: boom" in out
     found = report(sweep)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import re
 import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -23,46 +24,55 @@ from tunelab.errors import ConfigError, TunelabError, did_you_mean, exit_with
 
 @dataclass(frozen=True)
 class Verb:
-    """One `tunelab <verb>`: its module (which defines `main`), its primary config, and its line in --help.
+    """One `tunelab <verb>`: its function, its primary config, and its line in --help.
 
-    `config=None` marks a verb with its own argparse options: no Hydra overrides, no pre-flight.
-    `check` names a `module:function` the pre-flight also calls with each composed config (a pipeline
-    composes and validates its stages there).
+    `function` names `module:function`, a plain `(cfg, run) -> result` (declared with `tunelab.job.verb`, which
+    says what it needs from the job: run directory, validation, lock, ...); `config` is conf/<config>.yaml.
+    `check` names a `module:function` the pre-flight also calls with each composed config (a pipeline composes
+    and validates its stages there). `positional` names the key a first bare argument sets and `options` the
+    keys `--key value` sets: the spellings of the verbs that once parsed their own options.
     """
 
     name: str
-    module: str
+    function: str
     usage: str
-    config: str | None = None
+    config: str
     check: str | None = None
+    positional: str | None = None
+    options: tuple[str, ...] = ()
+
+    @property
+    def module(self) -> str:
+        return self.function.partition(":")[0]
 
 
 # The one table of verbs: dispatch, pre-flight and --help all read it. A new verb is one line here.
 VERBS: tuple[Verb, ...] = (
-    Verb("train", "tunelab.verbs.train",
+    Verb("train", "tunelab.verbs.train:train",
          "fine-tune: model=, method=, dataset=, hyperparams.*= (try: tunelab train --help)",
          "train", check="tunelab.config.engine:check_engine"),
-    Verb("generate", "tunelab.verbs.generate",
+    Verb("generate", "tunelab.verbs.generate:generate",
          'answer with a trained run: run=<run dir> prompt="..." [interactive=true] [decoding=creative]', "generate"),
-    Verb("eval", "tunelab.verbs.eval",
+    Verb("eval", "tunelab.verbs.eval:evaluate_cfg",
          "score a run or a model on a test split: run=<dir> | model=, dataset=, prompting=few_shot|retrieval", "eval"),
-    Verb("compare", "tunelab.verbs.compare",
+    Verb("compare", "tunelab.verbs.compare:compare",
          "base zero-/few-shot, retrieval, fine-tuned (+retrieval) on one test split: run=<dir> dataset=", "compare"),
-    Verb("export", "tunelab.verbs.export",
+    Verb("export", "tunelab.verbs.export:export",
          "merge adapters and write a plain Hugging Face model: run=<run dir> [out=<dir>] [merge=true|false]",
          "export"),
-    Verb("serve", "tunelab.verbs.serve",
+    Verb("serve", "tunelab.verbs.serve:serve",
          "an OpenAI-compatible HTTP API over a run: run=<run dir or W&B artifact> [port=]",
          "serve"),
-    Verb("data preview", "tunelab.verbs.preview",
+    Verb("data preview", "tunelab.verbs.preview:preview",
          "tokenised samples with supervised tokens marked, length percentiles: dataset=<name>", "data"),
-    Verb("sweep-report", "tunelab.verbs.sweep_report",
-         "rank the trials of a multirun directory, plot them, write the best config (--help)"),
-    Verb("pipeline", "tunelab.verbs.pipeline",
+    Verb("sweep-report", "tunelab.verbs.sweep_report:sweep_report",
+         "rank the trials of a multirun, plot them, write the best config: dir=<multirun dir> [metric=] [mode=]",
+         "sweep_report", positional="dir", options=("metric", "mode")),
+    Verb("pipeline", "tunelab.verbs.pipeline:run_pipeline",
          "train stages in order and measure forgetting: pipeline=<name> [strategy=replay] [-m strategy=a,b]",
          "pipeline", check="tunelab.verbs.pipeline:preflight"),
-    Verb("pipeline-report", "tunelab.pipeline.forgetting",
-         "compare the strategies of a pipeline multirun: <multirun dir> (--help)"),
+    Verb("pipeline-report", "tunelab.verbs.pipeline_report:pipeline_report",
+         "compare the strategies of a pipeline multirun: dir=<multirun dir>", "pipeline_report", positional="dir"),
 )
 EXIT_CODES = ("exit codes: 0 ok, 1 unexpected bug, 2 config or usage error, 3 data error, 4 checkpoint error,"
               " 5 numerics, 130/143 stopped by SIGINT/SIGTERM after writing a checkpoint (resume=<run dir> continues)")
@@ -276,17 +286,36 @@ def run_overrides(environ: Mapping[str, str], task: str) -> list[str]:
     return [f"run_id=slurm-{job}-{environ.get('SLURM_STEP_ID', '0')}", *extra]
 
 
+def old_spellings(verb: Verb, argv: list[str]) -> list[str]:
+    """`argv` with a verb's former argparse spellings as overrides: a first bare argument (`tunelab sweep-report
+    <dir>`) sets `verb.positional`, and `--metric M` / `--metric=M` set the keys `verb.options` names."""
+    out: list[str] = []
+    tokens = iter(argv)
+    for i, token in enumerate(tokens):
+        key, eq, value = token[2:].partition("=")
+        if verb.positional and i == 0 and not token.startswith("-") and "=" not in token:
+            out.append(f"{verb.positional}={_quoted(token)}")
+        elif token.startswith("--") and key in verb.options:
+            out.append(f"{key}={_quoted(value if eq else next(tokens, ''))}")
+        else:
+            out.append(token)
+    return out
+
+
+def _quoted(value: str) -> str:
+    """A value as one Hydra override value: quoted unless it is a plain path or word."""
+    return value if re.fullmatch(r"[\w./-]+", value) else "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
 def run_verb(verb: Verb | str, argv: list[str] | None = None) -> None:
     """Run one verb as the console script would, with `argv` (default: sys.argv[1:])."""
     import importlib
 
+    from tunelab.job import hydra_verb
+
     if isinstance(verb, str):
         verb = next(v for v in VERBS if v.name == verb)
-    if verb.config is None:
-        sys.argv = [f"tunelab {verb.name}", *(sys.argv[1:] if argv is None else argv)]
-        importlib.import_module(verb.module).main()
-        return
-    argv = overrides_last(list(sys.argv[1:] if argv is None else argv))
+    argv = overrides_last(old_spellings(verb, list(sys.argv[1:] if argv is None else argv)))
     register_resolvers()
     os.environ.setdefault("HYDRA_FULL_ERROR", "0")
     if not any(a.startswith("run_id=") for a in argv):
@@ -304,8 +333,6 @@ def run_verb(verb: Verb | str, argv: list[str] | None = None) -> None:
     if _answered_by_hydra(argv):
         # --help, --cfg, --info: Hydra prints and exits without calling the verb, so its heavy module
         # (torch, Lightning, transformers: seconds) is not imported; the same config tree answers.
-        from tunelab.job import hydra_verb
-
         sys.argv = [f"tunelab {verb.name}", *argv]
         hydra_verb(verb.config, _never_called)()
         return
@@ -318,7 +345,7 @@ def run_verb(verb: Verb | str, argv: list[str] | None = None) -> None:
         # `python -m tunelab.cli train ...`: Lightning would re-run `python -m tunelab.cli <overrides>` (no verb:
         # "unknown verb" in rank 1); without a spec it re-runs argv[0], the verb's file, as the console script does.
         main_module.__spec__ = None
-    module.main()
+    hydra_verb(verb.config, getattr(module, verb.function.partition(":")[2]))()
 
 
 def main() -> None:

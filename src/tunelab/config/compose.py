@@ -50,11 +50,16 @@ def compose(
 
     register_resolvers()
     overrides = list(overrides or [])
+    primary_dir = paths.conf_dir()
+    if config_dir and (Path(config_dir) / f"{config_name}.yaml").is_file():
+        # A verb whose primary config is the user's own (a new verb, tests/test_verbs.py): Hydra's run finds it
+        # in --config-dir, and conf/ still holds the groups it names.
+        primary_dir, config_dir = Path(config_dir).resolve(), str(paths.conf_dir())
     if config_dir:
         overrides.append(f"hydra.searchpath=[file://{Path(config_dir).resolve()}]")
     GlobalHydra.instance().clear()
     try:
-        with initialize_config_dir(config_dir=str(paths.conf_dir()), version_base="1.3"):
+        with initialize_config_dir(config_dir=str(primary_dir), version_base="1.3"):
             return hydra_compose(config_name, overrides=overrides, return_hydra_config=return_hydra_config)
     except MissingConfigException as err:
         raise _missing_option(err, overrides) from None

@@ -6,6 +6,8 @@ import re
 from pathlib import Path
 from typing import Any
 
+from omegaconf import DictConfig, OmegaConf
+
 # Key names that hold secrets (`hf_token`, `api_key`, `password`), but not `tokenizer` or `max_new_tokens`.
 SECRET_KEY = re.compile(r"(^|_)(token|api_?key|secret|password|passwd|credentials?|auth)($|_)", re.I)
 # Values that look like credentials whatever their key (Hugging Face and OpenAI-style keys).
@@ -48,3 +50,11 @@ def redact_file(path: Path) -> None:
     masked = "".join(redact_line(line) for line in text.splitlines(keepends=True))
     if masked != text:
         path.write_text(masked)
+
+
+def logged_config(cfg: DictConfig, extra: dict[str, Any]) -> dict[str, Any]:
+    """The resolved config for experiment trackers: secrets masked, hyperparameters also at the top level
+    (so W&B's parallel-coordinates and parameter-importance panels find them)."""
+    resolved = OmegaConf.to_container(OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"]), resolve=True)
+    flat = {k: v for k, v in resolved["hyperparams"].items() if not isinstance(v, dict)}
+    return redact({**flat, **extra, **resolved})

@@ -221,29 +221,3 @@ def print_comparison(pipelines: Sequence[Mapping[str, Any]], title: str) -> None
         table.add_row(str(p.get("strategy", "?")), f"{p.get('stages_done')}/{p.get('stages_total', '?')}",
                       *(fmt(p.get(k)) for k in COMPARED))
     Console().print(table)
-
-
-def main(argv: list[str] | None = None) -> None:
-    """`tunelab pipeline-report <multirun dir>`: the strategies of a pipeline multirun side by side."""
-    import argparse
-    import sys
-
-    from tunelab.errors import ConfigError, exit_with
-
-    parser = argparse.ArgumentParser(prog="tunelab pipeline-report",
-                                     description="Compare the pipelines of a multirun (e.g. -m strategy=...): "
-                                                 "writes comparison.csv/.md/.png into the multirun directory.")
-    parser.add_argument("sweep_dir", type=Path, help="outputs/multiruns/<id>")
-    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
-    if not args.sweep_dir.is_dir():
-        exit_with(ConfigError(f"not a directory: {args.sweep_dir}", "argument sweep_dir",
-                              "give the multirun directory of `tunelab pipeline -m ...` (outputs/multiruns/<id>)"))
-    pipelines = read_pipelines(args.sweep_dir)
-    if not pipelines:
-        exit_with(ConfigError(f"no pipeline summary.json under {args.sweep_dir}/*/", "argument sweep_dir",
-                              "run `tunelab pipeline -m strategy=sequential,replay` first; a pipeline writes "
-                              "summary.json after its baseline row"))
-    written = compare(args.sweep_dir, pipelines)
-    print_comparison(pipelines, f"tunelab pipeline-report: {args.sweep_dir}")
-    for path in written:
-        print(path)

@@ -27,7 +27,7 @@ from omegaconf import DictConfig, open_dict
 
 from tunelab.config.compose import compose
 from tunelab.errors import ConfigError
-from tunelab.job import RunContext, hydra_verb
+from tunelab.job import RunContext, verb
 
 log = logging.getLogger(__name__)
 
@@ -232,10 +232,9 @@ def reading(rows: Sequence[Mapping[str, Any]], metric: str) -> str:
     return " ".join(text)
 
 
-def compare(cfg: DictConfig, run: RunContext | None = None) -> list[dict[str, Any]]:
+@verb(run_dir=True, lock=True)
+def compare(cfg: DictConfig, run: RunContext) -> list[dict[str, Any]]:
     """Run every arm, write the table, chart and reading; returns the table rows."""
-    run = run or RunContext.local(cfg.paths.run_dir)
-    run.run_dir.mkdir(parents=True, exist_ok=True)
     configs = arm_configs(cfg, run.run_dir)
     metric = headline(cfg, configs)
     results = run_arms(cfg, run, configs)
@@ -260,9 +259,6 @@ def write_report(out_dir: Path, results: Mapping[str, Mapping[str, float]], metr
     print(text)
     print(f"comparison: {out_dir}/compare.md, compare.csv, compare.png")
     return rows
-
-
-main = hydra_verb("compare", compare)
 
 
 if __name__ == "__main__":

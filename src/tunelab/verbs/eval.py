@@ -13,7 +13,7 @@ bootstrap confidence intervals, corpus metrics, slices → the eval directory:
                        prompt tokens, latency
     wandb/             the W&B run (job_type=eval): the metrics and a Table of the predictions
 
-`evaluate_cfg(cfg)` is importable and returns the metrics; `main` is the thin Hydra entry point.
+`evaluate_cfg(cfg)` is importable and returns the metrics; `@verb` declares the job around it (tunelab.job).
 """
 
 from __future__ import annotations
@@ -25,16 +25,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig, OmegaConf
 
 from tunelab.config.build import build, build_with
-from tunelab.config.redact import redact_file
-from tunelab.config.validate import validate
 from tunelab.errors import CheckpointError, ConfigError
 from tunelab.evaluation.metrics import Estimate, corpus_ci, mean_ci
 from tunelab.evaluation.prompting import load_samples
 from tunelab.evaluation.score import prompt_budget, score_task
-from tunelab.job import RunContext, hydra_verb
+from tunelab.job import RunContext, close_loggers, verb
 
 log = logging.getLogger(__name__)
 
@@ -145,19 +143,13 @@ def summarize(rows: Sequence[Mapping[str, Any]], prefix: str, scorers: Mapping[s
 
 
 # ---- the verb ---------------------------------------------------------------------------------------
-def evaluate_cfg(cfg: DictConfig, run: RunContext | None = None) -> dict[str, float]:
+@verb(run_dir=True, validate=True, lock=True)
+def evaluate_cfg(cfg: DictConfig, run: RunContext) -> dict[str, float]:
     """Evaluate as `cfg` describes, write the eval directory, return the figures written to metrics.json.
 
     `run` says where the job writes (Hydra's job directory); without it, `cfg.paths.run_dir`.
     """
-    run = run or RunContext.local(cfg.paths.run_dir)
-    with open_dict(cfg):
-        cfg.paths.run_dir = str(run.run_dir)
-    validate(cfg)
     out_dir = run.run_dir
-    out_dir.mkdir(parents=True, exist_ok=True)
-    for saved in (out_dir / ".hydra").glob("*.yaml"):
-        redact_file(saved)
     run_dir = run_dir_of(cfg)
     run_settings = read_run_settings(run_dir) if run_dir is not None else {}
     seed = int(cfg.seed)
@@ -228,10 +220,7 @@ def _log(cfg: DictConfig, run: RunContext, metrics: dict[str, float], rows: list
                 logger.log_metrics(metrics)
             completed = True
         finally:
-            if isinstance(logger, WandbLogger):
-                logger.experiment.finish(exit_code=0 if completed else 1)
-            else:
-                logger.finalize("success" if completed else "failed")
+            close_loggers([logger], completed)
 
 
 def _cell(value: Any) -> Any:
@@ -255,9 +244,6 @@ def _print(out_dir: Path, metrics: dict[str, float], notes: list[str]) -> None:
     for note in notes:
         console.print(f"note: {note}")
     console.print(f"eval directory: {out_dir}")
-
-
-main = hydra_verb("eval", evaluate_cfg)
 
 
 if __name__ == "__main__":

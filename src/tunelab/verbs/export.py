@@ -16,7 +16,7 @@ import torch
 from omegaconf import DictConfig
 
 from tunelab.errors import ConfigError
-from tunelab.job import hydra_verb
+from tunelab.job import RunContext, verb
 from tunelab.models.load import adapter_base, load_run
 from tunelab.tracking.artifacts import resolve_run
 from tunelab.tracking.model_card import write_export_card
@@ -76,7 +76,8 @@ def _check_out(out: Path, run_dir: Path) -> None:
                               "give a new directory, or an earlier export's directory to overwrite it")
 
 
-def export(cfg: DictConfig) -> Path:
+@verb()
+def export(cfg: DictConfig, run: RunContext) -> Path:
     """Write the run's model to `cfg.out` (default `<run>/export`); returns that directory."""
     if cfg.run is None:
         raise ConfigError("no run given", "key run", "tunelab export run=<run dir> [out=<dir>]")
@@ -112,9 +113,6 @@ def export(cfg: DictConfig) -> Path:
     write_export_card(run_dir, out, note)
     print(f"tunelab: exported {run_dir} to {out} ({note})")
     return out
-
-
-main = hydra_verb("export", lambda cfg, run: export(cfg))
 
 
 if __name__ == "__main__":

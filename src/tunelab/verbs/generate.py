@@ -17,7 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from tunelab.errors import CheckpointError, ConfigError
 from tunelab.evaluation.evaluate import decoding_settings, generate_tokens, left_pad, prompt_ids
-from tunelab.job import hydra_verb
+from tunelab.job import RunContext, verb
 from tunelab.models.load import load_run
 from tunelab.tracking.artifacts import resolve_run
 
@@ -93,7 +93,8 @@ def chat(model: Any, tokenizer: Any, system: list[dict[str, str]], settings: Map
     return messages
 
 
-def generate(cfg: DictConfig) -> list[dict[str, str]]:
+@verb()
+def generate(cfg: DictConfig, run: RunContext) -> list[dict[str, str]]:
     """Load the run, build the prompt as training did, and answer; returns the conversation."""
     if cfg.run is None:
         raise ConfigError("no run given", "key run", "tunelab generate run=<run dir> prompt=\"...\"")
@@ -109,9 +110,6 @@ def generate(cfg: DictConfig) -> list[dict[str, str]]:
     fields = OmegaConf.to_container(cfg.fields) if isinstance(cfg.fields, DictConfig) else cfg.fields
     messages = [*system, {"role": "user", "content": user_message(recipe, cfg.prompt, fields, cfg.template)}]
     return [*messages, {"role": "assistant", "content": answer(model, tokenizer, messages, settings)}]
-
-
-main = hydra_verb("generate", lambda cfg, run: generate(cfg))
 
 
 if __name__ == "__main__":

@@ -40,9 +40,8 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from tunelab.checkpoint.io import atomic_write
 from tunelab.config.build import build, build_with
-from tunelab.config.validate import validate
 from tunelab.errors import ConfigError
-from tunelab.job import RunContext, hydra_verb
+from tunelab.job import RunContext, close_loggers, verb
 from tunelab.pipeline import forgetting
 from tunelab.pipeline.scoring import Scorer, metric_names
 from tunelab.pipeline.stages import DONE, Plan, compose_stage, make_plan, stage_dirname, start_overrides
@@ -99,14 +98,10 @@ def _load_model(stage_dir: Path | None, cfg0: DictConfig) -> tuple[Any, Any]:
     return build(cfg0.model).eval(), tokenizer
 
 
-def run_pipeline(cfg: DictConfig, run: RunContext | None = None) -> dict[str, Any]:
+@verb(run_dir=True, validate=True, lock=True)
+def run_pipeline(cfg: DictConfig, run: RunContext) -> dict[str, Any]:
     """Plan, score the baseline, train and score each stage not yet done; returns the summary (summary.json)."""
-    run = run or RunContext.local(cfg.paths.run_dir)
-    with open_dict(cfg):
-        cfg.paths.run_dir = str(run.run_dir)
-    validate(cfg)
     pipeline_dir = run.run_dir
-    pipeline_dir.mkdir(parents=True, exist_ok=True)
     plan = make_plan(cfg, pipeline_dir)
     name = str(OmegaConf.select(cfg, "pipeline.name", default=None) or run.choices.get("pipeline", "pipeline"))
     strategy = run.choices.get("strategy") or str(cfg.strategy._target_).rsplit(".", 1)[-1]
@@ -219,10 +214,7 @@ def _log_wandb(cfg: DictConfig, run: RunContext, group: str, plan: Plan,
                                               if isinstance(v, (int, float)) and v is not None})
             completed = True
         finally:
-            logger.experiment.finish(exit_code=0 if completed else 1)
-
-
-main = hydra_verb("pipeline", run_pipeline)
+            close_loggers([logger], completed)
 
 
 if __name__ == "__main__":

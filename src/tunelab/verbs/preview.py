@@ -13,12 +13,11 @@ from rich.table import Table
 from rich.text import Text
 
 from tunelab.config.build import build
-from tunelab.config.validate import validate
 from tunelab.data.datamodule import Collator, EpochSampler
 from tunelab.data.encode import IGNORE, Encoded
 from tunelab.data.packing import RowSampler
 from tunelab.errors import ConfigError
-from tunelab.job import hydra_verb
+from tunelab.job import RunContext, verb
 
 
 def marked(tokenizer: object, item: Encoded, colour: bool) -> Text:
@@ -42,9 +41,10 @@ def percentiles(values: list[int]) -> dict[str, float]:
     return {f"p{q}": float(torch.quantile(data, q / 100)) for q in (50, 90, 95, 99)} | {"max": float(data.max())}
 
 
-def preview(cfg: DictConfig, console: Console | None = None) -> dict[str, dict[str, float]]:
+@verb(validate=True)
+def preview(cfg: DictConfig, run: RunContext, console: Console | None = None
+            ) -> dict[str, dict[str, float]]:
     """Print samples and length statistics of every split; return the statistics."""
-    validate(cfg)
     console = console or Console()
     tokenizer = build(cfg.tokenizer)
     datamodule = build(cfg.datamodule, tokenizer=tokenizer, cache_dir=None, _convert_="all")
@@ -84,5 +84,3 @@ def preview(cfg: DictConfig, console: Console | None = None) -> dict[str, dict[s
     console.print(table)
     return stats
 
-
-main = hydra_verb("data", lambda cfg, run: preview(cfg))

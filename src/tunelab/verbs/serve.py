@@ -28,7 +28,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from tunelab.errors import CheckpointError, ConfigError, TunelabError
 from tunelab.evaluation.evaluate import decoding_settings
-from tunelab.job import hydra_verb
+from tunelab.job import RunContext, verb
 from tunelab.serving.app import build_app
 from tunelab.serving.requests import Served
 
@@ -118,7 +118,8 @@ def _check_limits(cfg: DictConfig) -> None:
         raise ConfigError(f"port must be 0..65535, got {cfg.port!r}", "key port", "port=0 takes any free port")
 
 
-def serve(cfg: DictConfig) -> None:
+@verb()
+def serve(cfg: DictConfig, run: RunContext) -> None:
     """Bind, load the model, and serve until SIGTERM/SIGINT."""
     import importlib.util
 
@@ -150,9 +151,6 @@ def serve(cfg: DictConfig) -> None:
     print(f"tunelab: serving {served.model_id!r} on http://{shown}:{port}/v1 "
           f"(max_tokens {served.max_tokens}, {served.max_concurrent} at once)", flush=True)
     Server(config).run(sockets=[sock])
-
-
-main = hydra_verb("serve", lambda cfg, run: serve(cfg))
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""`tunelab sweep-report <multirun dir>`: rank a sweep's trials, plot them, write the best config.
+"""`tunelab sweep-report dir=<multirun dir>`: rank a sweep's trials, plot them, write the best config.
 
 Reads each trial directory (`<multirun dir>/<job num>/`): `metrics.json`, `.hydra/overrides.yaml`,
 `.hydra/config.yaml` and `.hydra/hydra.yaml`; a trial with `error.txt` is failed, one without either
@@ -11,19 +11,19 @@ the best trial with `tunelab train --config-dir <multirun dir>/report/conf exper
 
 from __future__ import annotations
 
-import argparse
 import csv
 import json
 import math
 import re
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
+from omegaconf import DictConfig
 
-from tunelab.errors import TunelabError, exit_with
+from tunelab.errors import ConfigError, TunelabError
+from tunelab.job import RunContext, verb
 from tunelab.tracking import wandb_log
 
 # Overrides that say where or how a sweep ran, not what it trained: left out of the best config.
@@ -300,17 +300,21 @@ def report(sweep_dir: Path, metric: str | None = None, mode: str | None = None) 
             "metric_names": names, "plots": plots, "notes": notes, "best_file": best_file}
 
 
-def main(argv: list[str] | None = None) -> None:
-    """Console entry: `tunelab sweep-report <multirun dir> [--metric M] [--mode min|max]`."""
-    parser = argparse.ArgumentParser(prog="tunelab sweep-report", description=__doc__.split("\n\n")[0])
-    parser.add_argument("sweep_dir", type=Path, help="a multirun directory, e.g. outputs/multiruns/<run id>")
-    parser.add_argument("--metric", help="metric to rank by (default: the sweep's optimized_metric)")
-    parser.add_argument("--mode", choices=["min", "max"], help="default: Optuna's direction, else by the name")
-    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
-    try:
-        found = report(args.sweep_dir, args.metric, args.mode)
-    except TunelabError as err:
-        exit_with(err)
+@verb()
+def sweep_report(cfg: DictConfig, run: RunContext) -> dict[str, Any]:
+    """`tunelab sweep-report dir=<multirun dir> [metric=M] [mode=min|max]` (conf/sweep_report.yaml)."""
+    if cfg.dir is None:
+        raise ConfigError("no multirun directory given", "key dir",
+                          "tunelab sweep-report dir=outputs/multiruns/<run id>")
+    if cfg.mode not in (None, "min", "max"):
+        raise ConfigError(f"mode must be min or max, got {cfg.mode!r}", "key mode",
+                          "mode=min | mode=max; null: the sweep's direction")
+    return print_report(Path(str(cfg.dir)), cfg.metric, cfg.mode)
+
+
+def print_report(sweep_dir: Path, metric: str | None = None, mode: str | None = None) -> dict[str, Any]:
+    """Build the report (`report`) and print its table, notes and the rerun command; returns what `report` did."""
+    found = report(sweep_dir, metric, mode)
     from rich.console import Console
 
     console = Console()
@@ -318,7 +322,7 @@ def main(argv: list[str] | None = None) -> None:
                                  found["metric"], found["mode"]))
     for note in found["notes"]:
         console.print(f"note: {note}", highlight=False)
-    report_dir = args.sweep_dir / "report"
+    report_dir = sweep_dir / "report"
     console.print(f"report: {report_dir} (trials.csv, {len(found['plots'])} plots)", highlight=False)
     if found["best_file"]:
         best = found["ranked"][0]
@@ -328,7 +332,10 @@ def main(argv: list[str] | None = None) -> None:
                       highlight=False, soft_wrap=True)
     else:
         console.print(f"no finished trial has {found['metric']}; no best config written", highlight=False)
+    return found
 
 
 if __name__ == "__main__":
-    main()
+    from tunelab.cli import run_verb
+
+    run_verb("sweep-report")
