@@ -71,7 +71,7 @@ def _samples(dataset: str):
 def test_few_shot_never_draws_from_test():
     from transformers import AutoTokenizer
 
-    from tunelab.evaluation.evaluate import prompt_ids
+    from tunelab.data.encode import prompt_ids
     from tunelab.evaluation.prompting import FewShot, Setting
 
     splits = _samples("knowledge")
@@ -100,7 +100,7 @@ def test_few_shot_never_draws_from_test():
 def test_few_shot_says_how_many_fit():
     from transformers import AutoTokenizer
 
-    from tunelab.evaluation.evaluate import prompt_ids
+    from tunelab.data.encode import prompt_ids
     from tunelab.evaluation.prompting import FewShot, Setting
 
     splits = _samples("knowledge")

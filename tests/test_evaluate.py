@@ -6,9 +6,9 @@ import torch
 
 from tunelab.config.build import build
 from tunelab.config.compose import compose
-from tunelab.data.encode import encode_chat
+from tunelab.data.encode import encode_chat, prompt_ids
 from tunelab.data.formats import Example
-from tunelab.evaluation.evaluate import EvalItem, aggregate, evaluate, left_pad, prompt_ids
+from tunelab.evaluation.evaluate import EvalItem, aggregate, evaluate, left_pad
 
 
 def _tiny():

@@ -8,12 +8,12 @@ The end-of-sequence token closes every supervised span, so the model learns to s
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from tunelab.data.formats import Example
 from tunelab.errors import DataError
-from tunelab.evaluation.evaluate import prompt_ids as render_prompt
 
 IGNORE = -100
 
@@ -43,6 +43,12 @@ def _render(tokenizer: Any, messages: list[dict[str, str]], generation_prompt: b
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
 
 
+def prompt_ids(tokenizer: Any, messages: Sequence[Mapping[str, str]]) -> list[int]:
+    """The token ids of `messages` rendered by the tokenizer's chat template, ending in the generation prompt: the
+    prompt of a training example (below), of a scored test item and of a served request are the same tokens."""
+    return _ids(tokenizer, _render(tokenizer, list(messages), True))
+
+
 def encode_chat(tokenizer: Any, example: Example, train_on_prompt: bool = False) -> Encoded:
     """Ids and labels of a chat: every assistant turn (and its end-of-turn token) supervised, nothing else."""
     if not getattr(tokenizer, "chat_template", None):
@@ -59,7 +65,7 @@ def encode_chat(tokenizer: Any, example: Example, train_on_prompt: bool = False)
     for turn, message in enumerate(messages):
         if message["role"] != "assistant":
             continue
-        prompt_ids = render_prompt(tokenizer, messages[:turn])  # what evaluation generates from
+        prompt_ids = prompt_ids(tokenizer, messages[:turn])  # what evaluation generates from
         upto = _ids(tokenizer, _render(tokenizer, messages[: turn + 1], False))
         if upto[: len(prompt_ids)] != prompt_ids or input_ids[: len(upto)] != upto:
             raise DataError(

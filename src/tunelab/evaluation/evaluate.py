@@ -60,17 +60,6 @@ def decoding_settings(decoding: Mapping[str, Any]) -> dict[str, Any]:
     return settings
 
 
-def prompt_ids(tokenizer: Any, messages: Sequence[Mapping[str, str]]) -> list[int]:
-    """The token ids of `messages` rendered by the tokenizer's chat template, ending in the generation prompt.
-
-    Training computes the prompt of each example the same way (data/encode.py), so a prompt scored here
-    and one scored in validation are the same tokens.
-    """
-    text = tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=True)
-    # Templates already write any BOS they want; adding special tokens again would double it.
-    return tokenizer(text, add_special_tokens=False)["input_ids"]
-
-
 def left_pad(prompts: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Left-padded ids and attention mask: generation continues every row from its last real token."""
     width = max(len(p) for p in prompts)

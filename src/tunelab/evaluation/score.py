@@ -15,8 +15,9 @@ from pathlib import Path
 from typing import Any
 
 from tunelab.config.build import build
+from tunelab.data.encode import prompt_ids
 from tunelab.errors import ConfigError
-from tunelab.evaluation.evaluate import EvalItem, EvalResult, evaluate, prompt_ids
+from tunelab.evaluation.evaluate import EvalItem, EvalResult, evaluate
 from tunelab.evaluation.prompting import Sample, Setting
 
 log = logging.getLogger(__name__)

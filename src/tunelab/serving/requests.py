@@ -12,8 +12,6 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from tunelab.evaluation.evaluate import prompt_ids
-
 
 @dataclass
 class Served:
@@ -124,8 +122,10 @@ def chat_messages(served: Served, request: Any) -> list[dict[str, str]]:
 
 
 def chat_prompt_ids(tokenizer: Any, messages: list[dict[str, str]]) -> list[int]:
-    """The prompt's token ids, rendered by tunelab's one prompt path (`evaluate.prompt_ids`: the chat template,
-    which transformers renders in Jinja's sandbox, plus the generation prompt), as generate and eval do."""
+    """The prompt's token ids, rendered by tunelab's one prompt path (`data.encode.prompt_ids`: the chat template,
+    which transformers renders in Jinja's sandbox, plus the generation prompt), as training, generate and eval do."""
+    from tunelab.data.encode import prompt_ids
+
     if not tokenizer.chat_template:
         raise APIError(400, "this model has no chat template; use /v1/completions with a raw prompt", "messages")
     return list(prompt_ids(tokenizer, messages))

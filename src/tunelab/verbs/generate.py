@@ -15,8 +15,9 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from tunelab.data.encode import prompt_ids
 from tunelab.errors import CheckpointError, ConfigError
-from tunelab.evaluation.evaluate import decoding_settings, generate_tokens, left_pad, prompt_ids
+from tunelab.evaluation.evaluate import decoding_settings, generate_tokens, left_pad
 from tunelab.job import RunContext, verb
 from tunelab.models.load import load_run
 from tunelab.tracking.artifacts import resolve_run
