@@ -61,19 +61,19 @@ def encode_chat(tokenizer: Any, example: Example, train_on_prompt: bool = False)
     input_ids = _ids(tokenizer, _render(tokenizer, messages, False))
     labels = list(input_ids) if train_on_prompt else [IGNORE] * len(input_ids)
     eos = tokenizer.eos_token_id
-    prompt_ids: list[int] = []
+    prompt: list[int] = []
     for turn, message in enumerate(messages):
         if message["role"] != "assistant":
             continue
-        prompt_ids = prompt_ids(tokenizer, messages[:turn])  # what evaluation generates from
+        prompt = prompt_ids(tokenizer, messages[:turn])  # what evaluation generates from
         upto = _ids(tokenizer, _render(tokenizer, messages[: turn + 1], False))
-        if upto[: len(prompt_ids)] != prompt_ids or input_ids[: len(upto)] != upto:
+        if upto[: len(prompt)] != prompt or input_ids[: len(upto)] != upto:
             raise DataError(
                 f"{example.origin}: the chat template's prompt is not a prefix of prompt+answer (turn {turn})",
                 "key dataset.chat_template",
                 "the template must render earlier turns identically whatever follows; use a named template",
             )
-        start, end = len(prompt_ids), len(upto)
+        start, end = len(prompt), len(upto)
         span = upto[start:end]
         if eos not in span:
             if turn != len(messages) - 1:
@@ -91,7 +91,7 @@ def encode_chat(tokenizer: Any, example: Example, train_on_prompt: bool = False)
             # Supervise up to and including the first EOS; template whitespace after it is not an answer.
             end = start + span.index(eos) + 1
         labels[start:end] = input_ids[start:end]
-    return Encoded(input_ids, labels, prompt_ids, example.reference, example.origin)
+    return Encoded(input_ids, labels, prompt, example.reference, example.origin)
 
 
 def encode_text(tokenizer: Any, example: Example) -> Encoded:
