@@ -14,7 +14,7 @@ from omegaconf import OmegaConf
 
 from conftest import REPO
 from tunelab import cli, paths
-from tunelab.config.schema import compose
+from tunelab.config.compose import compose
 from tunelab.errors import ConfigError
 from tunelab.job import Needs, RunContext, needs_of, sweeper_value, verb
 

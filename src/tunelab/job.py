@@ -115,7 +115,7 @@ def prepare(cfg: DictConfig, run: RunContext | None, needs: Needs) -> RunContext
         with open_dict(cfg):
             cfg.paths.run_dir = str(run.run_dir)
     if needs.validate:
-        from tunelab.config.schema import validate
+        from tunelab.config.validate import validate
 
         validate(cfg)
     if needs.run_dir:
@@ -157,8 +157,8 @@ def record_failure(cfg: DictConfig, run: RunContext, text: str) -> float:
     # marked failed, so the sweep's group shows every trial. Skipped when the verb already closed one.
     from pytorch_lightning.loggers import WandbLogger
 
+    from tunelab.config.build import build_with
     from tunelab.config.redact import logged_config
-    from tunelab.config.schema import build_with
 
     with open_dict(cfg):
         cfg.paths.run_dir = str(run.run_dir)
