@@ -179,12 +179,14 @@ def _run(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
 def test_cli_user_config_dir_and_cfg_job(tmp_path):
     conf = _user_conf(tmp_path)
     # Overrides on both sides of a flag: the CLI appends run_id=..., which argparse alone would reject.
-    out = _run(["--config-dir", str(conf), "model=my_model", "hyperparams.lr=0.5", "--cfg", "job",
+    # --resolve: the CLI resolves its own `${tunelab_path:}` interpolations; this process has not registered
+    # tunelab's resolvers (run alone, reading model.name_or_path here would fail).
+    out = _run(["--config-dir", str(conf), "model=my_model", "hyperparams.lr=0.5", "--cfg", "job", "--resolve",
                 "hyperparams.seed=7"], tmp_path)
     assert out.returncode == 0, out.stderr
     job = OmegaConf.create(out.stdout)
     assert job.model.attn_implementation == "eager"
-    assert job.model.name_or_path.endswith("tiny-llama")
+    assert job.model.name_or_path.endswith("tiny-llama") and Path(job.model.name_or_path).is_dir()
     assert (job.hyperparams.lr, job.hyperparams.seed) == (0.5, 7)
     assert "hydra" not in job and job.run_id  # the job config, with the run id the CLI pinned
     assert not (tmp_path / "outputs").exists()  # --cfg job prints; it starts no run
