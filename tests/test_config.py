@@ -13,6 +13,7 @@ import pytest
 from hydra.utils import get_object
 from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 
+from procs import budget
 from tunelab import paths
 from tunelab.config.schema import INSTANTIATE_KEYS, compose, validate
 from tunelab.errors import ConfigError
@@ -173,7 +174,7 @@ def test_user_config_dir_composes(tmp_path):
 
 
 def _run(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run(TUNELAB + args, cwd=cwd, env=ENV, capture_output=True, text=True, timeout=120)
+    return subprocess.run(TUNELAB + args, cwd=cwd, env=ENV, capture_output=True, text=True, timeout=budget(120))
 
 
 def test_cli_user_config_dir_and_cfg_job(tmp_path):
@@ -209,7 +210,7 @@ def test_wheel_ships_config_data_and_assets(tmp_path):
     except ImportError:
         isolation = []  # pip fetches hatchling into an isolated build environment
     command = [sys.executable, "-m", "pip", "wheel", "--no-deps", *isolation, "-w", str(tmp_path), str(REPO)]
-    out = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    out = subprocess.run(command, capture_output=True, text=True, timeout=budget(300))
     if out.returncode and not isolation and any(s in out.stdout + out.stderr for s in
                                                 ("No matching distribution", "NewConnectionError", "ConnectionError")):
         pytest.skip("hatchling is not installed and pip cannot download it (offline)")

@@ -13,6 +13,7 @@ import pytest
 from omegaconf import open_dict
 
 from conftest import REPO, make_cfg
+from procs import budget
 from tunelab import paths
 from tunelab.config.schema import compose, validate
 from tunelab.errors import CheckpointError, ConfigError, DataError
@@ -229,7 +230,7 @@ def test_cli_exit_code_for_a_directory_that_is_not_a_run(tmp_path):
     (tmp_path / "notarun").mkdir()
     proc = subprocess.run([sys.executable, "-m", "tunelab.cli", "eval", f"run={tmp_path / 'notarun'}",
                            "logger=none", f"paths.output_dir={tmp_path}"], capture_output=True, text=True,
-                          env=ENV, timeout=300)
+                          env=ENV, timeout=budget(300))
     assert proc.returncode == 4, proc.stderr[-2000:]
     assert "tunelab: checkpoint error:" in proc.stderr and "hint:" in proc.stderr
     assert "Traceback" not in proc.stderr

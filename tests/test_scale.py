@@ -23,6 +23,7 @@ import torch
 import yaml
 
 from conftest import REPO, make_cfg
+from procs import budget
 from tunelab import paths
 from tunelab.checkpoint.checkpointing import (
     AtomicCheckpointIO,
@@ -274,7 +275,7 @@ def test_ray_sweep_runs_each_trial_as_a_ray_task(tmp_path):
     args = ["-m", "hydra/launcher=ray", "hydra.launcher.ray.init.num_cpus=2", "experiment=sweep_smoke",
             "hyperparams.lr=1e-3,3e-3", "logger=none", f"paths.output_dir={tmp_path}"]
     out = subprocess.run([sys.executable, "-m", "tunelab.cli", "train", *args], cwd=tmp_path, env=ENV,
-                         capture_output=True, text=True, timeout=600)
+                         capture_output=True, text=True, timeout=budget(600))
     assert out.returncode == 0, out.stderr[-3000:]
     assert "Ray Launcher is launching 2 jobs" in out.stdout + out.stderr
     (sweep,) = (tmp_path / "multiruns").iterdir()
@@ -310,7 +311,7 @@ def _train_on_gpus(tmp_path: Path, option: str, extra: list[str], steps: int = 4
     args = [f"trainer={option}", "trainer.devices=2", f"hyperparams.max_steps={steps}", "eval.baseline=false",
             "eval.max_eval_samples=8", "logger=none", f"paths.output_dir={tmp_path}", *extra]
     return subprocess.run([str(Path(sys.executable).with_name("tunelab")), "train", *args], env=ENV,
-                          capture_output=True, text=True, timeout=900)
+                          capture_output=True, text=True, timeout=budget(900))
 
 
 def _check_model_dir(run: Path) -> None:

@@ -20,6 +20,7 @@ import pytest
 from hydra.core.global_hydra import GlobalHydra
 
 from conftest import REPO, make_cfg
+from procs import budget
 from tunelab.config.schema import compose
 from tunelab.errors import CheckpointError, ConfigError
 from tunelab.tracking.artifacts import offline_artifacts, parse_reference, resolve_run
@@ -39,7 +40,7 @@ MAX_TOKENS = 12
 
 def _tunelab(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "tunelab.cli", *args], capture_output=True, text=True,
-                          env=env or ENV, timeout=300)
+                          env=env or ENV, timeout=budget(300))
 
 
 def _quoted(text: str) -> str:
@@ -74,7 +75,8 @@ def server(run):
         match = re.search(r"serving '([^']+)' on (http://127\.0\.0\.1:\d+/v1)", line)
         assert match, line + (proc.stderr.read()[-3000:] if proc.poll() is not None else "")
         model_id, base = match.group(1), match.group(2)
-        for _ in range(300):  # the socket listens at once; uvicorn answers once the app started
+        deadline = time.monotonic() + budget(60)  # the socket listens at once; uvicorn answers once the app started
+        while time.monotonic() < deadline:
             try:
                 with urllib.request.urlopen(base.removesuffix("/v1") + "/health", timeout=2) as response:
                     if json.load(response)["status"] == "ok":
@@ -150,7 +152,7 @@ def test_errors_are_openai_json_with_status(server):
 def test_sigterm_drains_and_exits(server):
     base, _, proc = server  # runs last in this module: it stops the server
     proc.send_signal(signal.SIGTERM)
-    assert proc.wait(timeout=60) == -signal.SIGTERM  # uvicorn re-raises the signal once drained: 143 in a shell
+    assert proc.wait(timeout=budget(60)) == -signal.SIGTERM  # uvicorn re-raises the signal once drained: 143 in a shell
     assert "Shutting down" in proc.stderr.read()
 
 
@@ -163,7 +165,8 @@ def test_limits_and_sigterm_drain_with_a_request_in_flight():
     try:
         base = re.search(r"on (http://127\.0\.0\.1:\d+/v1)", proc.stdout.readline()).group(1)
         client = _client(base)
-        for _ in range(300):
+        deadline = time.monotonic() + budget(60)
+        while time.monotonic() < deadline:
             try:
                 client.models.list()
                 break
@@ -181,7 +184,7 @@ def test_limits_and_sigterm_drain_with_a_request_in_flight():
         assert rest[-1].choices[0].finish_reason == "length"
         text = (first.choices[0].delta.content or "") + "".join(c.choices[0].delta.content or "" for c in rest)
         assert text
-        assert proc.wait(timeout=60) == -signal.SIGTERM
+        assert proc.wait(timeout=budget(60)) == -signal.SIGTERM
     finally:
         if proc.poll() is None:
             proc.kill()
