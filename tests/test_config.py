@@ -193,12 +193,35 @@ def test_cli_user_config_dir_and_cfg_job(tmp_path):
     assert not (tmp_path / "outputs").exists()  # --cfg job prints; it starts no run
 
 
+def _groups() -> dict[str, list[str]]:
+    """Every config group under conf/ (a subgroup as dataset/format) and its options, read from the tree."""
+    groups: dict[str, list[str]] = {}
+    for rel in _discover():
+        if len(rel.parts) > 1 and rel.parts[0] != "hydra":  # Hydra's own groups have their own help section
+            groups.setdefault("/".join(rel.parts[:-1]), []).append(rel.stem)
+    return {group: sorted(options) for group, options in sorted(groups.items())}
+
+
 def test_cli_help(tmp_path):
     out = _run(["--help"], tmp_path)
     assert out.returncode == 0, out.stderr
     assert "== Configuration groups ==" in out.stdout
-    for group in ("model", "method", "dataset", "hyperparams"):
-        assert f"{group}: " in out.stdout
+    groups = _groups()
+    assert {"model", "method", "dataset", "hyperparams", "dataset/format"} <= groups.keys()
+    for group, options in groups.items():  # every group on disk, with every option
+        assert f"{group}: {', '.join(options)}" in out.stdout
+
+
+def test_every_verb_has_its_primary_config_and_module():
+    """The verb table (tunelab.cli.VERBS) and conf/ agree: each primary config is a verb's, each verb's exists."""
+    import importlib.util
+
+    from tunelab.cli import VERBS
+
+    configs = {verb.config for verb in VERBS if verb.config}
+    assert configs and configs == {p.stem for p in CONF.glob("*.yaml")}
+    for verb in VERBS:
+        assert importlib.util.find_spec(verb.module) is not None, verb
 
 
 @pytest.mark.slow  # builds the wheel with pip

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 from omegaconf import open_dict
 
 from conftest import REPO, make_cfg
@@ -42,11 +43,20 @@ def _rows(out: Path) -> list[dict]:
 
 
 # ---- configs ----------------------------------------------------------------------------------------
-EVAL_GROUPS = ("prompting", "documents")
+
+
+def _default_groups(config: str) -> set[str]:
+    """The groups a primary config's defaults list chooses from (conf/<config>.yaml read as YAML)."""
+    entries = yaml.safe_load((paths.conf_dir() / f"{config}.yaml").read_text())["defaults"]
+    return {next(iter(entry)).split("/")[0] for entry in entries if isinstance(entry, dict)}
+
+
+EVAL_GROUPS = sorted(_default_groups("eval") - _default_groups("train"))  # eval's own groups
 OPTIONS = sorted(f"{g}={p.stem}" for g in EVAL_GROUPS for p in (paths.conf_dir() / g).glob("*.yaml"))
 
 
 def test_eval_options_are_discovered():
+    assert {"documents", "prompting"} <= set(EVAL_GROUPS)
     assert {"prompting=zero_shot", "prompting=few_shot", "prompting=retrieval", "documents=knowledge"} <= set(OPTIONS)
 
 
