@@ -3,6 +3,7 @@ export carries a model card; the W&B offline run holds the model artifact, and a
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -14,6 +15,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -64,8 +66,8 @@ def lora_run(tmp_path_factory) -> Path:
     return run_dir
 
 
-@pytest.fixture(scope="module")
-def server(run):
+@contextlib.contextmanager
+def _serving(run: Path) -> Iterator[tuple[str, str, subprocess.Popen]]:
     """`tunelab serve` as a real subprocess on a free localhost port; yields (base url, model id, process)."""
     proc = subprocess.Popen([sys.executable, "-m", "tunelab.cli", "serve", f"run={run}", "port=0",
                              f"max_tokens={MAX_TOKENS * 4}"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
@@ -88,6 +90,12 @@ def server(run):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+@pytest.fixture(scope="module")
+def server(run):
+    with _serving(run) as served:
+        yield served
 
 
 def _client(base: str) -> openai.OpenAI:
@@ -149,11 +157,11 @@ def test_errors_are_openai_json_with_status(server):
         assert set(json.loads(err.value.read())["error"]) == {"message", "type", "param", "code"}
 
 
-def test_sigterm_drains_and_exits(server):
-    base, _, proc = server  # runs last in this module: it stops the server
-    proc.send_signal(signal.SIGTERM)
-    assert proc.wait(timeout=budget(60)) == -signal.SIGTERM  # uvicorn re-raises the signal once drained: 143 in a shell
-    assert "Shutting down" in proc.stderr.read()
+def test_sigterm_drains_and_exits(run):
+    with _serving(run) as (_, _, proc):  # its own server: the module's keeps serving the tests after this one
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=budget(60)) == -signal.SIGTERM  # uvicorn re-raises it once drained: 143 in a shell
+        assert "Shutting down" in proc.stderr.read()
 
 
 def test_limits_and_sigterm_drain_with_a_request_in_flight():
