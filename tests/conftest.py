@@ -73,12 +73,16 @@ def pytest_report_header(config: pytest.Config) -> str | None:
 
 
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
+# Set once per process by a library, on import (lightning_fabric: NVML-based CUDA checks, so no CUDA context before
+# a fork) or on first use (torch inductor's cache dir): a test run alone sets them too, so they stay.
+LIBRARY_ENV = ("PYTORCH_NVML_BASED_CUDA_CHECK", "TORCHINDUCTOR_CACHE_DIR")
 LEFT_BEHIND: dict[str, list[str]] = {}  # test id -> the state it changed (restored after it)
 
 
 def _state() -> dict[str, object]:
     """What one test could change for the next: read only from modules already imported (no import cost)."""
-    state: dict[str, object] = {"env": dict(os.environ), "cwd": os.getcwd()}
+    env = {key: value for key, value in os.environ.items() if key not in LIBRARY_ENV}
+    state: dict[str, object] = {"env": env, "cwd": os.getcwd()}
     state.update({f"signal {signal.Signals(s).name}": signal.getsignal(s) for s in SIGNALS})
     if "torch" in sys.modules:
         torch = sys.modules["torch"]
@@ -97,8 +101,9 @@ def _restore(before: dict[str, object], changed: list[str]) -> None:
     for key in changed:
         value = before.get(key)
         if key == "env":
+            kept = {name: os.environ[name] for name in LIBRARY_ENV if name in os.environ}
             os.environ.clear()
-            os.environ.update(value)
+            os.environ.update({**value, **kept})
         elif key == "cwd":
             os.chdir(value)
         elif key.startswith("signal "):
