@@ -139,7 +139,12 @@ def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None) -> 
 
 
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
-    if LEFT_BEHIND:
-        terminalreporter.section("process state left by a test (restored before the next)")
-        for nodeid, keys in LEFT_BEHIND.items():
-            terminalreporter.write_line(f"{nodeid}: {'; '.join(keys)}")
+    if not LEFT_BEHIND:
+        return
+    tests: dict[str, list[str]] = {}  # what was left -> the tests that left it (in-process training: Lightning's seed)
+    for nodeid, keys in LEFT_BEHIND.items():
+        tests.setdefault("; ".join(keys), []).append(nodeid)
+    terminalreporter.section("process state left by a test (restored before the next)")
+    for left, nodeids in tests.items():
+        more = f" and {len(nodeids) - 1} more" if len(nodeids) > 1 else ""
+        terminalreporter.write_line(f"{left}: {nodeids[0]}{more}")
