@@ -14,6 +14,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import procs
+
 _CHILDREN: dict[int, subprocess.Popen] = {}
 
 
@@ -29,6 +31,7 @@ def fork_tunelab(argv: list[str], log: Path, verb: str = "train", wait: bool = T
     return wait_for(child.pid) if wait else child.pid
 
 
-def wait_for(pid: int) -> int:
-    """The exit status of child `pid`, or -N if signal N killed it."""
-    return _CHILDREN.pop(pid).wait()
+def wait_for(pid: int, seconds: float = 600) -> int:
+    """The exit status of child `pid`, or -N if signal N killed it; killed after `procs.budget(seconds)` (a hang:
+    the short trainings here take a minute on a loaded machine)."""
+    return procs.wait(_CHILDREN.pop(pid), seconds)

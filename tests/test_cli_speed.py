@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 
+from procs import budget, run
 from tunelab.config.signatures import Signatures
 
 PREFLIGHT = ("from tunelab.cli import preflight; preflight(['hyperparams.lr=1e-3'], deep=False); import sys; "
@@ -20,14 +21,14 @@ def _env(tmp_path) -> dict[str, str]:
 
 def test_validation_imports_no_framework_once_signatures_are_cached(tmp_path):
     env = _env(tmp_path)
-    first = subprocess.run([sys.executable, "-c", PREFLIGHT], env=env, capture_output=True, text=True, timeout=300)
+    first = run([sys.executable, "-c", PREFLIGHT], 300, env=env)
     assert first.returncode == 0, first.stderr
     assert "torch" in first.stdout  # a cold cache imports the targets, as validation always did
-    second = subprocess.run([sys.executable, "-c", PREFLIGHT], env=env, capture_output=True, text=True, timeout=300)
+    second = run([sys.executable, "-c", PREFLIGHT], 300, env=env)
     assert second.stdout.strip() == "[]", second.stdout + second.stderr
     # --cfg job composes, validates and prints without importing the training stack.
     shown = subprocess.run([sys.executable, "-X", "importtime", "-m", "tunelab.cli", "train", "--cfg", "job"],
-                           env=env, capture_output=True, text=True, timeout=300)
+                           env=env, capture_output=True, text=True, timeout=budget(300))
     assert shown.returncode == 0 and "task_name: train" in shown.stdout
     imported = {line.split("|")[-1].strip() for line in shown.stderr.splitlines() if line.startswith("import time")}
     assert not imported & {"torch", "pytorch_lightning", "transformers", "peft"}

@@ -13,6 +13,7 @@ import pytest
 from hydra.utils import get_object
 from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 
+from procs import budget
 from tunelab import paths
 from tunelab.config.compose import compose
 from tunelab.config.targets import INSTANTIATE_KEYS
@@ -175,29 +176,54 @@ def test_user_config_dir_composes(tmp_path):
 
 
 def _run(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run(TUNELAB + args, cwd=cwd, env=ENV, capture_output=True, text=True, timeout=120)
+    return subprocess.run(TUNELAB + args, cwd=cwd, env=ENV, capture_output=True, text=True, timeout=budget(120))
 
 
 def test_cli_user_config_dir_and_cfg_job(tmp_path):
     conf = _user_conf(tmp_path)
     # Overrides on both sides of a flag: the CLI appends run_id=..., which argparse alone would reject.
-    out = _run(["--config-dir", str(conf), "model=my_model", "hyperparams.lr=0.5", "--cfg", "job",
+    # --resolve: the CLI resolves its own `${tunelab_path:}` interpolations; this process has not registered
+    # tunelab's resolvers (run alone, reading model.name_or_path here would fail).
+    out = _run(["--config-dir", str(conf), "model=my_model", "hyperparams.lr=0.5", "--cfg", "job", "--resolve",
                 "hyperparams.seed=7"], tmp_path)
     assert out.returncode == 0, out.stderr
     job = OmegaConf.create(out.stdout)
     assert job.model.attn_implementation == "eager"
-    assert job.model.name_or_path.endswith("tiny-llama")
+    assert job.model.name_or_path.endswith("tiny-llama") and Path(job.model.name_or_path).is_dir()
     assert (job.hyperparams.lr, job.hyperparams.seed) == (0.5, 7)
     assert "hydra" not in job and job.run_id  # the job config, with the run id the CLI pinned
     assert not (tmp_path / "outputs").exists()  # --cfg job prints; it starts no run
+
+
+def _groups() -> dict[str, list[str]]:
+    """Every config group under conf/ (a subgroup as dataset/format) and its options, read from the tree."""
+    groups: dict[str, list[str]] = {}
+    for rel in _discover():
+        if len(rel.parts) > 1 and rel.parts[0] != "hydra":  # Hydra's own groups have their own help section
+            groups.setdefault("/".join(rel.parts[:-1]), []).append(rel.stem)
+    return {group: sorted(options) for group, options in sorted(groups.items())}
 
 
 def test_cli_help(tmp_path):
     out = _run(["--help"], tmp_path)
     assert out.returncode == 0, out.stderr
     assert "== Configuration groups ==" in out.stdout
-    for group in ("model", "method", "dataset", "hyperparams"):
-        assert f"{group}: " in out.stdout
+    groups = _groups()
+    assert {"model", "method", "dataset", "hyperparams", "dataset/format"} <= groups.keys()
+    for group, options in groups.items():  # every group on disk, with every option
+        assert f"{group}: {', '.join(options)}" in out.stdout
+
+
+def test_every_verb_has_its_primary_config_and_module():
+    """The verb table (tunelab.cli.VERBS) and conf/ agree: each primary config is a verb's, each verb's exists."""
+    import importlib.util
+
+    from tunelab.cli import VERBS
+
+    configs = {verb.config for verb in VERBS if verb.config}
+    assert configs and configs == {p.stem for p in CONF.glob("*.yaml")}
+    for verb in VERBS:
+        assert importlib.util.find_spec(verb.module) is not None, verb
 
 
 @pytest.mark.slow  # builds the wheel with pip
@@ -209,7 +235,7 @@ def test_wheel_ships_config_data_and_assets(tmp_path):
     except ImportError:
         isolation = []  # pip fetches hatchling into an isolated build environment
     command = [sys.executable, "-m", "pip", "wheel", "--no-deps", *isolation, "-w", str(tmp_path), str(REPO)]
-    out = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    out = subprocess.run(command, capture_output=True, text=True, timeout=budget(300))
     if out.returncode and not isolation and any(s in out.stdout + out.stderr for s in
                                                 ("No matching distribution", "NewConnectionError", "ConnectionError")):
         pytest.skip("hatchling is not installed and pip cannot download it (offline)")

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from conftest import fmt
+from procs import budget
 from tunelab.data.datamodule import TuneDataModule, encode_task
 from tunelab.errors import DataError
 from tunelab.models.load import load_tokenizer
@@ -122,7 +123,7 @@ def test_mixture_run_reports_per_task_metrics(tmp_path):
     out = subprocess.run(
         [sys.executable, "-m", "tunelab.cli", "train", "dataset=reviews_mix", "hyperparams.max_steps=3",
          "eval.max_eval_samples=8", "eval.baseline=false", "logger=none", f"paths.output_dir={tmp_path}"],
-        capture_output=True, text=True, timeout=600,
+        capture_output=True, text=True, timeout=budget(600),
     )
     assert out.returncode == 0, out.stderr[-3000:]
     metrics = json.loads(next(tmp_path.glob("runs/*/metrics.json")).read_text())
@@ -190,7 +191,7 @@ print(ok)
 def test_parallel_writers_never_leave_a_torn_entry(tmp_path):
     procs = [subprocess.Popen([sys.executable, "-c", HAMMER, str(tmp_path)], stdout=subprocess.PIPE, text=True)
              for _ in range(3)]
-    results = [int(p.communicate(timeout=120)[0].strip()) for p in procs]
+    results = [int(p.communicate(timeout=budget(120))[0].strip()) for p in procs]
     assert results == [40, 40, 40]  # every read, racing with the other writers, saw a whole entry
     assert [p.name for p in tmp_path.iterdir()] == ["samekey.json"]
 
@@ -223,7 +224,7 @@ def test_csv_json_and_parquet_sources_with_a_column_map(tmp_path, tokenizer):
 def test_data_preview_marks_supervised_tokens_and_prints_percentiles(tmp_path):
     out = subprocess.run(
         [str(Path(sys.executable).with_name("tunelab")), "data", "preview", "preview.samples=2"],
-        capture_output=True, text=True, timeout=300, cwd=tmp_path, env={**os.environ, "COLUMNS": "200"},
+        capture_output=True, text=True, timeout=budget(300), cwd=tmp_path, env={**os.environ, "COLUMNS": "200"},
     )
     assert out.returncode == 0, out.stderr[-2000:]
     # Without a terminal the supervised span is bracketed: the answer and its EOS, nothing of the prompt.

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from procs import budget
+
 GOOD = {"title": "Fine", "text": "It works.", "sentiment": "positive", "category": "kettle", "product": "K1",
         "rating": 5}
 
@@ -40,7 +42,7 @@ def test_bad_row_exits_3_with_file_line_and_field(tmp_path, case):
     out = subprocess.run(
         [sys.executable, "-m", "tunelab.cli", "train", f"dataset.source.path={folder}", "logger=none",
          f"paths.output_dir={tmp_path / 'out'}"],
-        capture_output=True, text=True, timeout=300,
+        capture_output=True, text=True, timeout=budget(300),
     )
     text = out.stdout + out.stderr
     assert out.returncode == 3, text[-2000:]
@@ -64,7 +66,7 @@ def test_chat_row_with_wrong_types_and_roles(tmp_path):
     out = subprocess.run(
         [sys.executable, "-m", "tunelab.cli", "data", "preview", f"dataset.source.path={folder}",
          "dataset/format=chat", "dataset.templates=[]"],
-        capture_output=True, text=True, timeout=300, cwd=tmp_path,
+        capture_output=True, text=True, timeout=budget(300), cwd=tmp_path,
     )
     assert out.returncode == 3, out.stdout + out.stderr
     assert f"{folder / 'train.jsonl'}:2: messages[0].content: expected a string, got int" in out.stdout + out.stderr

@@ -1,7 +1,8 @@
 """User mistakes through the real console script: one `tunelab: <kind> error:` message, exit code, no traceback.
 
-Every case runs `python -m tunelab.cli train ...` in a subprocess. The processes are started together
-(one module fixture) because each pays the start-up imports; the tests then read their results.
+Every case runs `python -m tunelab.cli train ...` in a subprocess. One module fixture runs them all, a few at a
+time (tests/procs.py: a pool as wide as the cores, each case's timeout counted from its own start), because each
+pays the start-up imports; the tests then read their results.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from procs import run_all
 from tunelab import paths
 from tunelab.config.schema import Overlength
 
@@ -110,18 +112,15 @@ def _skip_where_not_a_mistake(name: str) -> None:
 def results(tmp_path_factory) -> dict[str, tuple[subprocess.CompletedProcess, Path, Path]]:
     root = tmp_path_factory.mktemp("errors")
     conf = _bad_user_conf(root)
-    running = {}
+    commands = {}
     for name, (args, _, _) in CASES.items():
         out_dir = root / name
         out_dir.mkdir()
         argv = [a.format(conf=conf) for a in args] + [f"paths.output_dir={out_dir}"]
-        running[name] = (subprocess.Popen([sys.executable, "-m", "tunelab.cli", "train", *argv], cwd=out_dir, env=ENV,
-                                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True), out_dir)
-    done = {}
-    for name, (proc, out_dir) in running.items():
-        stdout, stderr = proc.communicate(timeout=300)
-        done[name] = (subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr), out_dir, conf)
-    return done
+        commands[name] = ([sys.executable, "-m", "tunelab.cli", "train", *argv], {"cwd": out_dir, "env": ENV})
+    # 120 s: one CLI's imports, composition and (for the runtime cases) building the tiny model, with room to spare.
+    done = run_all(commands, seconds=120)
+    return {name: (done[name], root / name, conf) for name in CASES}
 
 
 @pytest.mark.parametrize("name", list(CASES))

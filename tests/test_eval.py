@@ -10,9 +10,11 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 from omegaconf import open_dict
 
 from conftest import REPO, make_cfg
+from procs import budget
 from tunelab import paths
 from tunelab.config.compose import compose
 from tunelab.config.validate import validate
@@ -42,11 +44,20 @@ def _rows(out: Path) -> list[dict]:
 
 
 # ---- configs ----------------------------------------------------------------------------------------
-EVAL_GROUPS = ("prompting", "documents")
+
+
+def _default_groups(config: str) -> set[str]:
+    """The groups a primary config's defaults list chooses from (conf/<config>.yaml read as YAML)."""
+    entries = yaml.safe_load((paths.conf_dir() / f"{config}.yaml").read_text())["defaults"]
+    return {next(iter(entry)).split("/")[0] for entry in entries if isinstance(entry, dict)}
+
+
+EVAL_GROUPS = sorted(_default_groups("eval") - _default_groups("train"))  # eval's own groups
 OPTIONS = sorted(f"{g}={p.stem}" for g in EVAL_GROUPS for p in (paths.conf_dir() / g).glob("*.yaml"))
 
 
 def test_eval_options_are_discovered():
+    assert {"documents", "prompting"} <= set(EVAL_GROUPS)
     assert {"prompting=zero_shot", "prompting=few_shot", "prompting=retrieval", "documents=knowledge"} <= set(OPTIONS)
 
 
@@ -230,7 +241,7 @@ def test_cli_exit_code_for_a_directory_that_is_not_a_run(tmp_path):
     (tmp_path / "notarun").mkdir()
     proc = subprocess.run([sys.executable, "-m", "tunelab.cli", "eval", f"run={tmp_path / 'notarun'}",
                            "logger=none", f"paths.output_dir={tmp_path}"], capture_output=True, text=True,
-                          env=ENV, timeout=300)
+                          env=ENV, timeout=budget(300))
     assert proc.returncode == 4, proc.stderr[-2000:]
     assert "tunelab: checkpoint error:" in proc.stderr and "hint:" in proc.stderr
     assert "Traceback" not in proc.stderr

@@ -17,7 +17,6 @@ import json
 import os
 import random
 import string
-import subprocess
 import sys
 from dataclasses import dataclass
 from functools import cache
@@ -27,6 +26,7 @@ import pytest
 from omegaconf import OmegaConf, open_dict
 
 from conftest import fmt
+from procs import run_all
 from tunelab.cli import preflight
 from tunelab.config.compose import compose
 from tunelab.config.validate import validate
@@ -497,16 +497,13 @@ def test_cli_path_prints_no_traceback(tmp_path):
         "data": ([f"dataset.source.path={tmp_path / 'data'}", "logger=none", "eval.baseline=false"], 3,
                  f"tunelab: data error: {tmp_path / 'data' / case.expect}"),
     }
-    procs = {name: subprocess.Popen([sys.executable, "-m", "tunelab.cli", "train", *argv,
-                                     f"paths.output_dir={tmp_path / name}"], cwd=tmp_path, env=ENV,
-                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for name, (argv, _, _) in runs.items()}
-    for name, proc in procs.items():
-        stdout, stderr = proc.communicate(timeout=300)
+    done = run_all({name: ([sys.executable, "-m", "tunelab.cli", "train", *argv, f"paths.output_dir={tmp_path / name}"],
+                           {"cwd": tmp_path, "env": ENV}) for name, (argv, _, _) in runs.items()}, seconds=120)
+    for name, out in done.items():
         _, code, text = runs[name]
-        assert proc.returncode == code, (name, stderr[-2000:])
-        assert "Traceback" not in stdout + stderr, (name, stderr[-2000:])
-        assert text in stderr, (name, stderr[-2000:])
+        assert out.returncode == code, (name, out.stderr[-2000:])
+        assert "Traceback" not in out.stdout + out.stderr, (name, out.stderr[-2000:])
+        assert text in out.stderr, (name, out.stderr[-2000:])
 
 
 def test_diverged_run_exits_5(tmp_path):

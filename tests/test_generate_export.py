@@ -14,6 +14,7 @@ import torch
 from hydra.core.global_hydra import GlobalHydra
 
 from conftest import REPO, make_cfg
+from procs import budget
 from tunelab.config.compose import compose
 from tunelab.errors import ConfigError
 from tunelab.models.load import load_run
@@ -40,7 +41,7 @@ def _hydra_quoted(text: str) -> str:
 
 def _tunelab(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "tunelab.cli", *args], capture_output=True, text=True,
-                          input=stdin, env=ENV, timeout=300)
+                          input=stdin, env=ENV, timeout=budget(300))
 
 
 def _verb_cfg(verb: str, overrides: list[str]):
@@ -137,7 +138,7 @@ def test_lora_export_loads_in_plain_transformers(lora_run, tmp_path):
         torch.save(logits, {str(tmp_path / 'logits.pt')!r})
         print(sorted(m for m in sys.modules if m.split('.')[0] in ('tunelab', 'peft')))
     """)
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=ENV, timeout=300)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=ENV, timeout=budget(300))
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.strip() == "[]"  # neither tunelab nor peft was imported
     logits = torch.load(tmp_path / "logits.pt", weights_only=True)

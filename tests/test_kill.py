@@ -22,6 +22,7 @@ import torch
 from safetensors.torch import load_file
 
 from forkrun import fork_tunelab
+from procs import budget
 from tunelab.checkpoint.io import complete_checkpoints
 
 pytestmark = pytest.mark.slow
@@ -91,7 +92,7 @@ def run_console_script(args: list[str], log: Path) -> int:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")])}
     with log.open("w") as out:
         return subprocess.run([str(Path(sys.executable).with_name("tunelab")), "train", *args], stdout=out,
-                              stderr=subprocess.STDOUT, timeout=600, env=env).returncode
+                              stderr=subprocess.STDOUT, timeout=budget(600), env=env).returncode
 
 
 @pytest.mark.parametrize("method", list(CHAINS))

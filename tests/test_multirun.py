@@ -11,6 +11,8 @@ import pytest
 import yaml
 from wandb.proto import wandb_internal_pb2 as pb
 
+from procs import budget
+
 SECRET = "hf_abcdefghijklmnopqrstuvwxyz123456"
 
 
@@ -23,7 +25,7 @@ def test_sweep_makes_one_dir_and_one_wandb_run_per_job(tmp_path):
             "decoding.max_new_tokens=4", "hyperparams.eval_batch_size=8", "logger=wandb",
             f"tags=[{SECRET}]", f"paths.output_dir={tmp_path}"]
     out = subprocess.run([sys.executable, "-m", "tunelab.cli", "train", *args], cwd=tmp_path, env=env,
-                         capture_output=True, text=True, timeout=600)
+                         capture_output=True, text=True, timeout=budget(600))
     assert out.returncode == 0, out.stderr[-3000:]
 
     (sweep,) = (tmp_path / "multiruns").iterdir()  # one sweep directory

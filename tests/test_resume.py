@@ -18,6 +18,7 @@ from torch import nn
 
 from conftest import make_cfg
 from forkrun import fork_tunelab, wait_for
+from procs import budget
 from tunelab.checkpoint.io import CheckpointInfo, complete_checkpoints, marker_path, save_atomic
 from tunelab.checkpoint.resume import Resume, find_resume, identity
 from tunelab.errors import CheckpointError
@@ -165,7 +166,7 @@ class Pause(pl.Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if trainer.global_step == 1:
             self.started.touch()
-            deadline = time.monotonic() + 300
+            deadline = time.monotonic() + budget(300)
             while not self.release.exists() and time.monotonic() < deadline:
                 time.sleep(0.05)
 
@@ -185,7 +186,7 @@ def test_two_jobs_aimed_at_one_run_directory_and_time_based_checkpoints(tmp_path
     pause = [f"+callbacks.pause._target_={__name__}.Pause", f"+callbacks.pause.started={started}",
              f"+callbacks.pause.release={release}"]
     job_a = fork_tunelab([*args, *pause], tmp_path / "a.log", wait=False)
-    deadline = time.monotonic() + 300
+    deadline = time.monotonic() + budget(300)
     while not started.exists() and time.monotonic() < deadline:
         if os.waitpid(job_a, os.WNOHANG)[0]:
             pytest.fail("job A ended early: " + (tmp_path / "a.log").read_text()[-3000:])

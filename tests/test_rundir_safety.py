@@ -18,6 +18,7 @@ import pytest
 import yaml
 from hydra.core.global_hydra import GlobalHydra
 
+from procs import budget
 from tunelab import paths
 from tunelab.config.compose import compose
 from tunelab.errors import CheckpointError, TunelabError
@@ -134,7 +135,7 @@ def test_trust_remote_code_comes_from_the_command_line_not_the_run(clean_run, tm
     config["auto_map"] = {"AutoConfig": "evil.EvilConfig", "AutoModelForCausalLM": "evil.EvilModel"}
     (run / "model" / "config.json").write_text(json.dumps(config))
     out = subprocess.run([sys.executable, "-m", "tunelab.cli", "export", f"run={run}", f"out={tmp_path / 'out'}"],
-                         capture_output=True, text=True, timeout=300, cwd=tmp_path,
+                         capture_output=True, text=True, timeout=budget(300), cwd=tmp_path,
                          env={**ENV, "HF_MODULES_CACHE": str(tmp_path / "modules")})
     assert not marker.exists(), out.stderr[-2000:]
     assert "Traceback" not in out.stderr, out.stderr[-2000:]

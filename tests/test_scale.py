@@ -23,6 +23,7 @@ import torch
 import yaml
 
 from conftest import REPO, make_cfg
+from procs import budget
 from tunelab import paths
 from tunelab.checkpoint.callback import AtomicCheckpointIO, Checkpointing
 from tunelab.checkpoint.io import complete_checkpoints, link_last, mark_directory, marker_path
@@ -34,14 +35,37 @@ from tunelab.config.engine import check_engine
 from tunelab.config.validate import validate
 from tunelab.errors import CheckpointError, ConfigError
 
-SHARDED = ["fsdp", "deepspeed_zero2", "deepspeed_zero3"]
+# The trainer options whose strategy shards the model, and the bundled random-init models: read from conf/.
+SHARDING = {"pytorch_lightning.strategies.FSDPStrategy", "pytorch_lightning.strategies.DeepSpeedStrategy"}
+
+
+def _strategy(option: str) -> str | None:
+    """The `_target_` of a trainer option's strategy node, inherited through its defaults list (no compose)."""
+    node = yaml.safe_load((paths.conf_dir() / "trainer" / f"{option}.yaml").read_text())
+    strategy = node.get("strategy")
+    if isinstance(strategy, dict) and "_target_" in strategy:
+        return strategy["_target_"]
+    if strategy is not None and not isinstance(strategy, dict):
+        return None  # a name such as `ddp`: Lightning's own, not a sharding node
+    parents = [d for d in node.get("defaults", []) if isinstance(d, str) and d != "_self_"]
+    return next((t for t in map(_strategy, parents) if t), None)
+
+
+TRAINERS = {p.stem: _strategy(p.stem) for p in sorted((paths.conf_dir() / "trainer").glob("*.yaml"))}
+SHARDED = [name for name, target in TRAINERS.items() if target in SHARDING]
+DEEPSPEED = [name for name in SHARDED if TRAINERS[name].endswith("DeepSpeedStrategy")]
+MODELS = {p.stem: yaml.safe_load(p.read_text()) for p in sorted((paths.conf_dir() / "model").glob("*.yaml"))}
+RANDOM_INIT = [node["name_or_path"].removeprefix("${paths.assets_dir}/") for node in MODELS.values()
+               if node.get("random_init") and str(node["name_or_path"]).startswith("${paths.assets_dir}/")]
 HAS_DEEPSPEED = importlib.util.find_spec("deepspeed") is not None
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline", "PYTHONUNBUFFERED": "1"}
 
 
 def test_sharded_trainer_options_are_discovered():
-    found = {p.stem for p in (paths.conf_dir() / "trainer").glob("*.yaml")}
-    assert set(SHARDED) <= found  # test_config.py composes and validates every one of them too
+    assert {"fsdp", "deepspeed_zero2", "deepspeed_zero3"} <= set(SHARDED)  # test_config.py composes every one too
+    assert DEEPSPEED and set(DEEPSPEED) < set(SHARDED)
+    assert {"tiny-llama", "tiny-moe"} <= set(RANDOM_INIT)  # one per architecture: Llama and Mixtral
+    assert all((paths.assets_dir() / name / "config.json").is_file() for name in RANDOM_INIT)
 
 
 @pytest.mark.parametrize("option", SHARDED)
@@ -92,7 +116,7 @@ def test_fsdp_needs_a_gpu_here(tmp_path):
         build(cfg.trainer, callbacks=[], logger=False, default_root_dir=str(tmp_path))
 
 
-@pytest.mark.parametrize("model", ["tiny-llama", "tiny-moe"])
+@pytest.mark.parametrize("model", RANDOM_INIT)
 def test_decoder_layer_policy_wraps_exactly_the_decoder_layers(model):
     """The policy FSDP and activation checkpointing use, resolved from a real model (plain and under LoRA): through
     torch's own apply_activation_checkpointing, every decoder layer is wrapped and nothing else; loss and
@@ -136,7 +160,7 @@ def test_decoder_layer_policy_wraps_exactly_the_decoder_layers(model):
 
 # ---- DeepSpeed: the package is an extra -------------------------------------------------------------
 @pytest.mark.skipif(HAS_DEEPSPEED, reason="deepspeed is installed here: the refusal cannot happen")
-@pytest.mark.parametrize("option", ["deepspeed_zero2", "deepspeed_zero3"])
+@pytest.mark.parametrize("option", DEEPSPEED)
 def test_deepspeed_without_its_package_is_exit_2_naming_the_extra(option, tmp_path):
     cfg = make_cfg(tmp_path, [f"trainer={option}"])
     validate(cfg)  # the config itself is fine ...
@@ -271,7 +295,7 @@ def test_ray_sweep_runs_each_trial_as_a_ray_task(tmp_path):
     args = ["-m", "hydra/launcher=ray", "hydra.launcher.ray.init.num_cpus=2", "experiment=sweep_smoke",
             "hyperparams.lr=1e-3,3e-3", "logger=none", f"paths.output_dir={tmp_path}"]
     out = subprocess.run([sys.executable, "-m", "tunelab.cli", "train", *args], cwd=tmp_path, env=ENV,
-                         capture_output=True, text=True, timeout=600)
+                         capture_output=True, text=True, timeout=budget(600))
     assert out.returncode == 0, out.stderr[-3000:]
     assert "Ray Launcher is launching 2 jobs" in out.stdout + out.stderr
     (sweep,) = (tmp_path / "multiruns").iterdir()
@@ -307,7 +331,7 @@ def _train_on_gpus(tmp_path: Path, option: str, extra: list[str], steps: int = 4
     args = [f"trainer={option}", "trainer.devices=2", f"hyperparams.max_steps={steps}", "eval.baseline=false",
             "eval.max_eval_samples=8", "logger=none", f"paths.output_dir={tmp_path}", *extra]
     return subprocess.run([str(Path(sys.executable).with_name("tunelab")), "train", *args], env=ENV,
-                          capture_output=True, text=True, timeout=900)
+                          capture_output=True, text=True, timeout=budget(900))
 
 
 def _check_model_dir(run: Path) -> None:

@@ -3,6 +3,7 @@ export carries a model card; the W&B offline run holds the model artifact, and a
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -14,12 +15,14 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from hydra.core.global_hydra import GlobalHydra
 
 from conftest import REPO, make_cfg
+from procs import budget
 from tunelab.config.compose import compose
 from tunelab.errors import CheckpointError, ConfigError
 from tunelab.tracking.artifacts import offline_artifacts, parse_reference, resolve_run
@@ -39,7 +42,7 @@ MAX_TOKENS = 12
 
 def _tunelab(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "tunelab.cli", *args], capture_output=True, text=True,
-                          env=env or ENV, timeout=300)
+                          env=env or ENV, timeout=budget(300))
 
 
 def _quoted(text: str) -> str:
@@ -63,8 +66,8 @@ def lora_run(tmp_path_factory) -> Path:
     return run_dir
 
 
-@pytest.fixture(scope="module")
-def server(run):
+@contextlib.contextmanager
+def _serving(run: Path) -> Iterator[tuple[str, str, subprocess.Popen]]:
     """`tunelab serve` as a real subprocess on a free localhost port; yields (base url, model id, process)."""
     proc = subprocess.Popen([sys.executable, "-m", "tunelab.cli", "serve", f"run={run}", "port=0",
                              f"max_tokens={MAX_TOKENS * 4}"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
@@ -74,7 +77,8 @@ def server(run):
         match = re.search(r"serving '([^']+)' on (http://127\.0\.0\.1:\d+/v1)", line)
         assert match, line + (proc.stderr.read()[-3000:] if proc.poll() is not None else "")
         model_id, base = match.group(1), match.group(2)
-        for _ in range(300):  # the socket listens at once; uvicorn answers once the app started
+        deadline = time.monotonic() + budget(60)  # the socket listens at once; uvicorn answers once the app started
+        while time.monotonic() < deadline:
             try:
                 with urllib.request.urlopen(base.removesuffix("/v1") + "/health", timeout=2) as response:
                     if json.load(response)["status"] == "ok":
@@ -86,6 +90,12 @@ def server(run):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+@pytest.fixture(scope="module")
+def server(run):
+    with _serving(run) as served:
+        yield served
 
 
 def _client(base: str) -> openai.OpenAI:
@@ -147,11 +157,11 @@ def test_errors_are_openai_json_with_status(server):
         assert set(json.loads(err.value.read())["error"]) == {"message", "type", "param", "code"}
 
 
-def test_sigterm_drains_and_exits(server):
-    base, _, proc = server  # runs last in this module: it stops the server
-    proc.send_signal(signal.SIGTERM)
-    assert proc.wait(timeout=60) == -signal.SIGTERM  # uvicorn re-raises the signal once drained: 143 in a shell
-    assert "Shutting down" in proc.stderr.read()
+def test_sigterm_drains_and_exits(run):
+    with _serving(run) as (_, _, proc):  # its own server: the module's keeps serving the tests after this one
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=budget(60)) == -signal.SIGTERM  # uvicorn re-raises it once drained: 143 in a shell
+        assert "Shutting down" in proc.stderr.read()
 
 
 def test_limits_and_sigterm_drain_with_a_request_in_flight():
@@ -163,7 +173,8 @@ def test_limits_and_sigterm_drain_with_a_request_in_flight():
     try:
         base = re.search(r"on (http://127\.0\.0\.1:\d+/v1)", proc.stdout.readline()).group(1)
         client = _client(base)
-        for _ in range(300):
+        deadline = time.monotonic() + budget(60)
+        while time.monotonic() < deadline:
             try:
                 client.models.list()
                 break
@@ -181,7 +192,7 @@ def test_limits_and_sigterm_drain_with_a_request_in_flight():
         assert rest[-1].choices[0].finish_reason == "length"
         text = (first.choices[0].delta.content or "") + "".join(c.choices[0].delta.content or "" for c in rest)
         assert text
-        assert proc.wait(timeout=60) == -signal.SIGTERM
+        assert proc.wait(timeout=budget(60)) == -signal.SIGTERM
     finally:
         if proc.poll() is None:
             proc.kill()

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from procs import budget
 from tunelab import cli
 from tunelab.config.compose import compose
 from tunelab.config.validate import validate
@@ -109,7 +110,7 @@ def test_glob_and_range_expand_to_group_options():
 
 def test_sweep_with_a_typo_fails_before_any_trial():
     result = subprocess.run([TUNELAB, "train", "-m", "hyperparams.lr=1e-3,1e-2", "hyperparams.wieght_decay=0,0.1"],
-                            capture_output=True, text=True, cwd=REPO, timeout=120)
+                            capture_output=True, text=True, cwd=REPO, timeout=budget(120))
     assert result.returncode == 2
     assert "unknown key 'wieght_decay'" in result.stderr and "did you mean 'weight_decay'" in result.stderr
 
@@ -160,7 +161,7 @@ def test_optuna_search_runs_and_best_trial_is_reported(tmp_path):
         [TUNELAB, "train", "hparams_search=optuna_val_loss", "hydra.sweeper.n_trials=6", "hydra.sweeper.n_jobs=2",
          "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "logger=none",
          *[o for o in TINY if not o.startswith("hyperparams.epochs")], f"paths.output_dir={tmp_path}"],
-        capture_output=True, text=True, cwd=tmp_path, timeout=900)
+        capture_output=True, text=True, cwd=tmp_path, timeout=budget(900))
     assert result.returncode == 0, result.stderr[-3000:]
     (sweep,) = (tmp_path / "multiruns").iterdir()
     best = yaml.safe_load((sweep / "optimization_results.yaml").read_text())
@@ -179,7 +180,7 @@ def joblib_sweep(tmp_path_factory) -> Path:
     result = subprocess.run(
         [TUNELAB, "train", "-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "hyperparams.max_seq_len=8,256",
          "hyperparams.lr=1e-3,3e-3", *TINY, f"paths.output_dir={out}"],
-        capture_output=True, text=True, cwd=out, timeout=900)
+        capture_output=True, text=True, cwd=out, timeout=budget(900))
     assert result.returncode == 0, result.stderr[-3000:]
     (sweep,) = (out / "multiruns").iterdir()
     return sweep
@@ -260,7 +261,7 @@ def test_best_config_reruns_in_parallel_processes_with_same_metric(joblib_sweep,
     procs = [subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for _ in range(2)]
     for proc in procs:
-        _, err = proc.communicate(timeout=600)
+        _, err = proc.communicate(timeout=budget(600))
         assert proc.returncode == 0, err[-3000:]
     runs = sorted((tmp_path / "runs").iterdir())
     assert len(runs) == 2 and runs[0].name != runs[1].name
@@ -341,7 +342,7 @@ def test_grid_of_sixteen_on_two_workers(tmp_path):
         [TUNELAB, "train", "-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "logger=csv",
          "hyperparams.lr=1e-3,3e-3", "hyperparams.batch_size=8,16", "hyperparams.epochs=1,2",
          "hyperparams.weight_decay=0,0.01", *[o for o in TINY if not o.startswith("hyperparams.epochs")],
-         f"paths.output_dir={tmp_path}"], capture_output=True, text=True, cwd=tmp_path, timeout=1200)
+         f"paths.output_dir={tmp_path}"], capture_output=True, text=True, cwd=tmp_path, timeout=budget(1200))
     assert result.returncode == 0, result.stderr[-3000:]
     (sweep,) = (tmp_path / "multiruns").iterdir()
     found = report(sweep)
