@@ -315,6 +315,21 @@ def test_bad_input_is_refused_before_serving(run, tmp_path, monkeypatch):
     assert "Traceback" not in in_use.stderr + damaged.stderr
 
 
+def test_an_exposed_host_without_a_key_is_refused_before_any_heavy_import(tmp_path):
+    """Issue 21 item 8: `serve host=0.0.0.0` without a key was refused only after torch and transformers loaded
+    (6 s idle, 45 s busy). Now the pre-flight refuses it: exit 2, its message, and neither library imported. The
+    run directory holds no model, so a load attempted first would have said "no trained model" instead."""
+    code = ("import sys\nfrom tunelab.cli import run_verb\ntry:\n    run_verb('serve', sys.argv[1:])\n"
+            "except SystemExit as err:\n"
+            "    print('exit', err.code, sorted({'torch', 'transformers'} & set(sys.modules)))")
+    env = {k: v for k, v in ENV.items() if k != "TUNELAB_API_KEY"}
+    done = subprocess.run([sys.executable, "-c", code, f"run={tmp_path}", "host=0.0.0.0", "port=0"],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert done.stdout.strip() == "exit 2 []", done.stdout + done.stderr[-3000:]
+    assert "tunelab: config error: host=0.0.0.0 would expose the model" in done.stderr, done.stderr[-3000:]
+    assert "no trained model" not in done.stderr and "Traceback" not in done.stderr
+
+
 def test_model_card_parses_and_holds_the_run(run):
     from huggingface_hub import ModelCard
 
