@@ -12,6 +12,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -77,14 +78,7 @@ def _serving(run: Path) -> Iterator[tuple[str, str, subprocess.Popen]]:
         match = re.search(r"serving '([^']+)' on (http://127\.0\.0\.1:\d+/v1)", line)
         assert match, line + (proc.stderr.read()[-3000:] if proc.poll() is not None else "")
         model_id, base = match.group(1), match.group(2)
-        deadline = time.monotonic() + budget(60)  # the socket listens at once; uvicorn answers once the app started
-        while time.monotonic() < deadline:
-            try:
-                with urllib.request.urlopen(base.removesuffix("/v1") + "/health", timeout=2) as response:
-                    if json.load(response)["status"] == "ok":
-                        break
-            except (urllib.error.URLError, ConnectionError):
-                time.sleep(0.2)
+        _wait_healthy(base)
         yield base, model_id, proc
     finally:
         if proc.poll() is None:
@@ -96,6 +90,17 @@ def _serving(run: Path) -> Iterator[tuple[str, str, subprocess.Popen]]:
 def server(run):
     with _serving(run) as served:
         yield served
+
+
+def _wait_healthy(base: str) -> None:
+    deadline = time.monotonic() + budget(60)  # the socket listens at once; uvicorn answers once the app started
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(base.removesuffix("/v1") + "/health", timeout=2) as response:
+                if json.load(response)["status"] == "ok":
+                    return
+        except (urllib.error.URLError, ConnectionError):
+            time.sleep(0.2)
 
 
 def _client(base: str) -> openai.OpenAI:
@@ -164,22 +169,27 @@ def test_sigterm_drains_and_exits(run):
         assert "Shutting down" in proc.stderr.read()
 
 
+def _tiny_server(*overrides: str) -> tuple[subprocess.Popen, str]:
+    """`tunelab serve model=tiny` (random init, nothing to train) on a free localhost port: (process, base url),
+    once /health answers. The caller kills the process."""
+    proc = subprocess.Popen([sys.executable, "-m", "tunelab.cli", "serve", "model=tiny", "port=0",
+                             "served_model_name=tiny", *overrides],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
+    line = proc.stdout.readline()
+    match = re.search(r"on (http://127\.0\.0\.1:\d+/v1)", line)
+    if not match:
+        proc.kill()
+        raise AssertionError(line + proc.communicate(timeout=60)[1][-3000:])
+    _wait_healthy(match.group(1))
+    return proc, match.group(1)
+
+
 def test_limits_and_sigterm_drain_with_a_request_in_flight():
     """One generation at a time, none waiting: a second request is 429 while a long one streams; SIGTERM
     lets that stream finish, and the server exits as killed by SIGTERM."""
-    proc = subprocess.Popen([sys.executable, "-m", "tunelab.cli", "serve", "model=tiny", "port=0", "max_concurrent=1",
-                             "max_waiting=0", "max_tokens=400", "served_model_name=tiny"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
+    proc, base = _tiny_server("max_concurrent=1", "max_waiting=0", "max_tokens=400")
     try:
-        base = re.search(r"on (http://127\.0\.0\.1:\d+/v1)", proc.stdout.readline()).group(1)
         client = _client(base)
-        deadline = time.monotonic() + budget(60)
-        while time.monotonic() < deadline:
-            try:
-                client.models.list()
-                break
-            except openai.APIConnectionError:
-                time.sleep(0.2)
         # The random-init tiny model never says end-of-turn: 400 tokens keep its one slot busy for a while.
         stream = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}],
                                                 max_tokens=400, stream=True)
@@ -197,6 +207,87 @@ def test_limits_and_sigterm_drain_with_a_request_in_flight():
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+LIMIT = 1 << 20  # max_request_bytes of the server below
+# RSS the server may gain beyond the 2 x LIMIT the body limit allows (FastAPI joins the chunks it read into one
+# bytes object): uvicorn's read buffer (64 KiB high-water mark plus one socket read of at most 256 KiB), the
+# health probes' connections, and malloc arena slack. The unbounded body (30 x LIMIT, joined: 60 MiB) is far over.
+ALLOWANCE = 16 << 20
+
+
+def _status_of(pid: int, field: str) -> int:
+    """A memory figure of /proc/<pid>/status in bytes: VmRSS now, VmHWM the peak since clear_refs was reset."""
+    line = next(x for x in Path(f"/proc/{pid}/status").read_text().splitlines() if x.startswith(field + ":"))
+    return int(line.split()[1]) * 1024
+
+
+def _send_chunked(sock: socket.socket, total: int, sent: list[int]) -> None:
+    """POST a `Transfer-Encoding: chunked` body of `total` bytes, 64 KiB a chunk: a JSON object left unclosed, so
+    a server that read it all would fail to parse it cheaply rather than tokenize a 30 MB prompt."""
+    head = b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+    piece = b"x" * (64 << 10)
+    try:
+        sock.sendall(head + b"Transfer-Encoding: chunked\r\n\r\n")
+        opening = b'{"model": "tiny", "prompt": "'
+        sock.sendall(b"%x\r\n%s\r\n" % (len(opening), opening))
+        while sent[0] < total:
+            sock.sendall(b"%x\r\n%s\r\n" % (len(piece), piece))
+            sent[0] += len(piece)
+        sock.sendall(b"0\r\n\r\n")
+    except OSError:  # the server may close the connection once it has answered
+        pass
+
+
+def _read_response(sock: socket.socket) -> tuple[int, dict]:
+    """Status and JSON body of one HTTP/1.1 response with a Content-Length."""
+    data = b""
+    while b"\r\n\r\n" not in data or len(data.partition(b"\r\n\r\n")[2]) < _length(data):
+        received = sock.recv(65536)
+        assert received, f"the server closed the connection after {data[:300]!r}"
+        data += received
+    head, _, body = data.partition(b"\r\n\r\n")
+    return int(head.split()[1]), json.loads(body[: _length(data)])
+
+
+def _length(data: bytes) -> int:
+    found = re.search(rb"(?i)\r\ncontent-length: *(\d+)", data.partition(b"\r\n\r\n")[0])
+    return int(found.group(1)) if found else 0
+
+
+def test_a_chunked_body_over_the_limit_is_refused_without_holding_it():
+    """Issue 21 item 2: the 413 once read only Content-Length, so a chunked body of any size was read in whole.
+    A chunked body of 30 x max_request_bytes gets 413 OpenAI-style; the server's peak RSS stays under its start
+    + 2 x max_request_bytes + ALLOWANCE; /health answers within 1 s throughout; the next request is served."""
+    proc, base = _tiny_server(f"max_request_bytes={LIMIT}", "max_tokens=2")
+    try:
+        client, port = _client(base), int(base.rsplit(":", 1)[1].split("/")[0])
+        client.completions.create(model="tiny", prompt="hi", max_tokens=1)  # first-use allocations out of the way
+        with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:  # a declared size: no body read
+            sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: %d\r\n\r\n" % LIMIT**2)
+            status, body = _read_response(sock)
+        assert status == 413 and "over the limit" in body["error"]["message"]
+        start = _status_of(proc.pid, "VmRSS")
+        Path(f"/proc/{proc.pid}/clear_refs").write_text("5")  # VmHWM from here on: the peak of what follows
+        sent, waits = [0], []
+        with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+            sender = threading.Thread(target=_send_chunked, args=(sock, 30 * LIMIT, sent), daemon=True)
+            sender.start()
+            while sender.is_alive() or len(waits) < 5:  # probes while the body goes out, and after
+                began = time.monotonic()
+                with urllib.request.urlopen(base.removesuffix("/v1") + "/health", timeout=30) as response:
+                    assert response.status == 200
+                waits.append(time.monotonic() - began)
+            status, body = _read_response(sock)
+            sender.join(timeout=60)
+        peak = _status_of(proc.pid, "VmHWM")
+        assert status == 413 and set(body["error"]) == {"message", "type", "param", "code"}, body
+        assert peak < start + 2 * LIMIT + ALLOWANCE, (start, peak, sent)
+        assert max(waits) < 1.0, waits
+        assert client.completions.create(model="tiny", prompt="hi", max_tokens=1).usage.completion_tokens == 1
+    finally:
+        proc.kill()
+        proc.wait()
 
 
 def _serve_cfg(overrides: list[str]):
@@ -232,6 +323,21 @@ def test_bad_input_is_refused_before_serving(run, tmp_path, monkeypatch):
     assert damaged.returncode == 4 and "tunelab: checkpoint error: cannot load the model" in damaged.stderr, \
         damaged.stderr[-2000:]
     assert "Traceback" not in in_use.stderr + damaged.stderr
+
+
+def test_an_exposed_host_without_a_key_is_refused_before_any_heavy_import(tmp_path):
+    """Issue 21 item 8: `serve host=0.0.0.0` without a key was refused only after torch and transformers loaded
+    (6 s idle, 45 s busy). Now the pre-flight refuses it: exit 2, its message, and neither library imported. The
+    run directory holds no model, so a load attempted first would have said "no trained model" instead."""
+    code = ("import sys\nfrom tunelab.cli import run_verb\ntry:\n    run_verb('serve', sys.argv[1:])\n"
+            "except SystemExit as err:\n"
+            "    print('exit', err.code, sorted({'torch', 'transformers'} & set(sys.modules)))")
+    env = {k: v for k, v in ENV.items() if k != "TUNELAB_API_KEY"}
+    done = subprocess.run([sys.executable, "-c", code, f"run={tmp_path}", "host=0.0.0.0", "port=0"],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert done.stdout.strip() == "exit 2 []", done.stdout + done.stderr[-3000:]
+    assert "tunelab: config error: host=0.0.0.0 would expose the model" in done.stderr, done.stderr[-3000:]
+    assert "no trained model" not in done.stderr and "Traceback" not in done.stderr
 
 
 def test_model_card_parses_and_holds_the_run(run):

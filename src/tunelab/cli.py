@@ -62,7 +62,7 @@ VERBS: tuple[Verb, ...] = (
          "export"),
     Verb("serve", "tunelab.verbs.serve:serve",
          "an OpenAI-compatible HTTP API over a run: run=<run dir or W&B artifact> [port=]",
-         "serve"),
+         "serve", check="tunelab.verbs.serve:check_command_line"),
     Verb("data preview", "tunelab.verbs.preview:preview",
          "tokenised samples with supervised tokens marked, length percentiles: dataset=<name>", "data"),
     Verb("sweep-report", "tunelab.verbs.sweep_report:sweep_report",

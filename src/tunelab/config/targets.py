@@ -136,12 +136,12 @@ def check_choices(cfg: DictConfig) -> None:
 def check_factories(cfg: DictConfig) -> None:
     """Dry-run `hyperparams.optimizer` and `hyperparams.scheduler` as the module calls them, on one dummy
     parameter: the library refuses bad arguments (betas=[2, 0], a scheduler that needs more kwargs) now."""
+    optimizer_node = OmegaConf.select(cfg, "hyperparams.optimizer", default=None)
+    if not isinstance(optimizer_node, DictConfig) or "_target_" not in optimizer_node:
+        return  # nothing to dry-run (serve, generate): torch is not imported for nothing
     import torch
     from hydra.utils import instantiate
 
-    optimizer_node = OmegaConf.select(cfg, "hyperparams.optimizer", default=None)
-    if not isinstance(optimizer_node, DictConfig) or "_target_" not in optimizer_node:
-        return
     location = where(cfg, "hyperparams.optimizer")
     try:
         optimizer = instantiate(optimizer_node)(params=[{"params": [torch.nn.Parameter(torch.zeros(1))]}])

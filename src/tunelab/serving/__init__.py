@@ -3,4 +3,5 @@
     requests.py    what the server holds (`Served`), request bodies, their validation, prompt rendering
     generation.py  one request's generation (through `evaluation.evaluate.generate_tokens`), stop strings
     app.py         the FastAPI app: limits, errors, endpoints, server-sent events
+    limits.py      the request body limit, whatever the framing (pure ASGI)
 """

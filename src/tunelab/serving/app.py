@@ -1,5 +1,5 @@
-"""The FastAPI application: the API key, body size, draining and queue limits, OpenAI-style errors, the
-endpoints, and server-sent events for `stream: true`."""
+"""The FastAPI application: the API key, body size (`limits.BodyLimit`), draining and queue limits, OpenAI-style
+errors, the endpoints, and server-sent events for `stream: true`."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from tunelab.serving.generation import Cancelled, cut_at_stop, run_generate
+from tunelab.serving.limits import BodyLimit
 from tunelab.serving.requests import (
     APIError,
     ChatRequest,
@@ -65,18 +66,18 @@ def build_app(served: Served) -> Any:
         log.exception("request %s %s failed", request.method, request.url.path)  # the traceback stays here
         return JSONResponse(APIError(500, "internal server error", kind="server_error").body(), 500)
 
+    # Added before `guard`, so it runs inside it: the API key is checked first, as before.
+    app.add_middleware(BodyLimit, limit=served.max_request_bytes)
+
     @app.middleware("http")
     async def guard(request: Request, call_next: Any) -> Any:
-        """API key, body size and draining, before any body is parsed."""
+        """API key and draining, before any body is parsed (the body size: `BodyLimit`, inside this)."""
         try:
             if served.api_key and request.url.path != "/health":
                 scheme, _, key = request.headers.get("authorization", "").partition(" ")
                 if scheme.lower() != "bearer" or not secrets.compare_digest(key.strip(), served.api_key):
                     raise APIError(401, "missing or wrong API key (send Authorization: Bearer <key>)",
                                    code="invalid_api_key", kind="authentication_error")
-            size = request.headers.get("content-length")
-            if size is not None and size.isdigit() and int(size) > served.max_request_bytes:
-                raise APIError(413, f"request body of {size} bytes is over the limit of {served.max_request_bytes}")
             if app.state.draining and request.url.path != "/health":
                 raise APIError(503, "the server is shutting down", kind="server_error",
                                headers={"Retry-After": "5"})

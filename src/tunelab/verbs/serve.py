@@ -23,14 +23,14 @@ import socket
 from pathlib import Path
 from typing import Any
 
-import torch
 from omegaconf import DictConfig, OmegaConf
 
 from tunelab.errors import CheckpointError, ConfigError, TunelabError
-from tunelab.evaluation.evaluate import decoding_settings
 from tunelab.job import RunContext, verb
-from tunelab.serving.app import build_app
 from tunelab.serving.requests import Served
+
+# torch, transformers and the app (which imports them) load inside the functions below: a command line the
+# checks refuse (an exposed host without a key, a limit out of range) is answered before seconds of imports.
 
 API_KEY_ENV = "TUNELAB_API_KEY"
 
@@ -73,6 +73,9 @@ def _bind(host: str, port: int) -> socket.socket:
 def load_served(cfg: DictConfig) -> Served:
     """The model, tokenizer and recipe to serve: from `run=` (a run directory or W&B artifact reference)
     or from a `model=` option as it is."""
+    import torch
+
+    from tunelab.evaluation.evaluate import decoding_settings
     from tunelab.models.load import load_run, load_tokenizer
     from tunelab.tracking.artifacts import resolve_run
 
@@ -118,6 +121,13 @@ def _check_limits(cfg: DictConfig) -> None:
         raise ConfigError(f"port must be 0..65535, got {cfg.port!r}", "key port", "port=0 takes any free port")
 
 
+def check_command_line(cfg: DictConfig) -> None:
+    """What needs no model and no heavy import: the limits, the port range, an exposed host without a key.
+    The CLI's pre-flight calls it (the verb table's `check`), so a refusal comes before torch is imported."""
+    _check_limits(cfg)
+    _api_key(cfg)
+
+
 @verb()
 def serve(cfg: DictConfig, run: RunContext) -> None:
     """Bind, load the model, and serve until SIGTERM/SIGINT."""
@@ -129,14 +139,15 @@ def serve(cfg: DictConfig, run: RunContext) -> None:
                           "pip install 'tunelab[serve]' (make installs it)")
     import uvicorn
 
-    _check_limits(cfg)
-    _api_key(cfg)  # refuse an exposed server without a key before anything loads
+    check_command_line(cfg)  # again: serve() is also called as a library function, without the pre-flight
     sock = _bind(str(cfg.host), int(cfg.port))
     try:
         served = load_served(cfg)
     except BaseException:
         sock.close()
         raise
+    from tunelab.serving.app import build_app
+
     app = build_app(served)
 
     class Server(uvicorn.Server):
