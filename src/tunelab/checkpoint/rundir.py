@@ -191,6 +191,8 @@ def loading(path: Path) -> Iterator[None]:
     except TunelabError:
         raise
     except Exception as err:  # noqa: BLE001 - any library's failure on a damaged run is the run's, not a bug
+        if isinstance(err, MemoryError) or type(err).__name__ == "OutOfMemoryError":
+            raise  # too little memory is not a damaged run (the headers were checked against their files)
         filename = getattr(err, "filename", None)
         raise CheckpointError(f"cannot load the run's model ({type(err).__name__}: {_first_line(err)})",
                               f"file {filename}" if filename else f"model directory {path}", DAMAGED) from None
