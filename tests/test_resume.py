@@ -21,7 +21,7 @@ from forkrun import fork_tunelab, wait_for
 from procs import budget
 from tunelab.checkpoint.io import CheckpointInfo, complete_checkpoints, marker_path, save_atomic
 from tunelab.checkpoint.resume import Resume, find_resume, identity
-from tunelab.errors import CheckpointError
+from tunelab.errors import CheckpointError, ConfigError
 
 
 def _checkpoint(step: int, ident: dict | None = None) -> dict:
@@ -119,6 +119,23 @@ def test_every_bad_resume_is_a_checkpoint_error(tmp_path, kind):
     text = err.value.message()
     assert text.startswith("tunelab: checkpoint error: ") and str(value) in text and "\n  hint: " in text
     assert err.value.exit_code == 4
+
+
+def test_an_empty_resume_is_a_usage_error(tmp_path, monkeypatch):
+    """`resume=` (often a shell variable that expanded to nothing) was a ValueError traceback in the CLI's check
+    before Hydra starts; find_resume took it for "start fresh". Both are exit 2 now, saying what resume= takes."""
+    from tunelab.prelaunch import prepare_run_dir
+
+    monkeypatch.chdir(tmp_path)
+    calls = {"prepare_run_dir": lambda: prepare_run_dir(["resume=", f"paths.output_dir={tmp_path}/out"]),
+             "find_resume ''": lambda: find_resume("", tmp_path),
+             "find_resume '  '": lambda: find_resume("  ", tmp_path)}
+    for name, call in calls.items():
+        with pytest.raises(ConfigError) as err:
+            call()
+        assert err.value.exit_code == 2 and "resume=auto|<run dir>|<ckpt>" in err.value.message(), name
+    assert not (tmp_path / "out").exists()
+    assert find_resume(None, tmp_path).path is None and find_resume("null", tmp_path).path is None  # unset: fresh
 
 
 @pytest.mark.parametrize(("saved", "here", "differs"), [

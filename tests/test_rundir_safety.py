@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 import yaml
 from hydra.core.global_hydra import GlobalHydra
+from omegaconf import open_dict
 
 from procs import budget
 from tunelab import paths
@@ -195,3 +196,110 @@ def test_export_never_writes_into_a_run(clean_run, tmp_path):
             export(cfg)
     assert {p: p.read_bytes() for p in (clean_run / "model").iterdir() if p.is_file()} == before
     assert (other / "model" / "config.json").is_file() and not (other / "model" / "sub").exists()
+
+
+# ---- damaged files: refused before loading, one line and exit 4 (issue 21 item 5) ---------------------------------
+def _safetensors(path: Path) -> tuple[dict, bytes]:
+    raw = path.read_bytes()
+    length = int.from_bytes(raw[:8], "little")
+    return json.loads(raw[8:8 + length]), raw[8 + length:]
+
+
+def _write_safetensors(path: Path, header: dict, data: bytes, length: int | None = None) -> None:
+    text = json.dumps(header).encode()
+    path.write_bytes((len(text) if length is None else length).to_bytes(8, "little") + text + data)
+
+
+def _retensor(model: Path, change) -> None:
+    """Rewrite the first tensor's header entry of model.safetensors with `change(entry)`."""
+    header, data = _safetensors(model / "model.safetensors")
+    change(header[next(k for k in header if k != "__metadata__")])
+    _write_safetensors(model / "model.safetensors", header, data)
+
+
+def _link(path: Path, target: str) -> None:
+    path.unlink()
+    path.symlink_to(target)
+
+
+DAMAGE = {  # name: (damage model/ in place, the file the error must name, what it must say)
+    "weights linked to /etc/passwd": (lambda m: _link(m / "model.safetensors", "/etc/passwd"),
+                                      "model.safetensors", "outside the run directory"),
+    "tokenizer linked elsewhere": (lambda m: _link(m / "tokenizer.json", "/etc/hostname"),
+                                   "tokenizer.json", "outside the run directory"),
+    "model/ linked elsewhere": (lambda m: (m / "base").symlink_to("/etc", target_is_directory=True),
+                                "base", "outside the run directory"),
+    "a tensor claiming 100 GB": (lambda m: _retensor(m, lambda t: t["data_offsets"].__setitem__(1, 100 * 2**30)),
+                                 "model.safetensors", "outside the file"),
+    "a header length of 2^62": (lambda m: _write_safetensors(m / "model.safetensors", *_safetensors(
+        m / "model.safetensors"), length=2**62), "model.safetensors", "header length of 4611686018427387904"),
+    "a shape its bytes do not hold": (lambda m: _retensor(m, lambda t: t.__setitem__("shape", [2, *t["shape"]])),
+                                      "model.safetensors", "but data_offsets hold"),
+    "a header that is not JSON": (lambda m: (m / "model.safetensors").write_bytes((4).to_bytes(8, "little") + b"{bad"),
+                                  "model.safetensors", "does not parse"),
+    "tokenizer.json not JSON": (lambda m: (m / "tokenizer.json").write_text("{not json"), "tokenizer.json",
+                                "cannot read tokenizer.json"),
+    "config.json a list": (lambda m: (m / "config.json").write_text("[1, 2]"), "config.json", "not a JSON object"),
+    "a FIFO for a tokenizer file": (lambda m: os.mkfifo(m / "special_tokens_map.json"), "special_tokens_map.json",
+                                    "not a regular file"),
+    "config.json without a model type": (lambda m: (m / "config.json").write_text("{}"), "",
+                                         "cannot load the run's model"),  # passes the checks: the library refuses
+}
+
+
+@pytest.mark.parametrize("kind", list(DAMAGE))
+def test_a_damaged_model_directory_is_a_checkpoint_error_naming_the_file(clean_run, tmp_path, kind):
+    """Each damage once ended in a traceback (exit 1) from safetensors, json or transformers, or in a config error
+    (exit 2) blaming model.tokenizer_name_or_path; now load_run (what generate, export, eval and serve call)
+    refuses it with one line naming the file, exit 4."""
+    run = _copy(clean_run, tmp_path / "run")
+    damage, name, says = DAMAGE[kind]
+    damage(run / "model")
+    with pytest.raises(CheckpointError) as err:
+        load_run(run)
+    text = err.value.message()
+    assert says in text and f"{run / 'model' / name}" in text and err.value.exit_code == 4, text
+
+
+def test_links_inside_the_run_still_load(clean_run, tmp_path):
+    """The check refuses links out of the run, not links: weights kept elsewhere in the run, a loop of folders."""
+    run = _copy(clean_run, tmp_path / "run")
+    (run / "store").mkdir()
+    (run / "model" / "model.safetensors").rename(run / "store" / "weights.safetensors")
+    (run / "model" / "model.safetensors").symlink_to(run / "store" / "weights.safetensors")
+    (run / "model" / "sub").mkdir()
+    (run / "model" / "sub" / "up").symlink_to(run / "model", target_is_directory=True)
+    model, _, recipe = load_run(run)
+    assert recipe["name"] == "x" and sum(p.numel() for p in model.parameters()) > 0
+
+
+@pytest.mark.parametrize("content", ["{not json", "[1, 2]", "LINK"])
+def test_eval_refuses_a_damaged_metrics_json(clean_run, tmp_path, content):
+    """`tunelab eval run=<dir>` read the run's metrics.json with a bare json.loads: a traceback (exit 1)."""
+    from tunelab.verbs.eval import evaluate_cfg
+
+    run = _copy(clean_run, tmp_path / "run")
+    if content == "LINK":
+        (run / "metrics.json").symlink_to("/etc/passwd")
+    else:
+        (run / "metrics.json").write_text(content)
+    cfg = compose([f"run={run}", "logger=none", f"paths.output_dir={tmp_path / 'eval'}"], config_name="eval")
+    GlobalHydra.instance().clear()
+    with open_dict(cfg):
+        cfg.paths.run_dir = str(tmp_path / "eval")
+    with pytest.raises(CheckpointError) as err:
+        evaluate_cfg(cfg)
+    assert str(run / "metrics.json") in err.value.message() and err.value.exit_code == 4
+
+
+def test_damaged_run_on_the_command_line_is_exit_4_without_a_traceback(clean_run, tmp_path):
+    """The CLI path of the cases above, for generate and export: one `tunelab: checkpoint error` line, exit 4."""
+    run = _copy(clean_run, tmp_path / "run")
+    DAMAGE["a header length of 2^62"][0](run / "model")
+    for args in (["generate", f"run={run}", "prompt=hi"], ["export", f"run={run}", f"out={tmp_path / 'out'}"]):
+        out = subprocess.run([sys.executable, "-m", "tunelab.cli", *args], capture_output=True, text=True,
+                             timeout=600, cwd=tmp_path, env=ENV)
+        assert out.returncode == 4, out.stderr[-2000:]
+        assert "tunelab: checkpoint error: model.safetensors has a header length" in out.stderr, out.stderr[-2000:]
+        assert "Traceback" not in out.stderr, out.stderr[-2000:]
+    assert not (tmp_path / "out").exists()

@@ -1,7 +1,8 @@
 """The command line's last check before Hydra starts a job: the run directory it will write into.
 
 Runs after the pre-flight (a typo fails before this imports torch) and before Hydra creates anything, so a
-busy run directory (exit 2) or a bad `resume=` (exit 4) is refused while nothing has been written.
+busy run directory or an empty `resume=` (exit 2), or a bad `resume=` (exit 4) is refused while nothing has been
+written.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from pathlib import Path
 from tunelab import libraries
 from tunelab.checkpoint.io import is_checkpoint_dir
 from tunelab.checkpoint.lock import check_free
-from tunelab.checkpoint.resume import find_resume, identity
+from tunelab.checkpoint.resume import find_resume, identity, resume_value
 from tunelab.config.compose import compose, new_run_id
 
 
@@ -33,10 +34,10 @@ def prepare_run_dir(argv: list[str], config_name: str = "train") -> list[str]:
     cfg = compose(args.overrides, args.config_name or config_name, args.config_dir)
     if "resume" not in cfg:
         return argv
-    value = cfg.resume
+    value = resume_value(cfg.resume)  # an empty resume= is exit 2 before a path is made of it
     run_dir = Path(str(cfg.hydra.run.dir))
-    target = Path(str(value)).expanduser() if value is not None else None
-    in_place = target is not None and str(value) != "auto" and target.is_dir() and not is_checkpoint_dir(target)
+    target = Path(value).expanduser() if value is not None else None
+    in_place = target is not None and value != "auto" and target.is_dir() and not is_checkpoint_dir(target)
     if in_place:
         run_dir = target.resolve()
         if run_dir.name == "checkpoints" and not (run_dir / "checkpoints").is_dir():

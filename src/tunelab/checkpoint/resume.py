@@ -17,7 +17,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from tunelab.checkpoint.callback import Checkpointing
 from tunelab.checkpoint.io import CheckpointInfo, complete_checkpoints, is_checkpoint_dir, read_checkpoint
-from tunelab.errors import CheckpointError
+from tunelab.errors import CheckpointError, ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -114,15 +114,26 @@ class Resume:
                               "key resume", "resume with the model= and method= the checkpoint was trained with")
 
 
+def resume_value(resume: Any) -> str | None:
+    """`resume=` as text, None when unset (`null`); an empty `resume=` is a usage error (exit 2), not a silent
+    fresh start: it is most likely a shell variable that expanded to nothing (`resume=$RUN`)."""
+    if resume is None or str(resume).strip() in ("null", "None"):
+        return None
+    if not str(resume).strip():
+        raise ConfigError("resume= is empty", "key resume",
+                          "give resume=auto|<run dir>|<ckpt>, or leave resume= out to start a new run")
+    return str(resume)
+
+
 def find_resume(resume: Any, run_dir: Path, current_identity: dict[str, Any] | None = None) -> Resume:
     """Resolve `resume` (None, `auto`, a run directory, a checkpoints directory or a file) into a checked checkpoint.
 
     `auto` looks in this run's own directory and starts from scratch when nothing is there; a directory
     must hold a complete checkpoint. Incomplete checkpoints are skipped with a note.
     """
-    if resume is None or str(resume).strip() in ("", "null", "None"):
+    text = resume_value(resume)
+    if text is None:
         return Resume()
-    text = str(resume)
     auto = text == "auto"
     target = Path(run_dir) if auto else Path(text).expanduser()
     if auto or (target.is_dir() and not is_checkpoint_dir(target)):

@@ -7,18 +7,27 @@ found in the directory is built only when it is on `ALLOWED_TARGETS`, a short li
 package prefix: `builtins.open` with mode `w` would truncate a file of whoever loads the run, `torch.load` would
 unpickle, and even a class of a trusted package can act (`torch.distributed.FileStore(path)` creates a file at
 a path the run chooses, and waits forever when its folder does not exist).
+
+Files are checked before anything loads them (`check_run_files`): no symbolic link out of the run directory
+(`model.safetensors` -> /etc/passwd), nothing but regular files (a FIFO would block the reader forever), each
+safetensors header bounded by its file (a length of 2^62, tensors claiming 100 GB), each JSON file parsing; what a
+library still raises while loading the run is wrapped (`loading`), so every failure is one line and exit 4.
 """
 
 from __future__ import annotations
 
+import json
+import math
+import os
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from tunelab.errors import CheckpointError
+from tunelab.errors import CheckpointError, TunelabError
 
 # What a run directory's saved config may build: the config classes `method.quantization` names (QLoRA and the
 # other quantized bases transformers loads). Plain data holders: building one opens, loads and runs nothing.
@@ -31,6 +40,16 @@ ALLOWED_TARGETS = frozenset({
     "transformers.TorchAoConfig",
 })
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
+MAX_HEADER_BYTES = 100 * 2**20  # a safetensors header lists names, shapes and offsets: real ones are kilobytes
+# Bits per element of each safetensors dtype (the format's own list): a tensor's bytes are fixed by dtype x shape.
+DTYPE_BITS = {"BOOL": 8, "U8": 8, "I8": 8, "F8_E5M2": 8, "F8_E4M3": 8, "F8_E5M2FNUZ": 8, "F8_E4M3FNUZ": 8,
+              "F8_E8M0": 8, "F4": 4, "F6_E2M3": 6, "F6_E3M2": 6, "I16": 16, "U16": 16, "F16": 16, "BF16": 16,
+              "I32": 32, "U32": 32, "F32": 32, "I64": 64, "U64": 64, "F64": 64, "C64": 64}
+# JSON files transformers/peft/tunelab read as objects; a list or a number there fails deep inside a library.
+JSON_OBJECTS = frozenset({"config.json", "adapter_config.json", "generation_config.json", "tokenizer.json",
+                          "tokenizer_config.json", "special_tokens_map.json", "tunelab_recipe.json", "metrics.json",
+                          "model.safetensors.index.json", "added_tokens.json", "vocab.json"})
+DAMAGED = "the run directory is damaged; restore the file from a copy of the run, or retrain"
 
 
 def _targets(node: Any, path: str) -> Iterator[tuple[str, dict[str, Any]]]:
@@ -78,9 +97,132 @@ def instantiate_saved(node: Any, source: Path, key: str) -> Any:
                               f"file {source}", "the run directory's saved config is damaged") from None
 
 
-def check_weight_files(model_dir: Path) -> None:
-    """A run's model/ holds safetensors only; a pickled weight file (which runs code when unpickled) is refused."""
-    for path in sorted(model_dir.rglob("*")):
-        if path.suffix.lower() in PICKLE_SUFFIXES and path.is_file():
-            raise CheckpointError(f"refusing the pickled weight file {path}", f"run directory {model_dir.parent}",
+# ---- files checked before anything loads them ----------------------------------------------------------------
+def checked_file(run_dir: Path, path: Path) -> Path | None:
+    """`path` (a file of the run directory `run_dir`) when it is a regular file inside the run, None when absent;
+    a symbolic link out of the run, or a FIFO, device or folder where a file belongs, is a CheckpointError."""
+    if not os.path.lexists(path):
+        return None
+    _inside(run_dir.resolve(), path)
+    if not path.is_file():
+        raise CheckpointError(f"{path} is not a regular file", f"file {path}", DAMAGED)
+    return path
+
+
+def read_json(run_dir: Path, path: Path) -> Any:
+    """The parsed JSON file `path` of the run `run_dir` (checked as `checked_file` does; None when absent);
+    one that does not parse, or is not an object where one belongs, is a CheckpointError naming it."""
+    if checked_file(run_dir, path) is None:
+        return None
+    try:
+        value = json.loads(path.read_bytes())
+    except (ValueError, OSError, RecursionError) as err:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise CheckpointError(f"cannot read {path.name}: {_first_line(err)}", f"file {path}", DAMAGED) from None
+    if path.name in JSON_OBJECTS and not isinstance(value, dict):
+        raise CheckpointError(f"{path.name} is not a JSON object", f"file {path}", DAMAGED)
+    return value
+
+
+def check_run_files(run_dir: Path) -> None:
+    """Check what `load_run` reads before it reads it: model/ (every file, base/ included) and .hydra/config.yaml
+    lie inside the run (symbolic links included), are regular files, JSON parses, safetensors headers fit their
+    files; and no pickled weights. Raises CheckpointError (exit 4) naming the first damaged file."""
+    root = Path(run_dir).resolve()
+    checked_file(root, Path(run_dir) / ".hydra" / "config.yaml")
+    for path in _model_files(root, Path(run_dir) / "model"):
+        checked_file(root, path)
+        if path.suffix.lower() in PICKLE_SUFFIXES:
+            raise CheckpointError(f"refusing the pickled weight file {path}", f"run directory {run_dir}",
                                   "tunelab writes and reads safetensors only; re-export the weights as safetensors")
+        if path.suffix == ".safetensors":
+            check_safetensors(path)
+        elif path.suffix == ".json":
+            read_json(root, path)
+
+
+def check_safetensors(path: Path) -> None:
+    """A safetensors header the reader can trust: its 8-byte little-endian length fits the file (and
+    MAX_HEADER_BYTES), it is a JSON object, and each tensor's data_offsets lie in the file and hold exactly
+    dtype x shape bytes. The library refuses some of this too, but as a traceback, and only once it maps the file."""
+    size = path.stat().st_size
+    with path.open("rb") as handle:
+        head = handle.read(8)
+        length = int.from_bytes(head, "little")
+        if len(head) < 8 or length > min(size - 8, MAX_HEADER_BYTES):
+            raise CheckpointError(f"{path.name} has a header length of {length} bytes, but the file holds {size} "
+                                  f"bytes (and headers hold at most {MAX_HEADER_BYTES})", f"file {path}", DAMAGED)
+        try:
+            header = json.loads(handle.read(length))
+        except (ValueError, RecursionError) as err:
+            raise CheckpointError(f"{path.name} has a header that does not parse: {_first_line(err)}",
+                                  f"file {path}", DAMAGED) from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path.name} has a header that is not a JSON object", f"file {path}", DAMAGED)
+    data_bytes = size - 8 - length
+    for name, info in header.items():
+        problem = _tensor_problem(info, data_bytes) if name != "__metadata__" else None
+        if problem:
+            raise CheckpointError(f"{path.name}: tensor {name!r} {problem}", f"file {path}", DAMAGED)
+
+
+def _tensor_problem(info: Any, data_bytes: int) -> str | None:
+    if not isinstance(info, dict):
+        return "has no dtype, shape and data_offsets"
+    dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
+    if dtype not in DTYPE_BITS:
+        return f"has an unknown dtype {dtype!r}"
+    if not isinstance(shape, list) or not all(type(n) is int and n >= 0 for n in shape):
+        return f"has a shape that is not a list of sizes: {shape!r}"
+    if (not isinstance(offsets, list) or len(offsets) != 2 or not all(type(n) is int for n in offsets)
+            or not 0 <= offsets[0] <= offsets[1] <= data_bytes):
+        return f"has data_offsets {offsets!r} outside the file's {data_bytes} bytes of data"
+    need = (math.prod(shape) * DTYPE_BITS[dtype] + 7) // 8
+    if offsets[1] - offsets[0] != need:
+        return f"claims {need} bytes ({dtype} x {shape}) but data_offsets hold {offsets[1] - offsets[0]}"
+    return None
+
+
+@contextmanager
+def loading(path: Path) -> Iterator[None]:
+    """What a library raises while loading the run's files under `path` (a damaged file the checks above let
+    through) as a CheckpointError naming the file; tunelab's own errors pass as they are."""
+    try:
+        yield
+    except TunelabError:
+        raise
+    except Exception as err:  # noqa: BLE001 - any library's failure on a damaged run is the run's, not a bug
+        if isinstance(err, MemoryError) or type(err).__name__ == "OutOfMemoryError":
+            raise  # too little memory is not a damaged run (the headers were checked against their files)
+        filename = getattr(err, "filename", None)
+        raise CheckpointError(f"cannot load the run's model ({type(err).__name__}: {_first_line(err)})",
+                              f"file {filename}" if filename else f"model directory {path}", DAMAGED) from None
+
+
+def _model_files(root: Path, model_dir: Path) -> Iterator[Path]:
+    """Every file under `model_dir`, following symbolic links only to folders inside `root` (each once)."""
+    _inside(root, model_dir)
+    seen: set[Path] = set()
+    for dirpath, dirnames, filenames in os.walk(model_dir, followlinks=True):
+        real = Path(dirpath).resolve()
+        if real in seen:  # a link back to a folder already walked: walk it once
+            dirnames[:] = []
+            continue
+        seen.add(real)
+        for name in dirnames:  # checked before os.walk enters it
+            _inside(root, Path(dirpath) / name)
+        yield from (Path(dirpath) / name for name in sorted(filenames))
+
+
+def _inside(root: Path, path: Path) -> None:
+    try:
+        real = path.resolve()
+    except (OSError, RuntimeError) as err:  # a loop of links
+        raise CheckpointError(f"cannot follow {path}: {_first_line(err)}", f"file {path}", DAMAGED) from None
+    if not real.is_relative_to(root):
+        raise CheckpointError(f"refusing {path}: a symbolic link to {real}, outside the run directory", f"file {path}",
+                              "a run directory is data: copy the file into the run instead of linking it")
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__

@@ -265,8 +265,6 @@ def load_run(
     `quantize=False` loads it in full precision instead (what merging needs). The directory is data:
     `trust_remote_code` comes from the caller's command line, never from the run (see tunelab.checkpoint.rundir).
     """
-    import json
-
     from omegaconf import OmegaConf
 
     run_dir = Path(run_dir)
@@ -274,9 +272,9 @@ def load_run(
     if not (model_dir / "config.json").is_file() and not (model_dir / "adapter_config.json").is_file():
         raise ConfigError(f"no trained model in {model_dir}", "key run",
                           "give a run directory written by `tunelab train` (it holds model/)")
-    from tunelab.checkpoint.rundir import check_weight_files, instantiate_saved
+    from tunelab.checkpoint.rundir import check_run_files, instantiate_saved, loading, read_json
 
-    check_weight_files(model_dir)
+    check_run_files(run_dir)  # before anything reads a file: links out of the run, headers, JSON, pickles (exit 4)
     saved = run_dir / ".hydra" / "config.yaml"
     options: dict[str, Any] = {"dtype": "auto", "trust_remote_code": trust_remote_code}
     try:
@@ -288,25 +286,20 @@ def load_run(
         quantization = OmegaConf.select(run_cfg, "method.quantization", default=None)
         if quantize and quantization is not None:
             options["quantization_config"] = instantiate_saved(quantization, saved, "method.quantization")
-    tokenizer = load_tokenizer(str(model_dir), trust_remote_code=trust_remote_code)
     recipe_file = model_dir / "tunelab_recipe.json"
-    try:
-        recipe = json.loads(recipe_file.read_text(encoding="utf-8")) if recipe_file.is_file() else {}
-    except (ValueError, OSError) as err:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
-        raise CheckpointError(f"cannot read the run's recipe: {err}", f"file {recipe_file}",
-                              "the file is written by tunelab train; restore it or retrain") from None
-    if not isinstance(recipe, dict):
-        raise CheckpointError("the run's recipe is not a JSON object", f"file {recipe_file}")
-    if not (model_dir / "adapter_config.json").is_file():
-        return load_causal_lm(str(model_dir), **options).eval(), tokenizer, recipe
-    from peft import PeftConfig, PeftModel
+    recipe = read_json(run_dir, recipe_file) or {}
+    with loading(model_dir):  # what a library still raises on a damaged run: one line naming the file, exit 4
+        tokenizer = load_tokenizer(str(model_dir), trust_remote_code=trust_remote_code)
+        if not (model_dir / "adapter_config.json").is_file():
+            return load_causal_lm(str(model_dir), **options).eval(), tokenizer, recipe
+        from peft import PeftConfig, PeftModel
 
-    peft_config = PeftConfig.from_pretrained(str(model_dir))
-    base_dir = model_dir / "base"
-    base = str(base_dir) if base_dir.is_dir() else peft_config.base_model_name_or_path
-    if not _has_weights(base):
-        raise CheckpointError(f"the adapter's base model {base} has no weights and the run saved none",
-                              f"file {model_dir / 'adapter_config.json'}",
-                              "retrain with this version of tunelab (it writes model/base for random-init bases)")
-    model = PeftModel.from_pretrained(load_causal_lm(base, **options), str(model_dir))
+        peft_config = PeftConfig.from_pretrained(str(model_dir))
+        base_dir = model_dir / "base"
+        base = str(base_dir) if base_dir.is_dir() else peft_config.base_model_name_or_path
+        if not _has_weights(base):
+            raise CheckpointError(f"the adapter's base model {base} has no weights and the run saved none",
+                                  f"file {model_dir / 'adapter_config.json'}",
+                                  "retrain with this version of tunelab (it writes model/base for random-init bases)")
+        model = PeftModel.from_pretrained(load_causal_lm(base, **options), str(model_dir))
     return model.eval(), tokenizer, recipe

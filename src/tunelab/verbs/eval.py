@@ -27,6 +27,7 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from tunelab.checkpoint.rundir import checked_file, read_json
 from tunelab.config.build import build, build_with
 from tunelab.errors import CheckpointError, ConfigError
 from tunelab.evaluation.metrics import Estimate, corpus_ci, mean_ci
@@ -43,7 +44,7 @@ def read_run_settings(run_dir: Path) -> dict[str, Any]:
     from a run directory (ARCHITECTURE: a run directory is data, not code)."""
     out: dict[str, Any] = {}
     saved = run_dir / ".hydra" / "config.yaml"
-    if saved.is_file():
+    if checked_file(run_dir, saved) is not None:  # a link out of the run (to /dev/zero, a FIFO) is refused: exit 4
         try:
             run_cfg = OmegaConf.load(saved)
             for key, name in (("hyperparams.seed", "seed"), ("hyperparams.eval_batch_size", "batch_size")):
@@ -52,12 +53,10 @@ def read_run_settings(run_dir: Path) -> dict[str, Any]:
                     out[name] = value
         except Exception as err:  # a damaged file: the model directory alone still loads
             log.warning("ignoring %s (%s)", saved, str(err).splitlines()[0])
-    metrics_file = run_dir / "metrics.json"
-    if metrics_file.is_file():
-        metrics = json.loads(metrics_file.read_text())
-        for key in ("params/trainable", "params/total", "perf/train_s"):
-            if isinstance(metrics.get(key), (int, float)):
-                out[key] = float(metrics[key])
+    metrics = read_json(run_dir, run_dir / "metrics.json") or {}  # one that does not parse is exit 4, naming it
+    for key in ("params/trainable", "params/total", "perf/train_s"):
+        if isinstance(metrics.get(key), (int, float)):
+            out[key] = float(metrics[key])
     return out
 
 
