@@ -320,7 +320,9 @@ def test_bad_input_is_refused_before_serving(run, tmp_path, monkeypatch):
     weights = broken / "model" / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:1000])  # a truncated download or a full disk
     damaged = _tunelab("serve", f"run={broken}", "port=0")
-    assert damaged.returncode == 4 and "tunelab: checkpoint error: cannot load the model" in damaged.stderr, \
+    # Refused by the header check before anything loads (checkpoint/rundir.py), naming the damaged file.
+    assert damaged.returncode == 4 and "tunelab: checkpoint error: model.safetensors has a header length" in \
+        damaged.stderr, \
         damaged.stderr[-2000:]
     assert "Traceback" not in in_use.stderr + damaged.stderr
 
