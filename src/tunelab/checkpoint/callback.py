@@ -108,6 +108,7 @@ class Checkpointing(pl.Callback):
         self._loader_states: list[dict[str, Any]] = []
         self._saving = False  # True while this callback writes: marks the checkpoint as one to resume from
         self._check_epoch_progress = False
+        self._held_by: pl.Trainer | None = None
         self.last_path: Path | None = None
 
     # -- lifecycle
@@ -116,9 +117,30 @@ class Checkpointing(pl.Callback):
             self.stop.install()
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if self._held_by is None:  # `hold` keeps the handlers until the job's last phase (export, loggers) ends
+            self.stop.restore()
+
+    def hold(self, trainer: pl.Trainer, resumed_from: Path | None = None) -> None:
+        """Handle SIGTERM/SIGINT from now until `release()`, across every phase of the job (fit, the final
+        evaluation and test, the model export, the loggers' finish), not only during fit."""
+        if self.save_on_signal:
+            self.stop.install()
+            self._held_by = trainer
+            self.last_path = self.last_path or resumed_from
+
+    def release(self) -> None:
+        self._held_by = None
         self.stop.restore()
 
+    def check(self, trainer: pl.Trainer) -> None:
+        """Raise `Interrupted` if a signal came (between phases: the checkpoints are already written)."""
+        if self.stop.signum is not None:
+            self._interrupt(trainer, self.stop.signum)
+
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.stop.take_over()  # Lightning put its SIGTERM handler on top of ours: it would end the run with 0
+        if self.last_path is None and trainer.ckpt_path:
+            self.last_path = Path(trainer.ckpt_path)  # resumed: until this run saves, that checkpoint holds it
         self._restore_data_position(trainer)
         self._last_save = time.monotonic()
         self._seen_step = self._saved_step = trainer.global_step
@@ -192,17 +214,31 @@ class Checkpointing(pl.Callback):
             self.every_minutes is not None and time.monotonic() - self._last_save >= 60 * self.every_minutes)
         if due or signum is not None:
             self.save(trainer)
+            if signum is None:  # a signal that came during the write: this step is saved, stop now
+                signum = self._broadcast_signal(trainer)
         if signum is not None:
             self._interrupt(trainer, signum)
 
+    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.stop.take_over()  # trainer.validate() after fit: Lightning's handler again
+
+    def on_test_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.stop.take_over()
+
     def on_validation_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any,
                                 batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
-        if trainer.state.fn != "fit" or trainer.sanity_checking:
+        if trainer.sanity_checking:
             return
         signum = self._broadcast_signal(trainer)
         if signum is not None:  # do not wait for a long validation (generation) to end
-            if self._saved_step != trainer.global_step:
+            if trainer.state.fn == "fit" and self._saved_step != trainer.global_step:
                 self.save(trainer)
+            self._interrupt(trainer, signum)  # after fit (the final validation): the final checkpoint holds it
+
+    def on_test_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+                          batch_idx: int, dataloader_idx: int = 0) -> None:
+        signum = self._broadcast_signal(trainer)
+        if signum is not None:  # the baseline or final test: nothing to save (the final checkpoint holds it)
             self._interrupt(trainer, signum)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -263,3 +299,26 @@ class Checkpointing(pl.Callback):
 
     def _interrupt(self, trainer: pl.Trainer, signum: int) -> None:
         raise interrupted(signum, trainer.global_step, self.last_path, self.dirpath.parent, trainer.is_global_zero)
+
+
+class SignalHold:
+    """What a job holds while it runs: the `Checkpointing` callback's signal handling, or nothing without one."""
+
+    def __init__(self, checkpointing: Checkpointing | None, trainer: pl.Trainer) -> None:
+        self.checkpointing, self.trainer = checkpointing, trainer
+
+    def check(self) -> None:
+        if self.checkpointing is not None:
+            self.checkpointing.check(self.trainer)
+
+    def release(self) -> None:
+        if self.checkpointing is not None:
+            self.checkpointing.release()
+
+
+def hold_signals(callbacks: list[Any], trainer: pl.Trainer, resumed_from: Path | None = None) -> SignalHold:
+    """Hold SIGTERM/SIGINT for a whole job (see `Checkpointing.hold`); `release()` it when the job ends."""
+    checkpointing = next((c for c in callbacks if isinstance(c, Checkpointing)), None)
+    if checkpointing is not None:
+        checkpointing.hold(trainer, resumed_from)
+    return SignalHold(checkpointing, trainer)
