@@ -214,11 +214,11 @@ def test_two_jobs_aimed_at_one_run_directory_and_time_based_checkpoints(tmp_path
 
 
 # ---- a signal in any phase: exit 143/130 with the resume line, no metrics.json, nothing lost ----------------
-SIGNALLED = ["logger=none", "eval.baseline=false", "eval.generate_on_val=false", "hyperparams.max_steps=6",
-             "hyperparams.batch_size=4", "hyperparams.eval_batch_size=8", "eval.max_eval_samples=4",
-             "+trainer.limit_val_batches=1", "+trainer.limit_test_batches=1", "trainer.val_check_interval=3",
-             "callbacks.checkpoint.every_n_steps=2", "callbacks.checkpoint.every_minutes=null",
-             "callbacks.progress.refresh_rate=0", "callbacks.model_export.dirpath=${paths.run_dir}/model"]
+SHORT = ["logger=none", "eval.baseline=false", "eval.generate_on_val=false", "hyperparams.batch_size=4",
+         "hyperparams.eval_batch_size=8", "eval.max_eval_samples=4", "+trainer.limit_val_batches=1",
+         "+trainer.limit_test_batches=1", "callbacks.checkpoint.every_n_steps=2",
+         "callbacks.checkpoint.every_minutes=null", "callbacks.progress.refresh_rate=0"]
+SIGNALLED = [*SHORT, "hyperparams.max_steps=6", "trainer.val_check_interval=3"]
 
 
 @pytest.fixture
@@ -286,3 +286,18 @@ def test_a_signal_after_training_exits_128_plus_signal(tmp_path, capfd, monkeypa
     extra = [] if where == "wandb_finish" else _signal_at(signum, where)
     code, text = _train_signalled(run_dir, capfd, extra)
     _check_interrupted(run_dir, code, text, signum, 6)
+
+
+def test_a_resumed_run_keeps_one_best_checkpoint(tmp_path):
+    """Issue 21 item 8: the step-4 checkpoint is written before the validation at step 4 writes best-step4, so a
+    run resumed from it did not know that file and left it beside its own newer best."""
+    from tunelab.verbs.train import train
+
+    run_dir = tmp_path / "run"
+    common = [*SHORT, "trainer.val_check_interval=2", "eval.test=false"]
+    train(make_cfg(run_dir, [*common, "hyperparams.max_steps=4"]))
+    assert len(list((run_dir / "checkpoints").glob("best-*.ckpt"))) == 1
+    train(make_cfg(run_dir, [*common, "hyperparams.max_steps=6", "resume=auto"]))
+    rows = [json.loads(line) for line in (run_dir / "history.jsonl").read_text().splitlines()]
+    best = min(rows, key=lambda row: row["val/loss"])["step"]
+    assert sorted(p.name for p in (run_dir / "checkpoints").glob("best-*.ckpt")) == [f"best-step{best}.ckpt"], rows

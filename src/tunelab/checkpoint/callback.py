@@ -20,6 +20,7 @@ after step k is exactly the one step k+1 starts from, in a resumed run as in the
 
 from __future__ import annotations
 
+import glob
 import random
 import re
 import time
@@ -30,13 +31,16 @@ import numpy as np
 import pytorch_lightning as pl
 import torch
 from lightning_fabric.plugins import TorchCheckpointIO
+from pytorch_lightning.callbacks import ModelCheckpoint
 
 from tunelab import libraries
 from tunelab.checkpoint.io import (
     FORMAT,
+    checkpoint_bytes,
     link_last,
     mark_directory,
     marker_path,
+    read_marker,
     remove_checkpoint,
     remove_partial_writes,
     save_atomic,
@@ -299,6 +303,65 @@ class Checkpointing(pl.Callback):
 
     def _interrupt(self, trainer: pl.Trainer, signum: int) -> None:
         raise interrupted(signum, trainer.global_step, self.last_path, self.dirpath.parent, trainer.is_global_zero)
+
+
+class BestCheckpoint(ModelCheckpoint):
+    """Lightning's best-by-metric checkpoint, keeping its top k files across a resume too.
+
+    A resumed run's ModelCheckpoint knows only the best files written before the checkpoint it resumes from: a
+    best written after it (by the validation that follows a step checkpoint, then a kill) stayed beside every
+    newer best (`best-step40.ckpt` beside `best-step120.ckpt`). On resume, the files of its name left in the
+    directory are weighed with the score each one holds; the top k are kept, the rest removed."""
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_train_start(trainer, pl_module)
+        if not trainer.ckpt_path or not self.save_top_k:
+            return
+        ranked = self._rank_left_behind() if trainer.is_global_zero else None
+        ranked = trainer.strategy.broadcast(ranked, src=0)  # every rank must decide alike whether to save
+        if ranked is not None:
+            k = len(ranked) if self.save_top_k == -1 else self.save_top_k
+            self.best_k_models = dict(ranked[:k])
+            if trainer.is_global_zero:
+                for path, _ in ranked[k:]:
+                    remove_checkpoint(Path(path))
+            if ranked[:k]:
+                self.best_model_path, self.best_model_score = ranked[0]
+            if len(ranked[:k]) == k:
+                self.kth_best_model_path, self.kth_value = ranked[k - 1]
+
+    def _rank_left_behind(self) -> list[tuple[str, Any]] | None:
+        """Every complete best file of this callback in its directory with its score, best first (None: the
+        directory holds only what the resumed state knows)."""
+        prefix = (self.filename or "").split("{")[0]
+        if not prefix or not self.dirpath or not Path(self.dirpath).is_dir():
+            return None  # no name of its own to tell its files from the others'
+        known = {Path(p).resolve(): (p, s) for p, s in self.best_k_models.items() if Path(p).exists()}
+        found = dict(known)
+        for path in Path(self.dirpath).glob(f"{glob.escape(prefix)}*{self.FILE_EXTENSION}"):
+            if path.resolve() in found or not path.is_file():
+                continue
+            score = self._score_of(path)
+            if score is None:  # cut short by the kill: never a best
+                remove_checkpoint(path)
+            else:
+                found[path.resolve()] = (str(Path(self.dirpath) / path.name), score)
+        if found.keys() == known.keys():
+            return None
+        return sorted(found.values(), key=lambda item: float(item[1]), reverse=self.mode == "max")
+
+    def _score_of(self, path: Path) -> Any:
+        marker = read_marker(path)
+        if marker is None or marker.get("bytes") != checkpoint_bytes(path):
+            return None
+        try:  # memory-mapped: only the small callback state is read
+            states = torch.load(path, map_location="cpu", weights_only=True, mmap=True).get("callbacks") or {}
+        except Exception:  # noqa: BLE001 - an unreadable file is not a best to keep
+            return None
+        state = states.get(self.state_key) or next(
+            (s for s in states.values() if isinstance(s, dict) and s.get("monitor") == self.monitor
+             and "best_k_models" in s), None)  # written by plain ModelCheckpoint (runs from before this class)
+        return None if state is None else state.get("current_score")
 
 
 class SignalHold:
