@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import pytorch_lightning as pl
 import torch
+from safetensors.torch import load_file
 from torch import nn
 
 from conftest import make_cfg
@@ -234,11 +235,11 @@ def unhandled_signals_fail():
         signal.signal(s, handler)
 
 
-def _train_signalled(run_dir: Path, capfd, extra: list[str]) -> tuple[int | None, str]:
+def _train_signalled(run_dir: Path, capfd, extra: list[str], args: list[str] = SIGNALLED) -> tuple[int | None, str]:
     from tunelab.verbs.train import train
 
     with pytest.raises(SystemExit) as stopped:
-        train(make_cfg(run_dir, [*SIGNALLED, *extra]))
+        train(make_cfg(run_dir, [*args, *extra]))
     return stopped.value.code, capfd.readouterr().err
 
 
@@ -301,3 +302,22 @@ def test_a_resumed_run_keeps_one_best_checkpoint(tmp_path):
     rows = [json.loads(line) for line in (run_dir / "history.jsonl").read_text().splitlines()]
     best = min(rows, key=lambda row: row["val/loss"])["step"]
     assert sorted(p.name for p in (run_dir / "checkpoints").glob("best-*.ckpt")) == [f"best-step{best}.ckpt"], rows
+
+
+def test_a_validation_interrupted_at_a_checkpointed_step_is_in_the_resumed_runs_history(tmp_path, capfd,
+                                                                                       unhandled_signals_fail):
+    """Issue 21 item 8: the step-4 checkpoint comes before the validation at step 4; interrupted there, the run
+    resumes at step 4, where Lightning does not validate again: history.jsonl had no line for step 4."""
+    from tunelab.verbs.train import train
+
+    run_dir = tmp_path / "run"
+    common = [*SHORT, "trainer.val_check_interval=2", "eval.test=false", "hyperparams.max_steps=6"]
+    code, text = _train_signalled(run_dir, capfd, _signal_at(signal.SIGTERM, "validation", 4), common)
+    _check_interrupted(run_dir, code, text, signal.SIGTERM, 4)
+    train(make_cfg(run_dir, [*common, "resume=auto"]))
+    train(make_cfg(tmp_path / "straight", common))
+    rows = [json.loads(line) for line in (run_dir / "history.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in rows] == [2, 4, 6]
+    assert rows == [json.loads(line) for line in (tmp_path / "straight" / "history.jsonl").read_text().splitlines()]
+    resumed, straight = (load_file(d / "model" / "model.safetensors") for d in (run_dir, tmp_path / "straight"))
+    assert all(torch.equal(resumed[k], straight[k]) for k in straight)  # validating first changed no training
