@@ -287,6 +287,9 @@ def test_a_signal_after_training_exits_128_plus_signal(tmp_path, capfd, monkeypa
     extra = [] if where == "wandb_finish" else _signal_at(signum, where)
     code, text = _train_signalled(run_dir, capfd, extra)
     _check_interrupted(run_dir, code, text, signum, 6)
+    monkeypatch.undo()
+    train_verb.train(make_cfg(run_dir, [*SIGNALLED, "resume=auto"]))  # the resume line finishes it: nothing to train
+    assert json.loads((run_dir / "metrics.json").read_text())["test/loss"] > 0
 
 
 def test_a_resumed_run_keeps_one_best_checkpoint(tmp_path):

@@ -260,12 +260,20 @@ class ValHistory(pl.Callback):
         except (OSError, ValueError):
             pending = None
         rows = self.path.read_text().splitlines() if self.path.is_file() else []
-        kept = [row for row in rows if row.strip() and json.loads(row).get("step", 0) <= step]
-        if len(kept) != len(rows):
+        steps = [_row_step(row) for row in rows]
+        kept = [row for row, at in zip(rows, steps, strict=True) if at is not None and at <= step]
+        if len(kept) != len(rows):  # also a line a kill cut short
             self.path.write_text("".join(f"{row}\n" for row in kept))
         if pending != step:
             self.pending.unlink(missing_ok=True)
-        return pending == step and not any(json.loads(row).get("step") == step for row in kept)
+        return pending == step and step not in steps
+
+
+def _row_step(row: str) -> int | None:
+    try:
+        return int(json.loads(row)["step"])
+    except (ValueError, KeyError, TypeError):
+        return None
 
 
 def validate_now(trainer: pl.Trainer) -> None:
