@@ -5,7 +5,9 @@ when to save.
   writes with `tunelab.checkpoint.io.save_atomic`: temp file, fsync, rename, then a completion marker.
 - `Checkpointing` saves every N optimizer steps and/or M minutes, independent of any validation monitor
   (ModelCheckpoint with a monitor writes nothing until the metric exists), keeps the last K, saves at the end of
-  training, holds the RNG states, and turns SIGTERM/SIGINT into "finish this step, checkpoint, exit 143/130".
+  training, holds the RNG states, and turns SIGTERM/SIGINT into "finish this step, checkpoint, exit 143/130";
+  `hold_signals` keeps that for a whole job (the final evaluation, the export and the loggers' finish too).
+- `BestCheckpoint` is Lightning's best-by-metric ModelCheckpoint keeping its top k files across a resume.
 - Sharded strategies that write a checkpoint as a directory of per-rank shards (DeepSpeed, FSDP with
   state_dict_type=sharded) bypass the CheckpointIO: there the callback marks the directory complete once
   every rank has written (the marker then also holds what the file would: identity, W&B id), `last.ckpt`

@@ -1,7 +1,9 @@
 """SIGTERM/SIGINT during training: finish the step, write a checkpoint, exit 143/130 with the command that resumes.
 
 `StopRequest` records the signal instead of dying (a second one stops at once); the `Checkpointing` callback
-polls it at step boundaries and raises `Interrupted` once its checkpoint is written.
+polls it at step boundaries (and right after a checkpoint write), in evaluation batches and between the job's
+phases, and raises `Interrupted` once its checkpoint is written. Lightning's own SIGTERM handler (which ends
+the loops with exit status 0) is taken back from each time a loop starts.
 """
 
 from __future__ import annotations
