@@ -70,14 +70,57 @@ class KillAt(pl.Callback):
 
 
 class SignalAt(pl.Callback):
-    """Sends `signum` to its own process in the second micro-batch of optimizer step `step` (mid-accumulation)."""
+    """Sends `signum` to its own process at `where`: mid_step (the second micro-batch of optimizer step `step`),
+    write (inside the step-`step` checkpoint write: its bytes on disk, before the rename), validation (the first
+    batch of a validation during fit after step `step`), test (the first test batch), fit_end (beside the
+    model export, after training). The process goes on: what it does with the signal is what is tested."""
 
-    def __init__(self, signum: int, step: int) -> None:
-        self.signum, self.step, self.sent = signum, step, False
+    def __init__(self, signum: int, step: int = 0, where: str = "mid_step") -> None:
+        self.signum, self.step, self.where, self.sent = signum, step, where, False
+        self._replace: Any = None
+
+    def _send(self, where: str) -> None:
+        if self.where == where and not self.sent:
+            self.sent = True
+            os.kill(os.getpid(), self.signum)
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if self.where != "write" or self._replace is not None:
+            return
+        self._replace = replace = os.replace
+
+        def signal_then_replace(src: Any, dst: Any) -> None:
+            if Path(dst).name == f"step{self.step}.ckpt":
+                self._send("write")  # the handler runs here, inside save_atomic
+                self._restore()
+            replace(src, dst)
+
+        checkpoint_io.os.replace = signal_then_replace  # the writer's own module (os itself: restored after)
+
+    def _restore(self) -> None:
+        if self._replace is not None:
+            checkpoint_io.os.replace, self._replace = self._replace, None
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._restore()
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        self._restore()
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
                              batch_idx: int) -> None:
         micro = batch_idx % trainer.accumulate_grad_batches
-        if not self.sent and trainer.global_step == self.step and micro == 1:
-            self.sent = True
-            os.kill(os.getpid(), self.signum)
+        if trainer.global_step == self.step and micro == 1:
+            self._send("mid_step")
+
+    def on_validation_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
+                                  batch_idx: int, dataloader_idx: int = 0) -> None:
+        if trainer.state.fn == "fit" and not trainer.sanity_checking and trainer.global_step == self.step:
+            self._send("validation")
+
+    def on_test_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
+                            batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._send("test")
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._send("fit_end")

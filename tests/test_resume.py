@@ -8,12 +8,14 @@ from __future__ import annotations
 import errno
 import json
 import os
+import signal
 import time
 from pathlib import Path
 
 import pytest
 import pytorch_lightning as pl
 import torch
+from safetensors.torch import load_file
 from torch import nn
 
 from conftest import make_cfg
@@ -228,3 +230,115 @@ def test_two_jobs_aimed_at_one_run_directory_and_time_based_checkpoints(tmp_path
     assert set(saved["tunelab"]["rng"]) >= {"torch", "numpy", "python"}
     assert saved["loops"]["fit_loop"]["state_dict"]["combined_loader"] == [{"epoch": 0, "batches": 3}]
     assert saved["tunelab"]["identity"]["method"] == {"peft": None}
+
+
+# ---- a signal in any phase: exit 143/130 with the resume line, no metrics.json, nothing lost ----------------
+SHORT = ["logger=none", "eval.baseline=false", "eval.generate_on_val=false", "hyperparams.batch_size=4",
+         "hyperparams.eval_batch_size=8", "eval.max_eval_samples=4", "+trainer.limit_val_batches=1",
+         "+trainer.limit_test_batches=1", "callbacks.checkpoint.every_n_steps=2",
+         "callbacks.checkpoint.every_minutes=null", "callbacks.progress.refresh_rate=0"]
+SIGNALLED = [*SHORT, "hyperparams.max_steps=6", "trainer.val_check_interval=3"]
+
+
+@pytest.fixture
+def unhandled_signals_fail():
+    """Before tunelab's handler is armed (or after it is taken away), SIGTERM/SIGINT fail the test instead of
+    ending pytest."""
+    def fail(signum, frame):
+        raise RuntimeError(f"{signal.Signals(signum).name} reached the test process unhandled")
+
+    previous = {s: signal.signal(s, fail) for s in (signal.SIGTERM, signal.SIGINT)}
+    yield
+    for s, handler in previous.items():
+        signal.signal(s, handler)
+
+
+def _train_signalled(run_dir: Path, capfd, extra: list[str], args: list[str] = SIGNALLED) -> tuple[int | None, str]:
+    from tunelab.verbs.train import train
+
+    with pytest.raises(SystemExit) as stopped:
+        train(make_cfg(run_dir, [*args, *extra]))
+    return stopped.value.code, capfd.readouterr().err
+
+
+def _check_interrupted(run_dir: Path, code: int | None, text: str, signum: int, step: int) -> None:
+    assert code == 128 + signum, text[-3000:]
+    assert f"tunelab: interrupted by {signal.Signals(signum).name} at step {step}" in text, text[-3000:]
+    assert f"resume with: tunelab train resume={run_dir}" in text
+    assert not (run_dir / "metrics.json").exists()  # not a finished run: a scheduler must not read it as one
+    found, _ = complete_checkpoints(run_dir / "checkpoints")
+    assert found and found[-1][0]["step"] == step  # nothing trained is lost
+
+
+def _signal_at(signum: int, where: str, step: int = 0) -> list[str]:
+    return ["+callbacks.signal._target_=killpoints.SignalAt", f"+callbacks.signal.signum={int(signum)}",
+            f"+callbacks.signal.where={where}", f"+callbacks.signal.step={step}"]
+
+
+def test_sigterm_in_validation_then_inside_the_resumed_runs_checkpoint_write(tmp_path, capfd, unhandled_signals_fail):
+    """Issue 21 item 3: SIGTERM while the resumed run writes a checkpoint that no validation follows (step 4;
+    validations at 3 and 6) exited 0: Lightning's own SIGTERM exit won."""
+    run_dir = tmp_path / "run"
+    code, text = _train_signalled(run_dir, capfd, _signal_at(signal.SIGTERM, "validation", 3))
+    _check_interrupted(run_dir, code, text, signal.SIGTERM, 3)  # written mid-validation: step 3 was not due
+    code, text = _train_signalled(run_dir, capfd, ["resume=auto", *_signal_at(signal.SIGTERM, "write", 4)])
+    _check_interrupted(run_dir, code, text, signal.SIGTERM, 4)
+
+
+@pytest.mark.parametrize(("signum", "where"), [(signal.SIGINT, "test"), (signal.SIGTERM, "fit_end"),
+                                               (signal.SIGTERM, "wandb_finish")])
+def test_a_signal_after_training_exits_128_plus_signal(tmp_path, capfd, monkeypatch, unhandled_signals_fail,
+                                                       signum, where):
+    """The final evaluation, the model export and the loggers' finish: the run is not complete; the final
+    checkpoint holds all the training, and the resume line says how to finish it."""
+    import tunelab.verbs.train as train_verb
+
+    if where == "wandb_finish":
+        close = train_verb.close_loggers
+
+        def signal_then_close(loggers, completed):
+            os.kill(os.getpid(), signum)
+            close(loggers, completed)
+
+        monkeypatch.setattr(train_verb, "close_loggers", signal_then_close)
+    run_dir = tmp_path / "run"
+    extra = [] if where == "wandb_finish" else _signal_at(signum, where)
+    code, text = _train_signalled(run_dir, capfd, extra)
+    _check_interrupted(run_dir, code, text, signum, 6)
+    monkeypatch.undo()
+    train_verb.train(make_cfg(run_dir, [*SIGNALLED, "resume=auto"]))  # the resume line finishes it: nothing to train
+    assert json.loads((run_dir / "metrics.json").read_text())["test/loss"] > 0
+
+
+def test_a_resumed_run_keeps_one_best_checkpoint(tmp_path):
+    """Issue 21 item 8: the step-4 checkpoint is written before the validation at step 4 writes best-step4, so a
+    run resumed from it did not know that file and left it beside its own newer best."""
+    from tunelab.verbs.train import train
+
+    run_dir = tmp_path / "run"
+    common = [*SHORT, "trainer.val_check_interval=2", "eval.test=false"]
+    train(make_cfg(run_dir, [*common, "hyperparams.max_steps=4"]))
+    assert len(list((run_dir / "checkpoints").glob("best-*.ckpt"))) == 1
+    train(make_cfg(run_dir, [*common, "hyperparams.max_steps=6", "resume=auto"]))
+    rows = [json.loads(line) for line in (run_dir / "history.jsonl").read_text().splitlines()]
+    best = min(rows, key=lambda row: row["val/loss"])["step"]
+    assert sorted(p.name for p in (run_dir / "checkpoints").glob("best-*.ckpt")) == [f"best-step{best}.ckpt"], rows
+
+
+def test_a_validation_interrupted_at_a_checkpointed_step_is_in_the_resumed_runs_history(tmp_path, capfd,
+                                                                                       unhandled_signals_fail):
+    """Issue 21 item 8: the step-4 checkpoint comes before the validation at step 4; interrupted there, the run
+    resumes at step 4, where Lightning does not validate again: history.jsonl had no line for step 4."""
+    from tunelab.verbs.train import train
+
+    run_dir = tmp_path / "run"
+    common = [*SHORT, "trainer.val_check_interval=2", "eval.test=false", "hyperparams.max_steps=6"]
+    code, text = _train_signalled(run_dir, capfd, _signal_at(signal.SIGTERM, "validation", 4), common)
+    _check_interrupted(run_dir, code, text, signal.SIGTERM, 4)
+    train(make_cfg(run_dir, [*common, "resume=auto"]))
+    train(make_cfg(tmp_path / "straight", common))
+    rows = [json.loads(line) for line in (run_dir / "history.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in rows] == [2, 4, 6]
+    assert rows == [json.loads(line) for line in (tmp_path / "straight" / "history.jsonl").read_text().splitlines()]
+    resumed, straight = (load_file(d / "model" / "model.safetensors") for d in (run_dir, tmp_path / "straight"))
+    assert all(torch.equal(resumed[k], straight[k]) for k in straight)  # validating first changed no training

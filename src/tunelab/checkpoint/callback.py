@@ -5,7 +5,9 @@ when to save.
   writes with `tunelab.checkpoint.io.save_atomic`: temp file, fsync, rename, then a completion marker.
 - `Checkpointing` saves every N optimizer steps and/or M minutes, independent of any validation monitor
   (ModelCheckpoint with a monitor writes nothing until the metric exists), keeps the last K, saves at the end of
-  training, holds the RNG states, and turns SIGTERM/SIGINT into "finish this step, checkpoint, exit 143/130".
+  training, holds the RNG states, and turns SIGTERM/SIGINT into "finish this step, checkpoint, exit 143/130";
+  `hold_signals` keeps that for a whole job (the final evaluation, the export and the loggers' finish too).
+- `BestCheckpoint` is Lightning's best-by-metric ModelCheckpoint keeping its top k files across a resume.
 - Sharded strategies that write a checkpoint as a directory of per-rank shards (DeepSpeed, FSDP with
   state_dict_type=sharded) bypass the CheckpointIO: there the callback marks the directory complete once
   every rank has written (the marker then also holds what the file would: identity, W&B id), `last.ckpt`
@@ -20,6 +22,7 @@ after step k is exactly the one step k+1 starts from, in a resumed run as in the
 
 from __future__ import annotations
 
+import glob
 import random
 import re
 import time
@@ -30,13 +33,16 @@ import numpy as np
 import pytorch_lightning as pl
 import torch
 from lightning_fabric.plugins import TorchCheckpointIO
+from pytorch_lightning.callbacks import ModelCheckpoint
 
 from tunelab import libraries
 from tunelab.checkpoint.io import (
     FORMAT,
+    checkpoint_bytes,
     link_last,
     mark_directory,
     marker_path,
+    read_marker,
     remove_checkpoint,
     remove_partial_writes,
     save_atomic,
@@ -108,6 +114,7 @@ class Checkpointing(pl.Callback):
         self._loader_states: list[dict[str, Any]] = []
         self._saving = False  # True while this callback writes: marks the checkpoint as one to resume from
         self._check_epoch_progress = False
+        self._held_by: pl.Trainer | None = None
         self.last_path: Path | None = None
 
     # -- lifecycle
@@ -116,9 +123,30 @@ class Checkpointing(pl.Callback):
             self.stop.install()
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if self._held_by is None:  # `hold` keeps the handlers until the job's last phase (export, loggers) ends
+            self.stop.restore()
+
+    def hold(self, trainer: pl.Trainer, resumed_from: Path | None = None) -> None:
+        """Handle SIGTERM/SIGINT from now until `release()`, across every phase of the job (fit, the final
+        evaluation and test, the model export, the loggers' finish), not only during fit."""
+        if self.save_on_signal:
+            self.stop.install()
+            self._held_by = trainer
+            self.last_path = self.last_path or resumed_from
+
+    def release(self) -> None:
+        self._held_by = None
         self.stop.restore()
 
+    def check(self, trainer: pl.Trainer) -> None:
+        """Raise `Interrupted` if a signal came (between phases: the checkpoints are already written)."""
+        if self.stop.signum is not None:
+            self._interrupt(trainer, self.stop.signum)
+
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.stop.take_over()  # Lightning put its SIGTERM handler on top of ours: it would end the run with 0
+        if self.last_path is None and trainer.ckpt_path:
+            self.last_path = Path(trainer.ckpt_path)  # resumed: until this run saves, that checkpoint holds it
         self._restore_data_position(trainer)
         self._last_save = time.monotonic()
         self._seen_step = self._saved_step = trainer.global_step
@@ -192,17 +220,31 @@ class Checkpointing(pl.Callback):
             self.every_minutes is not None and time.monotonic() - self._last_save >= 60 * self.every_minutes)
         if due or signum is not None:
             self.save(trainer)
+            if signum is None:  # a signal that came during the write: this step is saved, stop now
+                signum = self._broadcast_signal(trainer)
         if signum is not None:
             self._interrupt(trainer, signum)
 
+    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.stop.take_over()  # trainer.validate() after fit: Lightning's handler again
+
+    def on_test_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.stop.take_over()
+
     def on_validation_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any,
                                 batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
-        if trainer.state.fn != "fit" or trainer.sanity_checking:
+        if trainer.sanity_checking:
             return
         signum = self._broadcast_signal(trainer)
         if signum is not None:  # do not wait for a long validation (generation) to end
-            if self._saved_step != trainer.global_step:
+            if trainer.state.fn == "fit" and self._saved_step != trainer.global_step:
                 self.save(trainer)
+            self._interrupt(trainer, signum)  # after fit (the final validation): the final checkpoint holds it
+
+    def on_test_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+                          batch_idx: int, dataloader_idx: int = 0) -> None:
+        signum = self._broadcast_signal(trainer)
+        if signum is not None:  # the baseline or final test: nothing to save (the final checkpoint holds it)
             self._interrupt(trainer, signum)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -263,3 +305,85 @@ class Checkpointing(pl.Callback):
 
     def _interrupt(self, trainer: pl.Trainer, signum: int) -> None:
         raise interrupted(signum, trainer.global_step, self.last_path, self.dirpath.parent, trainer.is_global_zero)
+
+
+class BestCheckpoint(ModelCheckpoint):
+    """Lightning's best-by-metric checkpoint, keeping its top k files across a resume too.
+
+    A resumed run's ModelCheckpoint knows only the best files written before the checkpoint it resumes from: a
+    best written after it (by the validation that follows a step checkpoint, then a kill) stayed beside every
+    newer best (`best-step40.ckpt` beside `best-step120.ckpt`). On resume, the files of its name left in the
+    directory are weighed with the score each one holds; the top k are kept, the rest removed."""
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_train_start(trainer, pl_module)
+        if not trainer.ckpt_path or not self.save_top_k:
+            return
+        ranked = self._rank_left_behind() if trainer.is_global_zero else None
+        ranked = trainer.strategy.broadcast(ranked, src=0)  # every rank must decide alike whether to save
+        if ranked is not None:
+            k = len(ranked) if self.save_top_k == -1 else self.save_top_k
+            self.best_k_models = dict(ranked[:k])
+            if trainer.is_global_zero:
+                for path, _ in ranked[k:]:
+                    remove_checkpoint(Path(path))
+            if ranked[:k]:
+                self.best_model_path, self.best_model_score = ranked[0]
+            if len(ranked[:k]) == k:
+                self.kth_best_model_path, self.kth_value = ranked[k - 1]
+
+    def _rank_left_behind(self) -> list[tuple[str, Any]] | None:
+        """Every complete best file of this callback in its directory with its score, best first (None: the
+        directory holds only what the resumed state knows)."""
+        prefix = (self.filename or "").split("{")[0]
+        if not prefix or not self.dirpath or not Path(self.dirpath).is_dir():
+            return None  # no name of its own to tell its files from the others'
+        known = {Path(p).resolve(): (p, s) for p, s in self.best_k_models.items() if Path(p).exists()}
+        found = dict(known)
+        for path in Path(self.dirpath).glob(f"{glob.escape(prefix)}*{self.FILE_EXTENSION}"):
+            if path.resolve() in found or not path.is_file():
+                continue
+            score = self._score_of(path)
+            if score is None:  # cut short by the kill: never a best
+                remove_checkpoint(path)
+            else:
+                found[path.resolve()] = (str(Path(self.dirpath) / path.name), score)
+        if found.keys() == known.keys():
+            return None
+        return sorted(found.values(), key=lambda item: float(item[1]), reverse=self.mode == "max")
+
+    def _score_of(self, path: Path) -> Any:
+        marker = read_marker(path)
+        if marker is None or marker.get("bytes") != checkpoint_bytes(path):
+            return None
+        try:  # memory-mapped: only the small callback state is read
+            states = torch.load(path, map_location="cpu", weights_only=True, mmap=True).get("callbacks") or {}
+        except Exception:  # noqa: BLE001 - an unreadable file is not a best to keep
+            return None
+        state = states.get(self.state_key) or next(
+            (s for s in states.values() if isinstance(s, dict) and s.get("monitor") == self.monitor
+             and "best_k_models" in s), None)  # written by plain ModelCheckpoint (runs from before this class)
+        return None if state is None else state.get("current_score")
+
+
+class SignalHold:
+    """What a job holds while it runs: the `Checkpointing` callback's signal handling, or nothing without one."""
+
+    def __init__(self, checkpointing: Checkpointing | None, trainer: pl.Trainer) -> None:
+        self.checkpointing, self.trainer = checkpointing, trainer
+
+    def check(self) -> None:
+        if self.checkpointing is not None:
+            self.checkpointing.check(self.trainer)
+
+    def release(self) -> None:
+        if self.checkpointing is not None:
+            self.checkpointing.release()
+
+
+def hold_signals(callbacks: list[Any], trainer: pl.Trainer, resumed_from: Path | None = None) -> SignalHold:
+    """Hold SIGTERM/SIGINT for a whole job (see `Checkpointing.hold`); `release()` it when the job ends."""
+    checkpointing = next((c for c in callbacks if isinstance(c, Checkpointing)), None)
+    if checkpointing is not None:
+        checkpointing.hold(trainer, resumed_from)
+    return SignalHold(checkpointing, trainer)

@@ -1,7 +1,9 @@
 """SIGTERM/SIGINT during training: finish the step, write a checkpoint, exit 143/130 with the command that resumes.
 
 `StopRequest` records the signal instead of dying (a second one stops at once); the `Checkpointing` callback
-polls it at step boundaries and raises `Interrupted` once its checkpoint is written.
+polls it at step boundaries (and right after a checkpoint write), in evaluation batches and between the job's
+phases, and raises `Interrupted` once its checkpoint is written. Lightning's own SIGTERM handler (which ends
+the loops with exit status 0) is taken back from each time a loop starts.
 """
 
 from __future__ import annotations
@@ -36,12 +38,20 @@ class StopRequest:
         self._previous: dict[int, Any] = {}
 
     def install(self) -> None:
+        """Handle SIGTERM/SIGINT here from now on (once: a second call keeps the handlers found by the first)."""
         import threading
 
-        if threading.current_thread() is not threading.main_thread():
+        if self._previous or threading.current_thread() is not threading.main_thread():
             return  # signals can only be handled in the main thread (ddp_spawn workers, notebooks' threads)
         for signum in self.SIGNALS:
             self._previous[signum] = signal.signal(signum, self._handle)
+
+    def take_over(self) -> None:
+        """Handle them alone again, over whatever was put on top since `install` (Lightning's SIGTERM handler,
+        which stops the loops with an exit status of 0): the handlers to restore stay those `install` found."""
+        if self._previous:
+            for signum in self.SIGNALS:
+                signal.signal(signum, self._handle)
 
     def restore(self) -> None:
         for signum, handler in self._previous.items():
@@ -68,8 +78,13 @@ def resume_command(run_dir: Path) -> str:
 
 def interrupted(signum: int, step: int, checkpoint: Path | None, run_dir: Path, announce: bool) -> Interrupted:
     """The exit for `signum` at `step`, saying which checkpoint holds the run and how to resume it."""
-    message = (f"tunelab: interrupted by {signal.Signals(signum).name} at step {step}: "
-               f"checkpoint {checkpoint}\n  resume with: {resume_command(run_dir)}")
+    if checkpoint is None:  # before the first step (the baseline evaluation): nothing to resume, start again
+        argv = resume_command(run_dir).rsplit(" resume=", 1)[0]
+        message = (f"tunelab: interrupted by {signal.Signals(signum).name} before training started: no checkpoint"
+                   f"\n  start again with: {argv}")
+    else:
+        message = (f"tunelab: interrupted by {signal.Signals(signum).name} at step {step}: "
+                   f"checkpoint {checkpoint}\n  resume with: {resume_command(run_dir)}")
     if announce:
         print(message, file=sys.stderr, flush=True)
     return Interrupted(signum, message)

@@ -215,17 +215,77 @@ class ValHistory(pl.Callback):
     """Appends one JSON line per validation (step, epoch, every `val/*` figure) to `path`.
 
     A plain-text history that `tunelab sweep-report` can always plot, whichever loggers ran (W&B's
-    offline files have no stable reader; the CSV logger is opt-in)."""
+    offline files have no stable reader; the CSV logger is opt-in).
+
+    Across a resume the history stays that of the uninterrupted run: a validation during fit leaves
+    `.<name>.pending` (its step) until its line is written. A run interrupted in that validation resumes from
+    the checkpoint written just before it, and Lightning does not validate again at the step it resumes at;
+    so the resumed run runs that validation first. Lines of steps after the resumed one (a kill loses the
+    steps since the last checkpoint) are dropped: they are written again."""
 
     def __init__(self, path: str) -> None:
         self.path = Path(path)
+
+    @property
+    def pending(self) -> Path:
+        return self.path.with_name(f".{self.path.name}.pending")
+
+    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.state.fn == "fit" and not trainer.sanity_checking and trainer.is_global_zero:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.pending.write_text(f"{trainer.global_step}\n")
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.sanity_checking or not trainer.is_global_zero:
             return
         row = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
-        if not row:
+        if row:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            with self.path.open("a") as file:
+                file.write(json.dumps({"step": trainer.global_step, "epoch": trainer.current_epoch, **row}) + "\n")
+        self.pending.unlink(missing_ok=True)
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not trainer.ckpt_path:
             return
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with self.path.open("a") as file:
-            file.write(json.dumps({"step": trainer.global_step, "epoch": trainer.current_epoch, **row}) + "\n")
+        step = trainer.global_step
+        redo = self._resume_at(step) if trainer.is_global_zero else False
+        if trainer.strategy.broadcast(redo, src=0):  # the validation is collective: every rank runs it or none
+            validate_now(trainer)
+
+    def _resume_at(self, step: int) -> bool:
+        """Drop the lines after `step`; True if the validation at `step` was interrupted before its line."""
+        try:
+            pending = int(self.pending.read_text().strip())
+        except (OSError, ValueError):
+            pending = None
+        rows = self.path.read_text().splitlines() if self.path.is_file() else []
+        steps = [_row_step(row) for row in rows]
+        kept = [row for row, at in zip(rows, steps, strict=True) if at is not None and at <= step]
+        if len(kept) != len(rows):  # also a line a kill cut short
+            self.path.write_text("".join(f"{row}\n" for row in kept))
+        if pending != step:
+            self.pending.unlink(missing_ok=True)
+        return pending == step and step not in steps
+
+
+def _row_step(row: str) -> int | None:
+    try:
+        return int(json.loads(row)["step"])
+    except (ValueError, KeyError, TypeError):
+        return None
+
+
+def validate_now(trainer: pl.Trainer) -> None:
+    """Run the fit loop's validation now, as Lightning's training loop does between batches (from a hook
+    before the first training batch: `on_train_start`)."""
+    loop = trainer.fit_loop.epoch_loop.val_loop
+    loop.restarting = False  # a fresh validation from its first batch, not the remainder of a restored one
+    loop.batch_progress.reset_on_run()
+    first_loop_iter = trainer._logger_connector._first_loop_iter
+    trainer.validating = True
+    try:
+        loop.run()
+    finally:
+        trainer.training = True
+        trainer._logger_connector._first_loop_iter = first_loop_iter

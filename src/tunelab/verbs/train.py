@@ -14,6 +14,7 @@ import pytorch_lightning as pl
 from omegaconf import DictConfig
 from pytorch_lightning.callbacks import LearningRateMonitor
 
+from tunelab.checkpoint.callback import hold_signals
 from tunelab.checkpoint.resume import find_resume, identity
 from tunelab.config.build import build, build_with
 from tunelab.config.engine import check_engine
@@ -82,6 +83,9 @@ def train(cfg: DictConfig, run: RunContext) -> dict[str, float]:
 
     metrics: dict[str, float] = {}
     completed = False  # a run that raised is closed as failed (W&B shows it red; the sweep report lists it)
+    # SIGTERM/SIGINT in any phase from here (fit, the final evaluation, the export, the loggers' finish) ends the
+    # job with 143/130, the resume line and no metrics.json: never Lightning's 0, which a scheduler reads as done.
+    signals = hold_signals(callbacks, trainer, resume.path)
     try:
         if cfg.eval.test and cfg.eval.baseline:
             module.eval_prefix = "baseline/test"
@@ -108,9 +112,12 @@ def train(cfg: DictConfig, run: RunContext) -> dict[str, float]:
                 metrics.update(callback.summary(trainer.accumulate_grad_batches, module.device))
         # model/README.md (a model card with the final test figures) and the W&B model artifact
         publish_model(cfg, run, callbacks, loggers, {**metrics, "params/trainable": trainable, "params/total": total})
+        signals.check()  # one came during the export or the last evaluation batch: the run is not complete
         completed = True
     finally:
         close_loggers(loggers, completed)
+        signals.release()
+    signals.check()  # one came while the loggers finished
     metrics["params/trainable"], metrics["params/total"] = trainable, total
     if trainer.is_global_zero:  # under DDP every rank gets here; one writes and prints
         (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
