@@ -14,8 +14,7 @@ from pathlib import Path
 import pytest
 
 from tunelab.cli import preflight
-from tunelab.config.compose import compose, new_run_id, quoting_hint
-from tunelab.config.places import output_dir_problem
+from tunelab.config.compose import compose, new_run_id
 from tunelab.config.validate import validate
 from tunelab.errors import ConfigError, DataError
 
@@ -70,6 +69,8 @@ def test_impossible_output_dirs_are_config_errors(key, tmp_path):
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root writes anywhere the kernel allows")
 def test_unwritable_output_dir(tmp_path):
+    from tunelab.config.places import output_dir_problem
+
     locked = tmp_path / "locked"
     locked.mkdir(mode=0o500)
     assert output_dir_problem(locked / "run") == f"{locked} is not writable"
@@ -103,6 +104,8 @@ def test_unparsable_override_hint_shows_the_quoting(override):
 
     typed = shlex.split(hint.rsplit("the shell: ", 1)[1].split("; ")[0])  # what the user would paste
     assert len(typed) == 1 and OverridesParser.create().parse_override(typed[0]).value() == override.split("=", 1)[1]
+    from tunelab.config.compose import quoting_hint
+
     assert quoting_hint(None).endswith("""'prompt="a=b, c"'""")
 
 
