@@ -182,3 +182,16 @@ def test_light_refusals_on_the_command_line_import_nothing_heavy(tmp_path, monke
         assert stderr.startswith("tunelab: ") and "Traceback" not in stderr and "\n  hint: " in stderr, stderr
     assert report["heavy"] == [], report["heavy"]
     assert not (tmp_path / "out").exists() and not (tmp_path / "x").exists()  # nothing was started
+
+
+def test_the_deep_checks_say_what_they_load_first(monkeypatch, capsys):
+    """A refusal that needs torch says what it checks before the imports start, at a terminal."""
+    import tunelab.cli
+
+    monkeypatch.setattr(tunelab.cli, "_torch_loaded", lambda: False)  # as in a fresh `tunelab` process
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True, raising=False)
+    monkeypatch.setattr(tunelab.cli, "check_deep", lambda cfg: (_ for _ in ()).throw(ConfigError("deep refusal")))
+    with pytest.raises(ConfigError, match="deep refusal"):
+        preflight(["hyperparams.lr=1e-3"])
+    assert capsys.readouterr().err == ("tunelab: checking the optimizer, scheduler and library option names "
+                                       "(loading torch and transformers)...\n")

@@ -159,7 +159,9 @@ def preflight(argv: list[str], config_name: str = "train", deep: bool = True, ch
             _check_multirun_strategy(cfg)
     if not deep:
         return
-    if "torch" not in sys.modules:  # the imports take seconds (minutes on a busy machine): say what waits on them
+    if not _torch_loaded() and sys.stderr.isatty():
+        # The imports take seconds (minutes on a busy machine): say what waits on them, to a person at a terminal
+        # (captured stderr keeps its contract: a refusal is the one `tunelab: <kind> error:` message).
         print("tunelab: checking the optimizer, scheduler and library option names (loading torch and "
               "transformers)...", file=sys.stderr, flush=True)
     for cfg in cfgs:
@@ -169,6 +171,10 @@ def preflight(argv: list[str], config_name: str = "train", deep: bool = True, ch
 
             module, _, function = check.partition(":")
             getattr(importlib.import_module(module), function)(cfg)
+
+
+def _torch_loaded() -> bool:
+    return "torch" in sys.modules
 
 
 def _unparsable(overrides: list[str]) -> str | None:
