@@ -62,7 +62,7 @@ def check_output_dirs(cfg: DictConfig) -> None:
     """Directories a verb will write must be creatable: the nearest existing ancestor is a writable directory."""
     for key in OUTPUT_DIRS:
         value = value_at(cfg, key)
-        if value is MISSING_VALUE or value is None or not str(value):
+        if value is MISSING_VALUE or value is None:
             continue
         path = Path(str(value)).expanduser().absolute()
         problem = output_dir_problem(path)
