@@ -17,7 +17,8 @@ from dataclasses import dataclass
 from omegaconf import DictConfig, OmegaConf
 
 from tunelab import libraries
-from tunelab.config.compose import compose, new_run_id, register_resolvers
+from tunelab.config.checks import check_deep
+from tunelab.config.compose import compose, new_run_id, quoting_hint, register_resolvers
 from tunelab.config.validate import validate
 from tunelab.errors import ConfigError, TunelabError, did_you_mean, exit_with
 
@@ -142,26 +143,42 @@ def preflight(argv: list[str], config_name: str = "train", deep: bool = True, ch
     try:
         combos = _expand(args.overrides, args.multirun, args.config_dir)
     except OverrideParseException as err:  # an unbalanced quote or bracket: Hydra's grammar refuses it here
-        raise ConfigError(f"cannot parse override: {str(err).splitlines()[0]}", _unparsable(args.overrides),
-                          "overrides look like key=value, group=option, +new_key=value; quote values "
-                          "with spaces or special characters as key='a value'") from None
-    for overrides in combos:
-        cfg = compose(overrides, args.config_name or config_name, args.config_dir)
-        validate(cfg, deep)
-        if check and deep:
-            import importlib
-
-            module, _, function = check.partition(":")
-            getattr(importlib.import_module(module), function)(cfg)
+        bad = _unparsable(args.overrides)
+        raise ConfigError(f"cannot parse override: {str(err).splitlines()[0]}",
+                          f"override {bad} on the command line" if bad else "command line",
+                          quoting_hint(bad)) from None
+    # Every combination's light checks (values, places) first: a typo in the last one is refused before torch
+    # loads for the first one's deep checks.
+    cfgs = [compose(overrides, args.config_name or config_name, args.config_dir) for overrides in combos]
+    for cfg in cfgs:
+        validate(cfg, deep=False, launch=True)
         _check_sweeper_params(cfg)
         _check_slurm_ranks(cfg)
         if args.multirun:
             _check_launcher_installed(cfg)
             _check_multirun_strategy(cfg)
+    if not deep:
+        return
+    if not _torch_loaded() and sys.stderr.isatty():
+        # The imports take seconds (minutes on a busy machine): say what waits on them, to a person at a terminal
+        # (captured stderr keeps its contract: a refusal is the one `tunelab: <kind> error:` message).
+        print("tunelab: checking the optimizer, scheduler and library option names (loading torch and "
+              "transformers)...", file=sys.stderr, flush=True)
+    for cfg in cfgs:
+        check_deep(cfg)
+        if check:
+            import importlib
+
+            module, _, function = check.partition(":")
+            getattr(importlib.import_module(module), function)(cfg)
 
 
-def _unparsable(overrides: list[str]) -> str:
-    """`override X on the command line` for the first override Hydra's grammar refuses."""
+def _torch_loaded() -> bool:
+    return "torch" in sys.modules
+
+
+def _unparsable(overrides: list[str]) -> str | None:
+    """The first override Hydra's grammar refuses (None: it refuses none alone)."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
     parser = OverridesParser.create()
@@ -169,8 +186,8 @@ def _unparsable(overrides: list[str]) -> str:
         try:
             parser.parse_override(override)
         except Exception:  # OverrideParseException, or a grammar error of another type
-            return f"override {override} on the command line"
-    return "command line"
+            return override
+    return None
 
 
 def _check_multirun_strategy(cfg: DictConfig) -> None:

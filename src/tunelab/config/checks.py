@@ -8,15 +8,14 @@ config/ranges.py; the message names the key, where it was set and the allowed ra
 from __future__ import annotations
 
 import fnmatch
-import os
 from collections.abc import Callable
-from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
 from tunelab.config.chat_templates import chat_template_problem
 from tunelab.config.engine import check_sharding_names, check_strategy
 from tunelab.config.locate import MISSING_VALUE, leaves, value_at, where
+from tunelab.config.places import check_attn_implementation, check_inputs, check_output_dirs, check_run_id
 from tunelab.config.ranges import RANGES_WITHOUT_SCHEMA, Range
 from tunelab.config.schema import SCHEMAS, schema_ranges
 from tunelab.config.targets import check_choices, check_factories
@@ -29,9 +28,6 @@ WORDS: dict[str, tuple[str | None, ...]] = {
     "model.dtype": (*DTYPES, "auto"),
     "dtype": (*DTYPES, None),  # `tunelab export dtype=...`
 }
-
-# Keys naming directories a verb writes: refused at once when they cannot be created or written.
-OUTPUT_DIRS = ("paths.output_dir", "paths.cache_dir", "out")
 
 
 def ranges() -> list[tuple[str, Range]]:
@@ -63,11 +59,22 @@ def check_ranges(cfg: DictConfig) -> None:
         if value is not MISSING_VALUE and value not in words:
             raise ConfigError(f"{key} must be one of {', '.join(str(w).replace('None', 'null') for w in words)}, "
                               f"got {value!r}", where(cfg, key), did_you_mean(str(value), [w for w in words if w]))
-    weights = value_at(cfg, "dataset.weights")
+    _check_weights(cfg)
+    _check_rank_choices(cfg)
+
+
+def _check_weights(cfg: DictConfig) -> None:
+    """A mixture's weights name its tasks (a typo is a config mistake, not the data's) and are not all 0."""
+    weights, tasks = value_at(cfg, "dataset.weights"), value_at(cfg, "dataset.tasks")
+    if isinstance(weights, dict) and isinstance(tasks, dict) and tasks:
+        for name in weights:
+            if name not in tasks:
+                raise ConfigError(f"dataset.weights names an unknown task {name!r}",
+                                  where(cfg, f"dataset.weights.{name}"),
+                                  did_you_mean(str(name), tasks) + "; the tasks are the keys of dataset.tasks")
     if isinstance(weights, dict) and weights and not sum(weights.values()) > 0:
         raise ConfigError("dataset.weights must not all be 0", where(cfg, "dataset.weights"),
                           "give at least one task a positive weight")
-    _check_rank_choices(cfg)
 
 
 def _check_rank_choices(cfg: DictConfig) -> None:
@@ -133,36 +140,25 @@ def check_chat_templates(cfg: DictConfig) -> None:
             raise ConfigError(f"{key}: {what}", where(cfg, key), hint)
 
 
-def check_output_dirs(cfg: DictConfig) -> None:
-    """Directories a verb will write must be creatable: the nearest existing ancestor is a writable directory."""
-    for key in OUTPUT_DIRS:
-        value = value_at(cfg, key)
-        if value is MISSING_VALUE or value is None:
-            continue
-        path = Path(str(value)).expanduser().absolute()
-        existing = path
-        while not existing.exists() and existing != existing.parent:
-            existing = existing.parent
-        if not existing.is_dir():
-            problem = f"{existing} is a file, not a directory"
-        elif not os.access(existing, os.W_OK | os.X_OK):
-            problem = f"{existing} is not writable"
-        else:
-            continue
-        raise ConfigError(f"cannot write to {path}: {problem}", where(cfg, key),
-                          f"point {key} at a directory you can write")
-
-
 # Checks on the values alone, and checks that import the libraries the values are passed to (torch,
 # transformers, peft: seconds). `tunelab train --cfg job` runs only the first; a job imports those
 # libraries anyway, so it runs both before anything is built.
 LIGHT_CHECKS: tuple[Callable[[DictConfig], None], ...] = (check_ranges, check_fast_paths, check_output_dirs,
-                                                          check_strategy)
+                                                          check_run_id, check_attn_implementation, check_strategy)
+# What a job about to start reads (local model and data paths): the CLI's pre-flight only, see validate().
+LAUNCH_CHECKS: tuple[Callable[[DictConfig], None], ...] = (check_inputs,)
 DEEP_CHECKS: tuple[Callable[[DictConfig], None], ...] = (check_choices, check_chat_templates, check_factories,
                                                           check_sharding_names)
 
 
-def check_values(cfg: DictConfig, deep: bool = True) -> None:
-    """The checks above, light ones first; the first problem found is raised as a ConfigError (exit 2)."""
-    for check in LIGHT_CHECKS + (DEEP_CHECKS if deep else ()):
+def check_values(cfg: DictConfig, deep: bool = True, launch: bool = False) -> None:
+    """The checks above, light ones first; the first problem found is raised as a ConfigError (exit 2), or a
+    DataError (exit 3) for a data path that does not exist."""
+    for check in LIGHT_CHECKS + (LAUNCH_CHECKS if launch else ()) + (DEEP_CHECKS if deep else ()):
+        check(cfg)
+
+
+def check_deep(cfg: DictConfig) -> None:
+    """Only the checks that import the libraries, for a caller that ran the light ones already."""
+    for check in DEEP_CHECKS:
         check(cfg)

@@ -7,6 +7,7 @@ import difflib
 import functools
 import re
 import secrets
+import shlex
 import time
 from pathlib import Path
 
@@ -65,7 +66,7 @@ def compose(
         raise _missing_option(err, overrides) from None
     except OverrideParseException as err:
         raise ConfigError(f"cannot parse override: {str(err).splitlines()[0]}", "command line",
-                          "overrides look like key=value, group=option, +new_key=value") from None
+                          quoting_hint(None)) from None
     except ConfigCompositionException as err:
         raise _bad_override(err, overrides, config_name, config_dir) from None
     except ValueError as err:  # Hydra's own refusal of an override's shape, e.g. `=1` (no key)
@@ -73,6 +74,20 @@ def compose(
                           "overrides look like key=value, group=option, +new_key=value") from None
     finally:
         GlobalHydra.instance().clear()
+
+
+def quoting_hint(override: str | None) -> str:
+    """How to quote a value Hydra's grammar refuses (`=`, `,`, quotes, brackets, spaces): in Hydra's quotes, the
+    whole override in the shell's, e.g. 'prompt="a=b, c"', written out for `override` when it has a key."""
+    general = "overrides look like key=value, group=option, +new_key=value"
+    key, eq, value = (override or "").partition("=")
+    if not eq or not key or any(c in key for c in " \"'"):
+        return (f"{general}; quote a value with spaces or special characters for Hydra and the whole override for "
+                "the shell: 'prompt=\"a=b, c\"'")
+    # Inside Hydra's quotes only a quote, and the backslashes just before one or at the end, need a backslash.
+    escaped = re.sub(r'(\\*)"', r'\1\1\\"', re.sub(r"(\\+)$", r"\1\1", value))
+    quoted = shlex.quote(f'{key}="{escaped}"')
+    return f"{general}; quote the value for Hydra and the whole override for the shell: {quoted}"
 
 
 def _missing_option(err: MissingConfigException, overrides: list[str]) -> ConfigError:
@@ -95,6 +110,10 @@ def _bad_override(
     match = re.search(r"Could not (?:override|append to|delete from) '([^']+)'", text)
     if not match:
         cause = err.__cause__ or err
+        ambiguous = re.search(r"Ambiguous value for argument '(.*)'", str(cause).splitlines()[0])
+        if ambiguous:  # `prompt=a, b`: Hydra reads the comma as a sweep or a list
+            return ConfigError(str(cause).splitlines()[0], f"override {ambiguous.group(1)} on the command line",
+                               quoting_hint(ambiguous.group(1)) + "; a list is key=[a,b], a sweep needs -m")
         return ConfigError(str(cause).splitlines()[0], "command line")
     key = match.group(1)
     parent, _, leaf = key.rpartition(".")

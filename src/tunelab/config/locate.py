@@ -40,7 +40,7 @@ def _find_in_files(cfg: DictConfig, key_path: str) -> str | None:
 def _command_line_override(cfg: DictConfig, key_path: str) -> str | None:
     """The command-line override that set `key_path` (`a.b=1`, `+a.b=1`, `++a.b=1`), if one did."""
     try:
-        task = list(cfg.hydra.overrides.task)
+        task = list(cfg.hydra.overrides.task) + list(cfg.hydra.overrides.hydra)  # `hydra.run.dir=` is Hydra's own
     except (AttributeError, OmegaConfBaseException):
         # A job's config (no `hydra` node): the CLI's pre-flight already checked it with the command line.
         task = []

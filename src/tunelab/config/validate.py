@@ -85,11 +85,12 @@ def _check_format(cfg: DictConfig, key: str) -> None:
     )
 
 
-def validate(cfg: DictConfig, deep: bool = True) -> None:
+def validate(cfg: DictConfig, deep: bool = True, launch: bool = False) -> None:
     """Raise ConfigError for unknown keys, wrong types, unimportable targets and out-of-range values in `cfg`.
 
     `deep=False` skips the checks that import torch & co. (names passed to a library, a dry run of the
-    optimizer): for `--cfg job`, which runs nothing.
+    optimizer): for `--cfg job`, which runs nothing. `launch=True` adds the checks of what a job about to
+    start reads (local model and data paths exist; a missing data path is a DataError): the CLI's pre-flight.
     """
     for name, schema in SCHEMAS.items():
         _check_schema(cfg, name, schema)
@@ -104,4 +105,4 @@ def validate(cfg: DictConfig, deep: bool = True) -> None:
         if "hydra:" not in str(err) and "HydraConfig was not set" not in str(err):
             raise ConfigError(f"cannot resolve {err.full_key}: {err.msg.splitlines()[0]}",
                               f"key {err.full_key}", "check the ${...} interpolation") from None
-    check_values(cfg, deep)  # number ranges, names the libraries take, chat templates, output dirs
+    check_values(cfg, deep, launch)  # number ranges, names the libraries take, chat templates, places

@@ -26,13 +26,21 @@ ROLES = ("system", "user", "assistant")
 SHAREGPT_ROLES = {"human": "user", "gpt": "assistant", "system": "system", "user": "user", "assistant": "assistant"}
 # Templates come from configs and from run directories (generate reads a run's recipe): the sandbox keeps
 # `{{ lipsum.__globals__['os'].system(...) }}` from running code. `_text` refuses a completion field that is
-# not a string: `{{ sentiment }}` over null, 3, [..] or {..} would train on "None", "3", "[...]".
-_JINJA = ImmutableSandboxedEnvironment(undefined=jinja2.StrictUndefined, keep_trailing_newline=False, autoescape=False)
+# not a string: `{{ sentiment }}` over null, 3, [..] or {..} would train on "None", "3", "[...]"; `_no_container`
+# refuses a list or an object in a prompt (numbers and null there are common and read as intended).
+class _Template(jinja2.Template):
+    """A compiled template that knows the names it reads, in order: a bad value is reported under its own field,
+    not another field that happens to hold the same value (`rating: 4` beside `sentiment: 4`)."""
+
+    names: tuple[str, ...] = ()
 
 
-class _NotText(Exception):
+class _NotText(jinja2.UndefinedError):
+    """A value a template cannot render as text; an UndefinedError, so callers that report a bad field (generate's
+    `fields=`) report this one too."""
+
     def __init__(self, value: Any) -> None:
-        super().__init__(repr(value))
+        super().__init__(f"a field renders {type(value).__name__} {value!r}, not text")
         self.value = value
 
 
@@ -45,8 +53,30 @@ def _text(value: Any) -> Any:
     return value
 
 
-_COMPLETION_JINJA = ImmutableSandboxedEnvironment(undefined=jinja2.StrictUndefined, keep_trailing_newline=False,
-                                                  autoescape=False, finalize=_text)
+def _no_container(value: Any) -> Any:
+    """`finalize` of prompt templates: a list or an object would be pasted in as its Python repr."""
+    if isinstance(value, (Mapping, list, tuple)):
+        raise _NotText(value)
+    return value
+
+
+def _environment(**extra: Any) -> ImmutableSandboxedEnvironment:
+    env = ImmutableSandboxedEnvironment(undefined=jinja2.StrictUndefined, keep_trailing_newline=False,
+                                        autoescape=False, **extra)
+    env.template_class = _Template
+    return env
+
+
+_JINJA = _environment(finalize=_no_container)
+_COMPLETION_JINJA = _environment(finalize=_text)
+
+
+def _compile(env: ImmutableSandboxedEnvironment, source: str) -> jinja2.Template:
+    template = env.from_string(source)
+    if isinstance(template, _Template):
+        names = (node.name for node in env.parse(source).find_all(jinja2.nodes.Name) if node.ctx == "load")
+        template.names = tuple(dict.fromkeys(names))
+    return template
 
 
 @dataclass
@@ -68,8 +98,7 @@ def compile_templates(templates: Sequence[Mapping[str, str]]) -> list[tuple[jinj
     compiled = []
     for index, template in enumerate(templates):
         try:
-            compiled.append((_JINJA.from_string(template["prompt"]),
-                             _COMPLETION_JINJA.from_string(template["completion"])))
+            compiled.append((_compile(_JINJA, template["prompt"]), _compile(_COMPLETION_JINJA, template["completion"])))
         except (KeyError, TypeError):
             raise ConfigError(
                 f"template {index} needs a 'prompt' and a 'completion'", f"key dataset.templates[{index}]"
@@ -94,18 +123,24 @@ def _text_field(row: RowContext, fields: Mapping[str, Any], name: str) -> str:
 def _render(row: RowContext, template: jinja2.Template, fields: Mapping[str, Any], part: str) -> str:
     try:
         return template.render(**fields)
+    except _NotText as err:  # before UndefinedError, which it is
+        read = [*getattr(template, "names", ()), *map(str, fields)]  # the template's own names first
+        name = next((k for k in read if k in fields and fields[k] is err.value), None)
+        shown = repr(err.value) if len(repr(err.value)) <= 40 else repr(err.value)[:37] + "..."
+        if part == "completion":
+            hint = (f"a {part} is text: fix the row, or write {{{{ {name or 'field'} | string }}}} in the template "
+                    "to train on the value's text")
+        else:
+            hint = (f"a {part} is text: fix the row, or say how to write it in the template, e.g. "
+                    f"{{{{ {name or 'field'} | join(', ') }}}} for a list or {{{{ {name or 'field'} | tojson }}}}")
+        raise DataError(
+            f"{row.origin}: {name or part}: the {part} renders {type(err.value).__name__} {shown}, not a string",
+            hint=hint,
+        ) from None
     except jinja2.UndefinedError as err:
         raise DataError(
             f"{row.origin}: {part} template: {err.message}",
             hint=f"fields present: {', '.join(sorted(map(str, fields)))}; rename with dataset.column_map",
-        ) from None
-    except _NotText as err:
-        name = next((k for k, v in fields.items() if v is err.value), None)
-        shown = repr(err.value) if len(repr(err.value)) <= 40 else repr(err.value)[:37] + "..."
-        raise DataError(
-            f"{row.origin}: {name or part}: the {part} renders {type(err.value).__name__} {shown}, not a string",
-            hint=f"a {part} is text: fix the row, or write {{{{ {name or 'field'} | string }}}} in the template "
-                 "to train on the value's text",
         ) from None
     except jinja2.exceptions.SecurityError as err:
         raise ConfigError(f"{part} template: refused by Jinja's sandbox: {err}", "key dataset.templates") from None
