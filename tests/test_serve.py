@@ -53,7 +53,9 @@ def _quoted(text: str) -> str:
 @pytest.fixture(scope="module")
 def run(tmp_path_factory) -> Path:
     """The tiny model trained a few dozen steps, logged to an offline W&B run (the default logger)."""
-    run_dir = tmp_path_factory.mktemp("served")
+    # A folder of its own around the run: the artifact test below searches the run's parent for model-served*
+    # artifacts, and another test's copy of this run (with its own W&B files) must not be found there first.
+    run_dir = tmp_path_factory.mktemp("served_root") / "served"
     train(make_cfg(run_dir, ["hyperparams.max_steps=16", "eval.baseline=false", "eval.generate_on_val=false",
                              "eval.max_eval_samples=16", f"tags=[{SECRET}]"]))
     return run_dir
