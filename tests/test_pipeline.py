@@ -139,3 +139,22 @@ def test_continue_adapter_trains_the_same_adapter_on_the_same_base(tmp_path):
     assert adapter and all(torch.equal(start[k], v) for k, v in adapter.items())
     assert all(torch.equal(start[f"base_model.model.{k}"], v) for k, v in base.items())
     assert os.path.isfile(out / "02_rating" / "model" / "adapter_config.json")
+
+
+def test_a_second_pipeline_with_the_same_run_id_is_refused_before_hydra_writes(tmp_path):
+    """Two pipelines given one run_id both ran, retrained each other's stages and interleaved pipeline.log and
+    matrix.csv (issue 21.6): the pipeline directory takes the run-directory lock, checked before Hydra writes."""
+    from tunelab.checkpoint.lock import RunDirLock
+    from tunelab.errors import ConfigError
+    from tunelab.prelaunch import prepare_run_dir
+
+    argv = ["pipeline=reviews_chain", "run_id=shared", f"paths.output_dir={tmp_path}"]
+    cfg = compose(argv, config_name="pipeline")
+    pipeline_dir = Path(str(cfg.hydra.run.dir))
+    with RunDirLock(pipeline_dir):
+        (pipeline_dir / "pipeline.log").write_text("the first pipeline's log\n")
+        with pytest.raises(ConfigError, match="in use by another job"):
+            prepare_run_dir(argv, "pipeline")
+        assert (pipeline_dir / "pipeline.log").read_text() == "the first pipeline's log\n"
+        assert not (pipeline_dir / ".hydra").exists()
+    assert prepare_run_dir(argv, "pipeline") == argv  # free again: the second may run

@@ -32,10 +32,15 @@ def prepare_run_dir(argv: list[str], config_name: str = "train") -> list[str]:
     if "resume" not in named and "hydra.run.dir" not in named and f"run_id={new_run_id()}" in args.overrides:
         return argv  # a fresh run in a directory named by this process's new id: nothing to check
     cfg = compose(args.overrides, args.config_name or config_name, args.config_dir)
+    run_dir = Path(str(cfg.hydra.run.dir))
+    if cfg.hydra.output_subdir is not None:
+        # Hydra is about to write .hydra/ there: never into a directory a live job holds (two pipelines with one
+        # run_id once both ran, each overwriting the other's saved config). Verbs that write nothing (generate,
+        # export, serve: output_subdir null) may run inside a live run's directory.
+        check_free(run_dir)
     if "resume" not in cfg:
         return argv
     value = resume_value(cfg.resume)  # an empty resume= is exit 2 before a path is made of it
-    run_dir = Path(str(cfg.hydra.run.dir))
     target = Path(value).expanduser() if value is not None else None
     in_place = target is not None and value != "auto" and target.is_dir() and not is_checkpoint_dir(target)
     if in_place:
