@@ -15,6 +15,7 @@ from hydra.core.global_hydra import GlobalHydra
 
 from conftest import REPO, make_cfg
 from procs import budget
+from tunelab.cli import literal
 from tunelab.config.compose import compose
 from tunelab.errors import ConfigError
 from tunelab.models.load import load_run
@@ -167,3 +168,16 @@ def test_merge_of_prompt_tuning_is_a_config_error(prompt_run, tmp_path):
     assert "tunelab: config error: a PROMPT_TUNING adapter cannot be merged into the base weights" in done.stderr
     assert "merge=false" in done.stderr
     assert not (tmp_path / "x").exists()
+
+
+def test_readme_prompt_with_a_comma_a_question_mark_and_a_colon(lora_run):
+    """The README's example, typed as a user types it: `prompt="... works well."` failed (Hydra read the comma
+    as a sweep); `--prompt` takes the text literally, and `--prompt -` reads it from standard input."""
+    text = "Is this review positive or negative? Great product: works well, really = 5 stars ${oc.env:HOME}"
+    expected = generate(_verb_cfg("generate", [f"run={lora_run}", f"prompt={literal(text)}"]))
+    assert expected[0]["content"] == text  # the interpolation stays text: a prompt never reads the environment
+    answer = expected[-1]["content"]
+    typed = _tunelab("generate", f"run={lora_run}", "--prompt", text)
+    assert typed.returncode == 0 and typed.stdout.strip() == answer.strip(), typed.stderr[-3000:]
+    piped = _tunelab("generate", f"run={lora_run}", "--prompt", "-", stdin=text + "\n")
+    assert piped.returncode == 0 and piped.stdout.strip() == answer.strip(), piped.stderr[-3000:]

@@ -127,3 +127,21 @@ def test_pipeline_report_is_a_hydra_verb(tmp_path, monkeypatch, capsys):
     _run_in_process(monkeypatch, tmp_path, "pipeline-report", [str(tmp_path)])  # the old positional spelling
     assert "comparison.csv" in capsys.readouterr().out and (tmp_path / "comparison.md").is_file()
     assert not list(tmp_path.glob("*.log"))  # no log file where it ran
+
+
+def test_literal_values_compose_back_to_the_same_string():
+    """`cli.literal` (used by `--prompt` and the old option spellings): any text, seeded random strings over the
+    characters Hydra and OmegaConf treat specially, composes back to exactly itself, as a string."""
+    import random
+
+    from tunelab.config.compose import compose
+
+    rng = random.Random(21)
+    alphabet = "aZ1._/-,?:=\'\"\\${}[]() e\n"
+    cases = ["Is this review positive or negative? Great product, works well.", "${oc.env:HOME}", "\\${x}", "42",
+             "null", "true", ".5", "1e3", "", "ends with \\", "it's", "val/loss", "./a b"]
+    cases += ["".join(rng.choice(alphabet) for _ in range(rng.randint(0, 10))) for _ in range(150)]
+    for text in cases:
+        value = compose(["run=/tmp", f"prompt={cli.literal(text)}"], config_name="generate",
+                        return_hydra_config=False).prompt
+        assert value == text and isinstance(value, str), (text, cli.literal(text), value)

@@ -31,7 +31,8 @@ class Verb:
     says what it needs from the job: run directory, validation, lock, ...); `config` is conf/<config>.yaml.
     `check` names a `module:function` the pre-flight also calls with each composed config (a pipeline composes
     and validates its stages there). `positional` names the key a first bare argument sets and `options` the
-    keys `--key value` sets: the spellings of the verbs that once parsed their own options.
+    keys `--key value` sets, the value taken literally as free text (`-` reads it from standard input): the old
+    spellings of the verbs that once parsed their own options, and `generate --prompt "..."`.
     """
 
     name: str
@@ -53,7 +54,8 @@ VERBS: tuple[Verb, ...] = (
          "fine-tune: model=, method=, dataset=, hyperparams.*= (try: tunelab train --help)",
          "train", check="tunelab.config.engine:check_engine"),
     Verb("generate", "tunelab.verbs.generate:generate",
-         'answer with a trained run: run=<run dir> prompt="..." [interactive=true] [decoding=creative]', "generate"),
+         'answer with a trained run: run=<run dir> --prompt "any text" (or - for stdin) [interactive=true]',
+         "generate", options=("prompt",)),
     Verb("eval", "tunelab.verbs.eval:evaluate_cfg",
          "score a run or a model on a test split: run=<dir> | model=, dataset=, prompting=few_shot|retrieval", "eval"),
     Verb("compare", "tunelab.verbs.compare:compare",
@@ -311,17 +313,29 @@ def old_spellings(verb: Verb, argv: list[str]) -> list[str]:
     for i, token in enumerate(tokens):
         key, eq, value = token[2:].partition("=")
         if verb.positional and i == 0 and not token.startswith("-") and "=" not in token:
-            out.append(f"{verb.positional}={_quoted(token)}")
+            out.append(f"{verb.positional}={literal(token)}")
         elif token.startswith("--") and key in verb.options:
-            out.append(f"{key}={_quoted(value if eq else next(tokens, ''))}")
+            given = value if eq else next(tokens, "")
+            # `--prompt -` reads the text from standard input (a file, a here-doc: any characters, any length).
+            out.append(f"{key}={literal(sys.stdin.read().rstrip(chr(10)) if given == '-' else given)}")
         else:
             out.append(token)
     return out
 
 
-def _quoted(value: str) -> str:
-    """A value as one Hydra override value: quoted unless it is a plain path or word."""
-    return value if re.fullmatch(r"[\w./-]+", value) else "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
+def literal(text: str) -> str:
+    """`text` as one Hydra override value that composes back to exactly `text`, a string: free text with commas,
+    `?`, `:`, `=`, quotes, backslashes, brackets or a `${...}` (taken literally, never resolved: a prompt must
+    not read an environment variable) never needs quoting by hand (`tunelab generate --prompt "..."`)."""
+    plain = re.fullmatch(r"[A-Za-z_/][\w./-]*|\./[\w./-]*", text)  # not `.5` or `1e3`: numbers when bare
+    if plain and text.lower() not in ("true", "false", "null", "nan", "inf"):
+        return text  # a plain word or path reads the same bare (`val/loss`, `outputs/multiruns/x`)
+    # OmegaConf: `\${` is a literal `${`; backslashes right before it are doubled so they stay backslashes.
+    text = re.sub(r"(\\*)\$\{", lambda m: m.group(1) * 2 + "\\${", text)
+    # Hydra's quoted strings: a quote is escaped, and so is a run of backslashes that precedes a quote or the end.
+    text = re.sub(r"(\\*)(')", lambda m: m.group(1) * 2 + "\\'", text)
+    text = re.sub(r"(\\+)\Z", lambda m: m.group(1) * 2, text)  # \Z: `$` would also match before a final newline
+    return f"'{text}'"
 
 
 def run_verb(verb: Verb | str, argv: list[str] | None = None) -> None:
