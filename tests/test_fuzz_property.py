@@ -35,6 +35,8 @@ from tunelab import paths
 from tunelab.cli import VERBS, preflight
 from tunelab.config.compose import compose
 from tunelab.errors import TunelabError
+from tunelab.models.load import load_run
+from tunelab.verbs.export import export
 
 SEED = 21  # issue 21
 OVERRIDE_CASES = 500
@@ -57,7 +59,7 @@ def _listing(root: Path, depth: int) -> dict[str, tuple[int, int]]:
     base = len(root.parts)
     for folder, dirs, files in os.walk(root):
         dirs[:] = [d for d in dirs if d not in SKIP_DIRS and len(Path(folder).parts) - base < depth]
-        for name in files + [d for d in dirs]:
+        for name in files + dirs:
             path = Path(folder) / name
             try:
                 stat = path.lstat()
@@ -68,7 +70,7 @@ def _listing(root: Path, depth: int) -> dict[str, tuple[int, int]]:
 
 
 def _snapshot() -> dict[str, tuple[int, int]]:
-    return {**_listing(REPO, 6), **_listing(Path.home(), 2)}
+    return {**_listing(REPO, 6), **_listing(Path.home(), 1)}  # home's own files and folders: a new ~/outputs
 
 
 def _changed(before: dict, after: dict) -> list[str]:
@@ -125,25 +127,18 @@ def _typo(rng: random.Random, word: str) -> str:
 def _value(rng: random.Random, files: dict[str, Path]) -> str:
     """A value as typed on a command line: numbers of every range, strings, paths, interpolations, containers."""
     kind = rng.randrange(14)
-    if kind == 0:
-        return str(rng.choice([0, -1, 1, -7, 2**31, 2**63, -(2**64), 10**30, 3]))
-    if kind == 1:
-        return rng.choice(["nan", "inf", "-inf", "1e-300", "-0.0", "1e308", "0.5", "1.5", "-1e-3", "1e9"])
-    if kind == 2:
-        return rng.choice(["", "''", '""', "null", "true", "false", "None", "~"])
-    if kind == 3:
-        return rng.choice(["héllo", "'日本語'", "emoji😀", "'\u202eevil'", "'a b c'", "tab\\t", "x" * 300])
-    if kind == 4:
-        return rng.choice(["'quoted'", '"dq"', "'unterminated", 'a"b', "\\'", "'it\\'s'", "a=b", "k:v"])
-    if kind == 5:
-        return rng.choice(["${oc.env:HOME}", "${paths.output_dir}", "${nope}", "${oc.env:NOPE_NOT_SET}",
-                           "${", "'${hydra:runtime.cwd}'", "${oc.decode:'[1,2]'}", "${now:%Y}", "${tunelab_run_id:}",
-                           "${oc.env:HOME}/x", "${..x}"])
-    if kind == 6:
-        return rng.choice(["[]", "[1,2,3]", "[a,[b,c]]", "{}", "{a:1}", "{a:{b:[1,nan]}}", "[", "{a:", "[1,"])
-    if kind == 7:
-        return rng.choice(["/proc/x", "/proc/self/status", "/sys/kernel", "../../x", "../../../etc/passwd",
-                           "/etc/passwd", "/nonexistent/dir", "/", ".", "..", "~/x", "/dev/null"])
+    fixed = [[str(x) for x in (0, -1, 1, -7, 2**31, 2**63, -(2**64), 10**30, 3)],
+             ["nan", "inf", "-inf", "1e-300", "-0.0", "1e308", "0.5", "1.5", "-1e-3", "1e9"],
+             ["", "''", '""', "null", "true", "false", "None", "~"],
+             ["héllo", "'日本語'", "emoji😀", "'\u202eevil'", "'a b c'", "tab\\t", "x" * 300],
+             ["'quoted'", '"dq"', "'unterminated", 'a"b', "\\'", "'it\\'s'", "a=b", "k:v"],
+             ["${oc.env:HOME}", "${paths.output_dir}", "${nope}", "${oc.env:NOPE_NOT_SET}", "${", "${now:%Y}",
+              "'${hydra:runtime.cwd}'", "${oc.decode:'[1,2]'}", "${tunelab_run_id:}", "${oc.env:HOME}/x", "${..x}"],
+             ["[]", "[1,2,3]", "[a,[b,c]]", "{}", "{a:1}", "{a:{b:[1,nan]}}", "[", "{a:", "[1,"],
+             ["/proc/x", "/proc/self/status", "/sys/kernel", "../../x", "../../../etc/passwd", "/etc/passwd",
+              "/nonexistent/dir", "/", ".", "..", "~/x", "/dev/null"]]
+    if kind < len(fixed):
+        return rng.choice(fixed[kind])
     if kind == 8:
         return str(rng.choice(list(files.values())))
     if kind == 9:
@@ -179,7 +174,12 @@ def _override(rng: random.Random, config: str, files: dict[str, Path]) -> str:
         return f"{rng.choice(['', '+'])}{key}={_value(rng, files)}"
     return rng.choice(["=", "==", "a", "+", "~", "-m", ".=1", "a..b=1", "a=b=c", "'a'=1", "a[0]=1", "@x=1",
                        "hydra.run.dir=" + _value(rng, files), "paths.output_dir=" + _value(rng, files),
-                       "run=" + _value(rng, files), "run_id=" + _value(rng, files)])
+                       "run=" + _value(rng, files), "run_id=" + _value(rng, files), "resume=" + _value(rng, files),
+                       "dataset.source.path=" + _value(rng, files), "model.name_or_path=" + _value(rng, files),
+                       "out=" + _value(rng, files), "dir=" + _value(rng, files), "pipeline=" + _value(rng, files),
+                       "hydra/launcher=" + rng.choice(["local", "ray", "slurm", "nope", ""]), "hydra/sweeper=optuna",
+                       "--config-dir=" + _value(rng, files), "--config-name=" + _value(rng, files), "--cfg=job",
+                       "hydra.sweeper.params.x=" + _value(rng, files), "+hydra.job.chdir=" + _value(rng, files)])
 
 
 def override_cases(files: dict[str, Path]) -> list[Override]:
@@ -335,7 +335,7 @@ def damage(rng: random.Random, run: Path, outside: Path) -> str:
     elif kind == "json":
         target.write_text(json.dumps(_random_json(rng)) if rng.random() < 0.8 else "[" * 100000)
     elif kind == "yaml":
-        target.write_text(rng.choice(["a: [", "- 1\n- 2", "!!python/object/apply:os.system ['touch /tmp/pwned']",
+        target.write_text(rng.choice(["a: [", "- 1\n- 2", f"!!python/object/apply:os.system ['touch {outside}/pwned']",
                                       "model: {trust_remote_code: true}\nmethod: {quantization: {_target_: "
                                       "torch.distributed.FileStore, file_name: " + str(outside / 'store') + "}}",
                                       "method: {peft: 5, quantization: [1]}", "x: ${oc.env:HOME}", "\x00\xff",
@@ -350,9 +350,6 @@ def damage(rng: random.Random, run: Path, outside: Path) -> str:
 
 
 def _load_and_export(run: Path, out: Path, export_cfg: DictConfig) -> tuple[str, str]:
-    from tunelab.models.load import load_run
-    from tunelab.verbs.export import export
-
     try:
         load_run(run)
         cfg = export_cfg.copy()
@@ -373,8 +370,7 @@ def _tree(root: Path) -> dict[str, tuple[int, int]]:
 
 def damage_cases() -> Iterator[tuple[int, random.Random]]:
     """One generator per case, seeded from SEED and the case number: `damage(random.Random(...))` replays case i."""
-    for i in range(DAMAGE_CASES):
-        yield i, random.Random(f"{SEED}-{i}")
+    yield from ((i, random.Random(f"{SEED}-{i}")) for i in range(DAMAGE_CASES))
 
 
 @pytest.mark.slow  # 200 model loads and exports
@@ -451,8 +447,6 @@ def test_damaged_metrics_or_recipe_is_exit_4(trained_run, tmp_path, name, conten
     (run / name).write_text(content)
     export_cfg = compose([f"run={run}", f"out={tmp_path / 'out'}"], "export", return_hydra_config=False)
     GlobalHydra.instance().clear()
-    from tunelab.verbs.export import export
-
     with pytest.raises(CheckpointError, match=Path(name).name) as err:
         export(export_cfg)
     assert err.value.exit_code == 4 and not (tmp_path / "out").exists()
