@@ -1,14 +1,12 @@
 """Generated property tests (issue 21): random override strings and random run-directory damage, from fixed seeds.
 
 Properties, for every generated case:
-- an override string given to the CLI's pre-flight either passes or is refused with a TunelabError whose
-  exit code is in the README's table (2 config, 3 data, 4 checkpoint, 5 numerics); any other exception is
-  what a user would see as a traceback. Nothing is written outside the temporary working directory.
-- a damaged copy of one real trained run either loads (`load_run`, what generate/eval/serve do first) and
-  exports, or is refused with exit 4 (2 for a config-ish refusal); nothing is written outside the run copy
-  and the export's `out=`, and no case takes more than 20 s.
-Cases run in-process (hundreds of CLI processes would take an hour on 2 cores); `test_console_script_*` runs
-one case of each property through the real `tunelab` console script. A failing case prints what reproduces it.
+- an override string given to the CLI's pre-flight passes or is refused with a TunelabError whose exit code is in
+  the README's table (2, 3, 4, 5); any other exception is a traceback. Nothing is written outside the tmp cwd.
+- a damaged copy of one real trained run loads (`load_run`, what generate/eval/serve do first) and exports, or
+  is refused with exit 4 (2 for a config-ish refusal); nothing is written outside the run copy and `out=`; each
+  case takes under 20 s. Cases run in-process (hundreds of CLI processes would take an hour on 2 cores);
+`test_console_script_*` runs one case of each through the real console script. A failure prints its replay.
 """
 
 from __future__ import annotations
