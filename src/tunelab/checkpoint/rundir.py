@@ -123,6 +123,35 @@ def read_json(run_dir: Path, path: Path) -> Any:
     return value
 
 
+def check_recipe(path: Path, recipe: Any) -> None:
+    """A recipe (`model/tunelab_recipe.json`, parsed) of the shape generate, serve and export's card read: templates
+    null or a list of objects with a string `prompt`, system_prompt and chat_template null or strings. Anything
+    else failed later as a TypeError; it is a CheckpointError naming the file."""
+    templates = recipe.get("templates") if isinstance(recipe, dict) else None
+    if templates is not None and not (isinstance(templates, list) and all(
+            isinstance(t, dict) and isinstance(t.get("prompt"), str) for t in templates)):
+        raise CheckpointError(f"{path.name}: 'templates' is not a list of objects with a string 'prompt'",
+                              f"file {path}", DAMAGED)
+    for key in ("system_prompt", "chat_template"):
+        if isinstance(recipe, dict) and not isinstance(recipe.get(key), (str, type(None))):
+            raise CheckpointError(f"{path.name}: '{key}' is neither text nor null", f"file {path}", DAMAGED)
+
+
+def read_metrics(run_dir: Path) -> dict[str, Any]:
+    """The run's `metrics.json` (checked as `read_json` does; {} when absent) whose values are numbers (a loss
+    may be NaN; the `params/*` counts are finite), as the model card formats them; a string, null or a list there
+    is a CheckpointError naming the file, not a TypeError in the card."""
+    path = Path(run_dir) / "metrics.json"
+    metrics = read_json(Path(run_dir).resolve(), path) or {}
+    for key, value in metrics.items():
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise CheckpointError(f"metrics.json: {key} is {type(value).__name__}, not a number", f"file {path}",
+                                  DAMAGED)
+        if key.startswith("params/") and not math.isfinite(value):
+            raise CheckpointError(f"metrics.json: {key} is {value}, not a count", f"file {path}", DAMAGED)
+    return metrics
+
+
 def check_run_files(run_dir: Path) -> None:
     """Check what `load_run` reads before it reads it: model/ (every file, base/ included) and .hydra/config.yaml
     lie inside the run (symbolic links included), are regular files, JSON parses, safetensors headers fit their

@@ -272,7 +272,7 @@ def load_run(
     if not (model_dir / "config.json").is_file() and not (model_dir / "adapter_config.json").is_file():
         raise ConfigError(f"no trained model in {model_dir}", "key run",
                           "give a run directory written by `tunelab train` (it holds model/)")
-    from tunelab.checkpoint.rundir import check_run_files, instantiate_saved, loading, read_json
+    from tunelab.checkpoint.rundir import check_recipe, check_run_files, instantiate_saved, loading, read_json
 
     check_run_files(run_dir)  # before anything reads a file: links out of the run, headers, JSON, pickles (exit 4)
     saved = run_dir / ".hydra" / "config.yaml"
@@ -288,6 +288,7 @@ def load_run(
             options["quantization_config"] = instantiate_saved(quantization, saved, "method.quantization")
     recipe_file = model_dir / "tunelab_recipe.json"
     recipe = read_json(run_dir, recipe_file) or {}
+    check_recipe(recipe_file, recipe)  # generate, serve and export's card index its templates
     with loading(model_dir):  # what a library still raises on a damaged run: one line naming the file, exit 4
         tokenizer = load_tokenizer(str(model_dir), trust_remote_code=trust_remote_code)
         if not (model_dir / "adapter_config.json").is_file():

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from omegaconf import DictConfig
 
+from tunelab.checkpoint.rundir import read_metrics
 from tunelab.errors import ConfigError
 from tunelab.job import RunContext, verb
 from tunelab.models.load import adapter_base, load_run
@@ -84,6 +85,7 @@ def export(cfg: DictConfig, run: RunContext) -> Path:
     run_dir = resolve_run(str(cfg.run))  # a run directory, or a W&B model artifact reference
     out = Path(cfg.out) if cfg.out is not None else run_dir / "export"
     _check_out(out, run_dir)  # before the model loads: a refusal costs nothing
+    read_metrics(run_dir)  # the card formats them: a damaged metrics.json is exit 4 before anything is written
     model, tokenizer, _ = load_run(run_dir, quantize=False, trust_remote_code=bool(cfg.get("trust_remote_code", False)))
     is_adapter = hasattr(model, "peft_config")
     if cfg.merge and is_adapter and not _mergeable(model):
