@@ -69,6 +69,10 @@ def compose(
                           quoting_hint(None)) from None
     except ConfigCompositionException as err:
         raise _bad_override(err, overrides, config_name, config_dir) from None
+    except AssertionError as err:  # OmegaConf's refusal to set a key under a null node (hydra.sweeper.params.x=1)
+        raise ConfigError(f"cannot apply the overrides: {str(err).splitlines()[0] or 'a parent key is not a mapping'}",
+                          "command line", "a parent of the key you set is null or not a mapping: set the parent "
+                          "as a whole, e.g. 'hydra.sweeper.params={x: choice(1, 2)}'") from None
     except ValueError as err:  # Hydra's own refusal of an override's shape, e.g. `=1` (no key)
         raise ConfigError(f"cannot apply the overrides: {str(err).splitlines()[0]}", "command line",
                           "overrides look like key=value, group=option, +new_key=value") from None

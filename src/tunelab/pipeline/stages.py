@@ -11,6 +11,7 @@ from typing import Any
 
 import pytorch_lightning as pl
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 from tunelab.config.build import build
 from tunelab.config.compose import compose
@@ -136,13 +137,27 @@ def compose_stage(stage: Stage, extra: Sequence[str] = ()) -> DictConfig:
     return cfg
 
 
+def _setting(cfg: DictConfig, key: str) -> Any:
+    """A pipeline setting, read before any stage runs (so `${hydra:...}`, which only a running job resolves, is a
+    config error here, not a traceback)."""
+    try:
+        return OmegaConf.select(cfg, key, default=None)
+    except OmegaConfBaseException as err:
+        raise ConfigError(f"cannot read {key}: {str(err).splitlines()[0]}", f"key {key}",
+                          "a pipeline's stages are planned before any job runs: use plain values there, not "
+                          "${hydra:...}") from None
+
+
 def _raw_stages(cfg: DictConfig) -> list[Stage]:
-    stages = OmegaConf.select(cfg, "pipeline.stages", default=None)
+    stages = _setting(cfg, "pipeline.stages")
     if not stages:
         raise ConfigError("the pipeline has no stages", "key pipeline.stages",
                           "list them as `stages: {<name>: [<train overrides>], ...}` in conf/pipeline/<name>.yaml")
-    common = [f"paths.output_dir={_quote(cfg.paths.output_dir)}", *cfg.stage_defaults,
-              *(OmegaConf.select(cfg, "pipeline.common", default=None) or []), *cfg.stage_overrides]
+    shared = _setting(cfg, "pipeline.common") or []
+    if not isinstance(shared, Sequence) or isinstance(shared, str):
+        raise ConfigError(f"pipeline.common is not a list of train overrides: {shared!r}", "key pipeline.common",
+                          "write it as a list, e.g. [hyperparams.lr=1e-3]")
+    common = [f"paths.output_dir={_quote(cfg.paths.output_dir)}", *cfg.stage_defaults, *shared, *cfg.stage_overrides]
     out = []
     for name, overrides in stages.items():
         if not isinstance(overrides, Sequence) or isinstance(overrides, str):
