@@ -140,7 +140,7 @@ def test_literal_values_compose_back_to_the_same_string():
     alphabet = "aZ1._/-,?:=\'\"\\${}[]() e\n"
     cases = ["Is this review positive or negative? Great product, works well.", "${oc.env:HOME}", "\\${x}", "42",
              "null", "true", ".5", "1e3", "", "ends with \\", "it's", "val/loss", "./a b"]
-    cases += ["".join(rng.choice(alphabet) for _ in range(rng.randint(0, 10))) for _ in range(150)]
+    cases += ["".join(rng.choice(alphabet) for _ in range(rng.randint(0, 12))) for _ in range(60)]
     for text in cases:
         value = compose(["run=/tmp", f"prompt={cli.literal(text)}"], config_name="generate",
                         return_hydra_config=False).prompt
