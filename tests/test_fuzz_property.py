@@ -425,6 +425,7 @@ def test_console_script_refuses_one_case_of_each(fuzz_files, trained_run, tmp_pa
 
 
 # ---- what the generator found, one test each (each was a TypeError or AttributeError before the fix) -------------
+@pytest.mark.slow  # the module's trained run (~20 s) is built for the slow fuzz loops anyway
 @pytest.mark.parametrize("name, content", [
     ("metrics.json", "null"),  # damage case 56: AttributeError in export's model card
     ("metrics.json", "1.5"),  # damage case 118

@@ -172,6 +172,7 @@ def test_merge_of_prompt_tuning_is_a_config_error(prompt_run, tmp_path):
     assert not (tmp_path / "x").exists()
 
 
+@pytest.mark.slow  # two console-script processes (13 s): the fast tier keeps the in-process round trip
 def test_readme_prompt_with_a_comma_a_question_mark_and_a_colon(lora_run):
     """The README's example, typed as a user types it: `prompt="... works well."` failed (Hydra read the comma
     as a sweep); `--prompt` takes the text literally, and `--prompt -` reads it from standard input."""

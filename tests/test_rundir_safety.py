@@ -292,6 +292,7 @@ def test_eval_refuses_a_damaged_metrics_json(clean_run, tmp_path, content):
     assert str(run / "metrics.json") in err.value.message() and err.value.exit_code == 4
 
 
+@pytest.mark.slow  # two console-script processes (11 s); the in-process cases above run in the fast tier
 def test_damaged_run_on_the_command_line_is_exit_4_without_a_traceback(clean_run, tmp_path):
     """The CLI path of the cases above, for generate and export: one `tunelab: checkpoint error` line, exit 4."""
     run = _copy(clean_run, tmp_path / "run")
