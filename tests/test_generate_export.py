@@ -36,9 +36,6 @@ def _prompt(row: dict) -> str:
     return f"Is the following review positive or negative?\n\nTitle: {row['title']}\nReview: {row['text']}"
 
 
-def _hydra_quoted(text: str) -> str:
-    return "'" + text.replace("\\", "\\\\").replace("'", "\\'") + "'"
-
 
 def _tunelab(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "tunelab.cli", *args], capture_output=True, text=True,
@@ -77,7 +74,7 @@ def prompt_run(tmp_path_factory) -> Path:
 
 @pytest.mark.slow  # a 2-epoch training
 def test_generate_answers_the_task(full_run):
-    positive = _tunelab("generate", f"run={full_run}", f"prompt={_hydra_quoted(_prompt(POSITIVE))}")
+    positive = _tunelab("generate", f"run={full_run}", f"prompt={literal(_prompt(POSITIVE))}")
     assert positive.returncode == 0, positive.stderr[-3000:]
     assert positive.stdout.strip() == "positive"
 
@@ -85,7 +82,7 @@ def test_generate_answers_the_task(full_run):
 @pytest.mark.slow  # a 2-epoch training
 def test_generate_renders_fields_and_chats(full_run, monkeypatch, capsys):
     fields = json.dumps({"title": NEGATIVE["title"], "text": NEGATIVE["text"]})
-    conversation = generate(_verb_cfg("generate", [f"run={full_run}", f"fields={_hydra_quoted(fields)}"]))
+    conversation = generate(_verb_cfg("generate", [f"run={full_run}", f"fields={literal(fields)}"]))
     assert conversation[0]["content"] == _prompt(NEGATIVE)  # the training template, rendered
     assert conversation[-1] == {"role": "assistant", "content": "negative"}
     assert capsys.readouterr().out.strip() == "negative"  # streamed

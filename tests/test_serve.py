@@ -24,6 +24,7 @@ from hydra.core.global_hydra import GlobalHydra
 
 from conftest import REPO, make_cfg
 from procs import budget
+from tunelab.cli import literal
 from tunelab.config.compose import compose
 from tunelab.errors import CheckpointError, ConfigError
 from tunelab.tracking.artifacts import offline_artifacts, parse_reference, resolve_run
@@ -45,9 +46,6 @@ def _tunelab(*args: str, env: dict | None = None) -> subprocess.CompletedProcess
     return subprocess.run([sys.executable, "-m", "tunelab.cli", *args], capture_output=True, text=True,
                           env=env or ENV, timeout=budget(300))
 
-
-def _quoted(text: str) -> str:
-    return "'" + text.replace("\\", "\\\\").replace("'", "\\'") + "'"
 
 
 @pytest.fixture(scope="module")
@@ -118,7 +116,7 @@ def test_chat_completion_equals_generate_through_an_artifact_reference(server, r
     assert answer.strip()
     # `tunelab generate` with the same prompt and greedy settings, given the run as a W&B artifact reference
     ref = f"wandb-artifact://model-{run.name}:latest"
-    done = _tunelab("generate", f"run={ref}", f"prompt={_quoted(PROMPT)}", f"decoding.max_new_tokens={MAX_TOKENS}",
+    done = _tunelab("generate", f"run={ref}", f"prompt={literal(PROMPT)}", f"decoding.max_new_tokens={MAX_TOKENS}",
                     env={**ENV, "TUNELAB_ARTIFACT_ROOTS": str(run.parent)})
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.strip() == answer.strip()
