@@ -111,7 +111,8 @@ def figures(rows: Sequence[Mapping[str, Any]], scorers: Mapping[str, Any], corpu
         out["retrieval_hit"] = mean_ci(hits, **bootstrap)
     ranks = [r["gold_rank"] for r in rows if "gold_rank" in r]  # the gold passage's rank, for recall@k and MRR
     if ranks:
-        out.update({f"retrieval_{name}": mean_ci(scores, **bootstrap) for name, scores in ranking_scores(ranks).items()})
+        out.update({f"retrieval_{name}": mean_ci(scores, **bootstrap)
+                    for name, scores in ranking_scores(ranks).items()})
     return out
 
 

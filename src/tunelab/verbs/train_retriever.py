@@ -37,7 +37,7 @@ log = logging.getLogger(__name__)
 @verb(run_dir=True, validate=True, lock=True)
 def train_retriever(cfg: DictConfig, run: RunContext) -> dict[str, float]:
     """Fine-tune the retriever as `cfg` describes; write the run directory; return the figures of metrics.json."""
-    from tunelab.evaluation.dense import DenseRetriever, load_sentence_model, model_folder
+    from tunelab.evaluation.dense import load_sentence_model, model_folder
     from tunelab.evaluation.prompting import load_samples
     from tunelab.evaluation.retrieval import load_documents, passage_text
     from tunelab.training.retriever import fine_tune, gold_pairs, rank_figures
@@ -115,9 +115,9 @@ def card(cfg: DictConfig, metrics: Mapping[str, float], base: str, n_passages: i
         f"datasets: [{cfg.dataset.name}]", "tags: [tunelab, retriever, fine-tuned]", "---", "",
         f"# Retriever fine-tuned on {cfg.dataset.name}", "",
         f"Fine-tuned with `tunelab train-retriever` from {base} on {int(metrics['train/pairs'])} (question, gold "
-        f"passage) pairs of the `{cfg.dataset.name}` train split, with sentence-transformers' SentenceTransformerTrainer "
-        f"and MultipleNegativesRankingLoss (in-batch negatives), {int(metrics['train/steps'])} steps in "
-        f"{metrics['perf/train_s']:.0f} s.", "",
+        f"passage) pairs of the `{cfg.dataset.name}` train split, with sentence-transformers' "
+        "SentenceTransformerTrainer and MultipleNegativesRankingLoss (in-batch negatives), "
+        f"{int(metrics['train/steps'])} steps in {metrics['perf/train_s']:.0f} s.", "",
         f"## Results ({split} split, {int(metrics[f'{split}/n'])} questions over {n_passages} passages, 95% CI)", "",
         "| metric | before | after |", "|---|---:|---:|", *rows, "",
         "## Use", "", "```bash",
