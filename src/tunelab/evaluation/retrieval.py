@@ -1,5 +1,9 @@
 """Document sources and retrievers for `prompting=retrieval` (RAG): passages in, top-k passages per query out.
 
+The retriever is the `retriever` group: `bm25` (here, the default), `dense` (evaluation/dense.py: sentence
+embeddings) and `hybrid` (here: reciprocal-rank fusion of the two). Each is a partial called with `passages=` and
+`cache_dir=`, and answers `search(query, k)` with (passage, score) pairs, best first.
+
 A document source is dataset-like: a local file (`.jsonl/.json/.csv/.parquet`, read by the same reader as
 datasets, so a bad row is reported as `file:line`) or a hub id, with the columns holding each passage's id,
 text and optional title; or, with `path: null`, the dataset's own train split, each row rendered by a
