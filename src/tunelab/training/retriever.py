@@ -63,6 +63,8 @@ def fine_tune(model: Any, pairs: Pairs, passages: Mapping[str, str], hyperparams
               out_dir: Path) -> dict[str, float]:
     """Train `model` (a SentenceTransformer) on the pairs with SentenceTransformerTrainer and
     MultipleNegativesRankingLoss; save it to `out_dir` (safetensors). Returns train/loss, train/steps."""
+    import torch
+
     try:
         from datasets import Dataset
         from sentence_transformers import SentenceTransformerTrainer, SentenceTransformerTrainingArguments
@@ -86,6 +88,7 @@ def fine_tune(model: Any, pairs: Pairs, passages: Mapping[str, str], hyperparams
         warmup_steps=float(hyperparams.get("warmup_ratio", 0.0)),  # below 1: a fraction of the steps
         seed=int(hyperparams["seed"]), batch_sampler="no_duplicates", save_strategy="no", report_to="none",
         disable_tqdm=True, logging_steps=10, dataloader_num_workers=0,
+        dataloader_pin_memory=torch.cuda.is_available(),  # pinning without a GPU only earns a warning
     )
     trainer = SentenceTransformerTrainer(model=model, args=args, train_dataset=data,
                                          loss=MultipleNegativesRankingLoss(model))
