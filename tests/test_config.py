@@ -30,6 +30,7 @@ TUNELAB = [sys.executable, "-m", "tunelab.cli", "train"]
 SKIPPED_GROUPS: dict[str, str] = {
     "prompting": "an option of `tunelab eval`, not train: composed with eval.yaml in test_eval.py",
     "documents": "an option of `tunelab eval`, not train: composed with eval.yaml in test_eval.py",
+    "retriever": "an option of `tunelab eval` and `train-retriever`, not train: composed in test_eval.py",
 }
 
 

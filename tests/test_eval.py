@@ -165,7 +165,7 @@ GOLDEN = {  # the first test row of the knowledge task, retrieval k=2, the tiny 
     "context": "Caldamab is made by Corvane Labs. The Harbourside Clinic keeps Caldamab away from light.\n"
                "Caldamab is an antiemetic. The standard adult dose of Caldamab is 250 mg twice daily, and the "
                "maximum daily dose is 1000 mg.",
-    "retrieved": ["caldamab-handling", "caldamab-dosing"], "passages": 2, "retrieval_hit": 1.0,
+    "retrieved": ["caldamab-handling", "caldamab-dosing"], "passages": 2, "retrieval_hit": 1.0, "gold_rank": 2,
     "reference": "250 mg twice daily", "answer": "etoothetoothetoothetoothetoothetoothetoothetooth",
     "prompt_tokens": 198, "exact_match": 0.0, "token_f1": 0.0, "rouge_l": 0.0,
 }

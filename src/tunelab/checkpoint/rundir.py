@@ -158,7 +158,13 @@ def check_run_files(run_dir: Path) -> None:
     files; and no pickled weights. Raises CheckpointError (exit 4) naming the first damaged file."""
     root = Path(run_dir).resolve()
     checked_file(root, Path(run_dir) / ".hydra" / "config.yaml")
-    for path in _model_files(root, Path(run_dir) / "model"):
+    check_model_files(root, Path(run_dir) / "model", run_dir)
+
+
+def check_model_files(root: Path, model_dir: Path, run_dir: Path) -> None:
+    """Every file under `model_dir` lies inside `root`, is a regular file, JSON parses, safetensors headers fit
+    their files, and none is pickled (a sentence-transformers folder is checked the same way)."""
+    for path in _model_files(root, model_dir):
         checked_file(root, path)
         if path.suffix.lower() in PICKLE_SUFFIXES:
             raise CheckpointError(f"refusing the pickled weight file {path}", f"run directory {run_dir}",

@@ -128,6 +128,11 @@ RANGES_WITHOUT_SCHEMA: dict[str, Range] = {
     "batch_size": Range(low=1, integer=True, nullable=True),
     "max_prompt_tokens": Range(low=1, integer=True, nullable=True),
     "prompting.k": Range(low=0, integer=True),
+    "prompting.depth": AT_LEAST_ONE,  # passages ranked per question for recall@k and MRR
+    # `tunelab train-retriever`
+    "max_pairs": Range(low=1, integer=True, nullable=True),
+    "max_eval_samples": Range(low=1, integer=True, nullable=True),
+    "depth": AT_LEAST_ONE,
     "bootstrap.resamples": AT_LEAST_ONE,
     "bootstrap.confidence": Range(low=0, high=1, low_open=True, high_open=True),
     # `tunelab serve ...`

@@ -168,6 +168,24 @@ def macro_f1(predictions: Sequence[str], references: Sequence[str], normalized: 
     return sum(scores) / len(scores) if scores else 0.0
 
 
+# ---- retrieval: where the gold passage ranks -----------------------------------------------------------
+RECALL_AT = (1, 5)  # recall@1 and recall@5: the figures `tunelab eval`, `compare` and `train-retriever` report
+
+
+def gold_rank(ranked_ids: Sequence[str], gold: str) -> int | None:
+    """1-based rank of the passage `gold` in a ranking (best first); None when it is not in the ranking."""
+    return next((rank for rank, pid in enumerate(ranked_ids, start=1) if pid == gold), None)
+
+
+def ranking_scores(ranks: Sequence[int | None], ks: Sequence[int] = RECALL_AT) -> dict[str, list[float]]:
+    """Per-question scores of the gold passage's rank (None: not within the ranking searched): `recall@k` (1.0
+    when it is among the first k) and `mrr` (its reciprocal rank, 0 when absent: MRR over the ranking's depth).
+    Averaged with `mean_ci` like any per-example metric."""
+    out = {f"recall@{k}": [float(r is not None and r <= k) for r in ranks] for k in ks}
+    out["mrr"] = [0.0 if r is None else 1.0 / r for r in ranks]
+    return out
+
+
 # ---- confidence intervals ----------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Estimate:

@@ -22,6 +22,7 @@ from typing import Any
 
 from tunelab.data.formats import Example
 from tunelab.errors import ConfigError, DataError
+from tunelab.evaluation.metrics import gold_rank
 
 log = logging.getLogger(__name__)
 
@@ -179,10 +180,11 @@ DEFAULT_CONTEXT_TEMPLATE = (
 class Retrieval:
     """Top-k passages of a document source for the question, placed in the user turn with a Jinja template
     (sandboxed: `passages` (id, text, title), `question`). Reports whether the passage the dataset names as
-    holding the answer (`documents.gold_column`) was among those placed in the prompt: the hit rate."""
+    holding the answer (`documents.gold_column`) was among those placed in the prompt: the hit rate; and where it
+    ranks among the first `depth` passages (`gold_rank`, for recall@1/@5 and MRR, whatever fits the prompt)."""
 
     def __init__(self, setting: Setting, documents: Mapping[str, Any] | None, retriever: Callable[..., Any], k: int = 3,
-                 template: str = DEFAULT_CONTEXT_TEMPLATE) -> None:
+                 template: str = DEFAULT_CONTEXT_TEMPLATE, depth: int = 10) -> None:
         from jinja2 import StrictUndefined, TemplateSyntaxError
         from jinja2.sandbox import ImmutableSandboxedEnvironment
 
@@ -191,7 +193,7 @@ class Retrieval:
         if documents is None:
             raise ConfigError("prompting=retrieval needs a document source", "key documents",
                               "choose one with documents=<option> (see conf/documents/)")
-        self.setting, self.k = setting, k
+        self.setting, self.k, self.depth = setting, k, depth
         self.gold = documents.get("gold_column")
         train_texts = []
         if documents.get("path") is None:  # retrieve solved train examples, rendered as passages
@@ -212,7 +214,8 @@ class Retrieval:
 
     def __call__(self, sample: Sample) -> Prompt:
         system, turns = _question_turns(sample)
-        found = self.retriever.search(sample.question, self.k)
+        ranked = self.retriever.search(sample.question, max(self.k, self.depth))
+        found = ranked[: self.k]
 
         def build(n: int) -> list[dict[str, str]]:
             passages = [{"id": p.id, "text": p.text, "title": p.title} for p, _ in found[:n]]
@@ -226,6 +229,7 @@ class Retrieval:
         if self.gold and self.gold in sample.fields:
             meta["retrieval_hit"] = float(str(sample.fields[self.gold]) in ids_used)
             self.hits.append(bool(meta["retrieval_hit"]))
+            meta["gold_rank"] = gold_rank([p.id for p, _ in ranked], str(sample.fields[self.gold]))
         return Prompt(messages, ids, meta)
 
     def summary(self) -> str | None:

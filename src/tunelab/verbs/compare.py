@@ -30,6 +30,8 @@ from tunelab.errors import ConfigError
 from tunelab.job import RunContext, verb
 
 log = logging.getLogger(__name__)
+# The retriever's own figures against the gold passage (`tunelab eval` with documents that name it), with CIs.
+RETRIEVAL_FIGURES = ("retrieval_recall@1", "retrieval_recall@5", "retrieval_mrr")
 
 
 def arm_overrides(cfg: DictConfig, arm: Mapping[str, Any]) -> list[str]:
@@ -102,7 +104,7 @@ def _metric_names(metrics: Mapping[str, float], split: str) -> list[str]:
     for key in metrics:
         if key.startswith(f"{split}/") and key.endswith("/ci_low"):
             name = key[len(split) + 1:-len("/ci_low")]
-            if "/" not in name and name != "retrieval_hit":
+            if "/" not in name and not name.startswith("retrieval_"):
                 names.append(name)
     return sorted(names)
 
@@ -128,6 +130,9 @@ def table_rows(results: Mapping[str, Mapping[str, float]], metric: str, split: s
             row[f"{metric} ({part})_ci_low"] = m[f"{split}/{part}/{metric}/ci_low"]
             row[f"{metric} ({part})_ci_high"] = m[f"{split}/{part}/{metric}/ci_high"]
         row["retrieval_hit"] = m.get(f"{split}/retrieval_hit")
+        for name in RETRIEVAL_FIGURES:  # in every row (None where an arm retrieves nothing): one set of columns
+            for suffix, key in (("", ""), ("_ci_low", "/ci_low"), ("_ci_high", "/ci_high")):
+                row[f"{name}{suffix}"] = m.get(f"{split}/{name}{key}")
         row["prompt_tokens"] = m.get(f"{split}/prompt_tokens")
         row["latency_ms"] = 1000 * m[f"{split}/latency_s"] if f"{split}/latency_s" in m else None
         row["trainable_params"] = m.get("params/trainable")

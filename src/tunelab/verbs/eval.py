@@ -8,7 +8,8 @@ bootstrap confidence intervals, corpus metrics, slices → the eval directory:
 
     .hydra/            the composed config and overrides
     metrics.json       `test/<metric>` (+ `/ci_low`, `/ci_high`), `test/<dataset>/<metric>` with several
-                       datasets, slices `test/<field>=<value>/<metric>`, prompt tokens, latency, hit rate
+                       datasets, slices `test/<field>=<value>/<metric>`, prompt tokens, latency, hit rate, and
+                       with a gold passage `test/retrieval_recall@1`, `@5`, `test/retrieval_mrr` (with CIs)
     predictions.jsonl  one row per example: prompt, retrieved context, reference, answer, per-metric score,
                        prompt tokens, latency
     wandb/             the W&B run (job_type=eval): the metrics and a Table of the predictions
@@ -30,7 +31,7 @@ from omegaconf import DictConfig, OmegaConf
 from tunelab.checkpoint.rundir import checked_file, read_json
 from tunelab.config.build import build, build_with
 from tunelab.errors import CheckpointError, ConfigError
-from tunelab.evaluation.metrics import Estimate, corpus_ci, mean_ci
+from tunelab.evaluation.metrics import Estimate, corpus_ci, mean_ci, ranking_scores
 from tunelab.evaluation.prompting import load_samples
 from tunelab.evaluation.score import prompt_budget, score_task
 from tunelab.job import RunContext, close_loggers, verb
@@ -108,6 +109,10 @@ def figures(rows: Sequence[Mapping[str, Any]], scorers: Mapping[str, Any], corpu
     hits = [r["retrieval_hit"] for r in rows if "retrieval_hit" in r]
     if hits:
         out["retrieval_hit"] = mean_ci(hits, **bootstrap)
+    ranks = [r["gold_rank"] for r in rows if "gold_rank" in r]  # the gold passage's rank, for recall@k and MRR
+    if ranks:
+        out.update({f"retrieval_{name}": mean_ci(scores, **bootstrap)
+                    for name, scores in ranking_scores(ranks).items()})
     return out
 
 
