@@ -142,7 +142,7 @@ def run_pipeline(cfg: DictConfig, run: RunContext) -> dict[str, Any]:
             stage_dir.mkdir(parents=True)
             method = OmegaConf.to_container(plan.configs[i].method, resolve=True)
             start = start_overrides(cfg, i, plan.configs, pipeline_dir, plan.stages, method, prepare=True)
-            scfg = compose_stage(stage, start)
+            scfg = compose_stage(stage, start, plan.search)
             with open_dict(scfg):
                 for node in scfg.logger.values():
                     if "group" in node:
