@@ -40,6 +40,7 @@ def test_evaluate_rows_and_aggregates_per_task():
                       {"max_new_tokens": 4, "do_sample": False, "temperature": 0.7}, batch_size=2)
     assert [row["i"] for row in result.rows] == [0, 1, 2, 3, 4]
     assert all(row["prompt_tokens"] == len(prompts[row["i"]]) for row in result.rows)
+    assert all(1 <= row["answer_tokens"] <= 4 for row in result.rows)  # generated, up to max_new_tokens
     assert "length" not in result.rows[3] and result.rows[3]["one"] == 1.0
     assert result.metrics["one"] == 1.0 and result.metrics["a/one"] == 1.0 and result.metrics["b/one"] == 1.0
     assert model.training  # evaluate() puts the model back in the mode it found it in
