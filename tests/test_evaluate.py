@@ -77,6 +77,9 @@ def test_rank_choices_scores_each_option_as_a_separate_unpadded_forward_would():
     result = evaluate(model, tokenizer, items, {"t": {"acc": lambda a, r: float(a == r)}},
                       {"max_new_tokens": 1, "rank_choices": True}, choices={"t": choices})
     assert [r["answer"] for r in result.rows] == [choices[int(i)] for i in got.argmax(-1)]
+    # what the chosen label adds to the context: its tokens and end of turn, as scored
+    assert [r["answer_tokens"] for r in result.rows] == [
+        len(tokenizer(r["answer"], add_special_tokens=False)["input_ids"]) + 1 for r in result.rows]
 
 
 def test_rank_choices_needs_the_datasets_labels():
