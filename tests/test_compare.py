@@ -9,6 +9,7 @@ import json
 import os
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -152,7 +153,8 @@ def test_compare_in_a_users_config_dir_reports_tokens_per_answer(tmp_path, monke
 
 
 def test_pipeline_stages_see_the_users_config_dir(tmp_path):
-    from tunelab.pipeline.stages import SearchPath, Stage, compose_stage
+    from tunelab.config.compose import SearchPath
+    from tunelab.job import RunContext
     from tunelab.verbs.pipeline import make_plan
 
     conf = _user_dataset(tmp_path)
@@ -166,5 +168,10 @@ def test_pipeline_stages_see_the_users_config_dir(tmp_path):
     plan = make_plan(cfg, tmp_path / "p")
     assert plan.tasks == ["mine", "reviews_rating"] and plan.configs[0].dataset.source.path == str(tmp_path / "mine")
     assert plan.search == SearchPath.of(cfg) and plan.search.urls == (f"file://{conf.resolve()}",)
+    # under Hydra the job's config has no `hydra` node: the entry point's RunContext says where Hydra searched
+    job_cfg = compose(["pipeline=mine", "logger=none"], "pipeline", config_dir=str(conf), return_hydra_config=False)
+    run = replace(RunContext.local(tmp_path / "p"), config_sources=(
+        ("pkg", "hydra.conf", "hydra"), ("file", str(conf), "command-line"), ("file", str(paths.conf_dir()), "main")))
+    assert make_plan(job_cfg, tmp_path / "p", run).search == SearchPath(str(conf), ())
     with pytest.raises(ConfigError, match="stage 'mine': unknown dataset option 'mine'"):
-        compose_stage(Stage("mine", ("dataset=mine",)))  # without the command's search path: not found
+        make_plan(job_cfg, tmp_path / "p")  # without the command's search path: not found

@@ -11,6 +11,7 @@ import shlex
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from hydra.errors import ConfigCompositionException, MissingConfigException, OverrideParseException
 from omegaconf import DictConfig, OmegaConf
@@ -18,6 +19,9 @@ from omegaconf import DictConfig, OmegaConf
 from tunelab import libraries, paths
 from tunelab.config.signatures import Signatures
 from tunelab.errors import ConfigError, did_you_mean
+
+if TYPE_CHECKING:
+    from tunelab.job import RunContext
 
 
 @functools.cache
@@ -112,22 +116,21 @@ class SearchPath:
     urls: tuple[str, ...] = ()
 
     @classmethod
-    def of(cls, cfg: DictConfig | None = None) -> SearchPath:
-        """The command's search path: from `cfg.hydra` when composed with it, else from the running Hydra job."""
+    def of(cls, cfg: DictConfig | None = None, run: RunContext | None = None) -> SearchPath:
+        """The command's search path: from `cfg.hydra` when composed with it, else from the job's `RunContext`
+        (`run.config_sources`, read from Hydra by the entry point); empty when neither says."""
         sources = OmegaConf.select(cfg, "hydra.runtime.config_sources", default=None) if cfg is not None else None
-        if sources is None:
-            from hydra.core.hydra_config import HydraConfig
-
-            sources = HydraConfig.get().runtime.config_sources if HydraConfig.initialized() else []
+        places = ([(str(s.schema), str(s.path), str(s.provider)) for s in sources] if sources is not None
+                  else list(run.config_sources if run is not None else ()))
         conf = f"file://{paths.conf_dir()}"
         config_dir, urls = None, []
-        for source in sources:
-            url = f"{source.schema}://{source.path}"
-            if url == conf or source.schema not in ("file", "pkg"):
+        for schema, path, provider in places:
+            url = f"{schema}://{path}"
+            if url == conf or schema not in ("file", "pkg"):
                 continue
-            if source.provider in ("command-line", "main"):  # --config-dir (compose makes it the primary dir)
-                config_dir = str(source.path)
-            elif str(source.provider).startswith("hydra.searchpath"):
+            if provider in ("command-line", "main"):  # --config-dir (compose makes it the primary dir)
+                config_dir = path
+            elif provider.startswith("hydra.searchpath"):
                 urls.append(url)
         return cls(config_dir, tuple(urls))
 

@@ -17,6 +17,7 @@ from tunelab.config.build import build
 from tunelab.config.compose import SearchPath
 from tunelab.config.validate import validate
 from tunelab.errors import CheckpointError, ConfigError, TunelabError
+from tunelab.job import RunContext
 from tunelab.pipeline.strategies import Stage
 
 DONE = "stage.json"  # written last by a finished stage
@@ -212,10 +213,11 @@ def start_overrides(cfg: DictConfig, index: int, plan_configs: Sequence[DictConf
     return carry(prev_run, pipeline_dir / stage_dirname(index, stages[index]), prev_method, dict(method), prepare)
 
 
-def make_plan(cfg: DictConfig, pipeline_dir: Path) -> Plan:
-    """Compose and validate every stage (as the strategy rewrites them), before anything trains."""
+def make_plan(cfg: DictConfig, pipeline_dir: Path, run: RunContext | None = None) -> Plan:
+    """Compose and validate every stage (as the strategy rewrites them), before anything trains, with the command's
+    config dir and search path (from `cfg.hydra`, or the job's `run` context)."""
     raw = _raw_stages(cfg)
-    search = SearchPath.of(cfg)
+    search = SearchPath.of(cfg, run)
     raw_cfgs = [compose_stage(stage, search=search) for stage in raw]
     _check_same_model(raw, raw_cfgs)
     task_specs: dict[str, dict[str, Any]] = {}

@@ -51,7 +51,7 @@ def shared_overrides(cfg: DictConfig, run: RunContext | None = None, seed: bool 
         OmegaConf.select(hydra, "runtime.choices", default={}) if hydra is not None else {})
     typed = list(run.overrides) if run is not None and run.overrides else list(
         OmegaConf.select(hydra, "overrides.task", default=[]) if hydra is not None else [])
-    nested = [o for o in typed if re.match(rf"[+~]*({'|'.join(SHARED_GROUPS)})\.", o)]  # `dataset.x=...`
+    nested = [o for o in typed if re.match(rf"[+~]*({'|'.join(SHARED_GROUPS)})[./]", o)]  # dataset.x=, dataset/format=
     shared = [f"model={cfg.base_model}", *(f"{g}={choices[g]}" for g in SHARED_GROUPS if choices.get(g)), *nested,
               f"group={cfg.group}"]
     if seed and cfg.run is not None:  # every arm draws the run's templates (its seed), so all score the same prompts
@@ -68,12 +68,13 @@ def arm_overrides(cfg: DictConfig, arm: Mapping[str, Any], shared: Sequence[str]
     return [*shared, *run, *cfg.overrides, *arm.get("overrides", [])]
 
 
-def arm_configs(cfg: DictConfig, out_dir: Path, shared: Sequence[str]) -> dict[str, DictConfig]:
+def arm_configs(cfg: DictConfig, out_dir: Path, shared: Sequence[str], run: RunContext | None = None
+                ) -> dict[str, DictConfig]:
     """Every arm's composed and validated eval config, before any arm runs (a typo fails at once), composed with
     the command's config dir and search path (a user's own dataset or documents option is found)."""
     from tunelab.config.validate import validate
 
-    search = SearchPath.of(cfg)
+    search = SearchPath.of(cfg, run)
     configs: dict[str, DictConfig] = {}
     for name, arm in cfg.arms.items():
         if arm.get("run") and cfg.run is None:  # skipped (the verb says so)
@@ -83,7 +84,7 @@ def arm_configs(cfg: DictConfig, out_dir: Path, shared: Sequence[str]) -> dict[s
             eval_cfg = search.compose(overrides, "eval")
             with open_dict(eval_cfg):
                 eval_cfg.paths.run_dir = str(out_dir / str(name))
-            validate(eval_cfg)
+            validate(eval_cfg, launch=True)  # and the local data and model paths it reads (a DataError: exit 3)
         except TunelabError as err:
             raise _arm_error(err, str(name)) from None
         configs[str(name)] = eval_cfg
@@ -301,7 +302,7 @@ def compare(cfg: DictConfig, run: RunContext) -> list[dict[str, Any]]:
     if cfg.run is not None:
         find_run(str(cfg.run))  # before any arm is scored (a W&B reference is resolved here)
     shared = shared_overrides(cfg, run)
-    configs = arm_configs(cfg, run.run_dir, shared)
+    configs = arm_configs(cfg, run.run_dir, shared, run)
     for name in (str(n) for n in cfg.arms if str(n) not in configs):
         log.warning("arm %r needs a fine-tuned run (run=<dir>); skipped", name)
     metric = headline(cfg, configs)

@@ -102,7 +102,7 @@ def _load_model(stage_dir: Path | None, cfg0: DictConfig) -> tuple[Any, Any]:
 def run_pipeline(cfg: DictConfig, run: RunContext) -> dict[str, Any]:
     """Plan, score the baseline, train and score each stage not yet done; returns the summary (summary.json)."""
     pipeline_dir = run.run_dir
-    plan = make_plan(cfg, pipeline_dir)
+    plan = make_plan(cfg, pipeline_dir, run)
     name = str(OmegaConf.select(cfg, "pipeline.name", default=None) or run.choices.get("pipeline", "pipeline"))
     strategy = run.choices.get("strategy") or str(cfg.strategy._target_).rsplit(".", 1)[-1]
     _check_plan(pipeline_dir, {"pipeline": name, "strategy": str(cfg.strategy._target_),
