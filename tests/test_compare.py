@@ -155,23 +155,24 @@ def test_compare_in_a_users_config_dir_reports_tokens_per_answer(tmp_path, monke
 def test_pipeline_stages_see_the_users_config_dir(tmp_path):
     from tunelab.config.compose import SearchPath
     from tunelab.job import RunContext
+    from tunelab.pipeline.stages import Stage, compose_stage
     from tunelab.verbs.pipeline import make_plan
 
     conf = _user_dataset(tmp_path)
     (conf / "pipeline").mkdir()
     (conf / "pipeline" / "mine.yaml").write_text(
         "# A user's own pipeline over a user's own dataset.\nname: mine\nstages:\n  mine: [dataset=mine]\n"
-        "  rating: [dataset=reviews_rating]\ncommon: []\nprobe: null\n")
-    cli.preflight(["--config-dir", str(conf), "pipeline=mine", "logger=none"], "pipeline",
-                  check="tunelab.verbs.pipeline:preflight")
-    cfg = compose(["pipeline=mine", "logger=none", f"paths.output_dir={tmp_path}"], "pipeline", config_dir=str(conf))
+        "common: []\nprobe: null\n")
+    overrides = ["pipeline=mine", "logger=none", f"paths.output_dir={tmp_path}"]
+    # as the CLI's pre-flight composes it: `cfg.hydra` says where the command searched
+    cfg = compose(overrides, "pipeline", config_dir=str(conf))
     plan = make_plan(cfg, tmp_path / "p")
-    assert plan.tasks == ["mine", "reviews_rating"] and plan.configs[0].dataset.source.path == str(tmp_path / "mine")
-    assert plan.search == SearchPath.of(cfg) and plan.search.urls == (f"file://{conf.resolve()}",)
-    # under Hydra the job's config has no `hydra` node: the entry point's RunContext says where Hydra searched
-    job_cfg = compose(["pipeline=mine", "logger=none"], "pipeline", config_dir=str(conf), return_hydra_config=False)
+    assert plan.tasks == ["mine"] and plan.configs[0].dataset.source.path == str(tmp_path / "mine")
+    assert plan.search == SearchPath(None, (f"file://{conf.resolve()}",))
+    # as the job runs it under Hydra: no `hydra` node, the entry point's RunContext says where Hydra searched
+    job_cfg = compose(overrides, "pipeline", config_dir=str(conf), return_hydra_config=False)
     run = replace(RunContext.local(tmp_path / "p"), config_sources=(
         ("pkg", "hydra.conf", "hydra"), ("file", str(conf), "command-line"), ("file", str(paths.conf_dir()), "main")))
     assert make_plan(job_cfg, tmp_path / "p", run).search == SearchPath(str(conf), ())
     with pytest.raises(ConfigError, match="stage 'mine': unknown dataset option 'mine'"):
-        make_plan(job_cfg, tmp_path / "p")  # without the command's search path: not found
+        compose_stage(Stage("mine", ("dataset=mine",)))  # without the command's search path: not found
