@@ -122,16 +122,15 @@ class SearchPath:
         sources = OmegaConf.select(cfg, "hydra.runtime.config_sources", default=None) if cfg is not None else None
         places = ([(str(s.schema), str(s.path), str(s.provider)) for s in sources] if sources is not None
                   else list(run.config_sources if run is not None else ()))
-        conf = f"file://{paths.conf_dir()}"
+        conf = paths.conf_dir().resolve()
         config_dir, urls = None, []
         for schema, path, provider in places:
-            url = f"{schema}://{path}"
-            if url == conf or schema not in ("file", "pkg"):
+            if schema not in ("file", "pkg") or (schema == "file" and Path(path).resolve() == conf):
                 continue
             if provider in ("command-line", "main"):  # --config-dir (compose makes it the primary dir)
-                config_dir = path
+                config_dir = config_dir or path
             elif provider.startswith("hydra.searchpath"):
-                urls.append(url)
+                urls.append(f"{schema}://{path}")
         return cls(config_dir, tuple(urls))
 
     def compose(self, overrides: list[str], config_name: str) -> DictConfig:
