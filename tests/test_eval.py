@@ -167,7 +167,7 @@ GOLDEN = {  # the first test row of the knowledge task, retrieval k=2, the tiny 
                "maximum daily dose is 1000 mg.",
     "retrieved": ["caldamab-handling", "caldamab-dosing"], "passages": 2, "retrieval_hit": 1.0, "gold_rank": 2,
     "reference": "250 mg twice daily", "answer": "etoothetoothetoothetoothetoothetoothetoothetooth",
-    "prompt_tokens": 198, "exact_match": 0.0, "token_f1": 0.0, "rouge_l": 0.0,
+    "prompt_tokens": 198, "answer_tokens": 8, "exact_match": 0.0, "token_f1": 0.0, "rouge_l": 0.0,
 }
 
 
@@ -278,15 +278,15 @@ def test_compare_end_to_end(short_run, tmp_path):
     from tunelab.verbs.compare import compare
 
     run, _ = short_run
-    # data=/docs=/base= as a user types them (compare's keys must not collide with the eval groups' names)
-    cfg = compose([f"run={run}", "data=reviews_sentiment", "docs=train", "base=tiny", "tracker=none",
+    # the group names every verb uses (tests/test_compare.py: the former data=/docs=/base=/tracker= still work)
+    cfg = compose([f"run={run}", "dataset=reviews_sentiment", "documents=train", "base_model=tiny", "logger=none",
                    f"paths.output_dir={tmp_path}",
                    'overrides=["max_samples=16","decoding.max_new_tokens=4"]'], config_name="compare")
     with open_dict(cfg):
         cfg.paths.run_dir = str(tmp_path / "cmp")
     rows = compare(cfg)
-    assert [r["arm"] for r in rows] == ["base_zero_shot", "base_few_shot", "base_retrieval", "finetuned",
-                                        "finetuned_retrieval"]
+    assert [r["arm"] for r in rows] == ["base_zero_shot", "base_one_shot", "base_few_shot", "base_retrieval",
+                                        "finetuned", "finetuned_retrieval"]
     by_arm = {r["arm"]: r for r in rows}
     assert by_arm["finetuned"]["trainable_params"] == 2016960 and by_arm["base_zero_shot"]["trainable_params"] is None
     assert by_arm["base_few_shot"]["prompt_tokens"] > 2 * by_arm["base_zero_shot"]["prompt_tokens"]

@@ -40,6 +40,7 @@ def test_evaluate_rows_and_aggregates_per_task():
                       {"max_new_tokens": 4, "do_sample": False, "temperature": 0.7}, batch_size=2)
     assert [row["i"] for row in result.rows] == [0, 1, 2, 3, 4]
     assert all(row["prompt_tokens"] == len(prompts[row["i"]]) for row in result.rows)
+    assert all(1 <= row["answer_tokens"] <= 4 for row in result.rows)  # generated, up to max_new_tokens
     assert "length" not in result.rows[3] and result.rows[3]["one"] == 1.0
     assert result.metrics["one"] == 1.0 and result.metrics["a/one"] == 1.0 and result.metrics["b/one"] == 1.0
     assert model.training  # evaluate() puts the model back in the mode it found it in
@@ -76,6 +77,9 @@ def test_rank_choices_scores_each_option_as_a_separate_unpadded_forward_would():
     result = evaluate(model, tokenizer, items, {"t": {"acc": lambda a, r: float(a == r)}},
                       {"max_new_tokens": 1, "rank_choices": True}, choices={"t": choices})
     assert [r["answer"] for r in result.rows] == [choices[int(i)] for i in got.argmax(-1)]
+    # what the chosen label adds to the context: its tokens and end of turn, as scored
+    assert [r["answer_tokens"] for r in result.rows] == [
+        len(tokenizer(r["answer"], add_special_tokens=False)["input_ids"]) + 1 for r in result.rows]
 
 
 def test_rank_choices_needs_the_datasets_labels():

@@ -32,7 +32,9 @@ class Verb:
     `check` names a `module:function` the pre-flight also calls with each composed config (a pipeline composes
     and validates its stages there). `positional` names the key a first bare argument sets and `options` the
     keys `--key value` sets, the value taken literally as free text (`-` reads it from standard input): the old
-    spellings of the verbs that once parsed their own options, and `generate --prompt "..."`.
+    spellings of the verbs that once parsed their own options, and `generate --prompt "..."`. `renamed` maps a
+    key's former name to its name now (`old=value` is read as `new=value`): compare's keys once had names of
+    their own, and now share the group names of every other verb.
     """
 
     name: str
@@ -42,6 +44,8 @@ class Verb:
     check: str | None = None
     positional: str | None = None
     options: tuple[str, ...] = ()
+    renamed: tuple[tuple[str, str], ...] = ()
+    refused: tuple[tuple[str, str], ...] = ()  # key -> the hint of a key other verbs take and this one does not
 
     @property
     def module(self) -> str:
@@ -59,7 +63,11 @@ VERBS: tuple[Verb, ...] = (
     Verb("eval", "tunelab.verbs.eval:evaluate_cfg",
          "score a run or a model on a test split: run=<dir> | model=, dataset=, prompting=few_shot|retrieval", "eval"),
     Verb("compare", "tunelab.verbs.compare:compare",
-         "base zero-/few-shot, retrieval, fine-tuned (+retrieval) on one test split: run=<dir> dataset=", "compare"),
+         "base zero-/one-/few-shot, retrieval, fine-tuned (+retrieval): run=<dir> dataset= documents= base_model=",
+         "compare",
+         check="tunelab.verbs.compare:preflight",
+         renamed=(("base", "base_model"), ("data", "dataset"), ("docs", "documents"), ("tracker", "logger")),
+         refused=(("model", "the base arms' model is base_model=<option>; a run brings its own (run=<dir>)"),)),
     Verb("train-retriever", "tunelab.verbs.train_retriever:train_retriever",
          "fine-tune the dense retriever on (question, gold passage) pairs: dataset=knowledge documents=knowledge",
          "train_retriever"),
@@ -310,12 +318,17 @@ def run_overrides(environ: Mapping[str, str], task: str) -> list[str]:
 
 def old_spellings(verb: Verb, argv: list[str]) -> list[str]:
     """`argv` with a verb's former argparse spellings as overrides: a first bare argument (`tunelab sweep-report
-    <dir>`) sets `verb.positional`, and `--metric M` / `--metric=M` set the keys `verb.options` names."""
+    <dir>`) sets `verb.positional`, `--metric M` / `--metric=M` set the keys `verb.options` names, and a key's
+    former name (`verb.renamed`: compare's `data=`) is its name now."""
     out: list[str] = []
     tokens = iter(argv)
+    renamed = dict(verb.renamed)
     for i, token in enumerate(tokens):
         key, eq, value = token[2:].partition("=")
-        if verb.positional and i == 0 and not token.startswith("-") and "=" not in token:
+        name, is_set, setting = token.partition("=")
+        if is_set and name in renamed:  # `data=knowledge` -> `dataset=knowledge`, exactly as typed after the `=`
+            out.append(f"{renamed[name]}={setting}")
+        elif verb.positional and i == 0 and not token.startswith("-") and "=" not in token:
             out.append(f"{verb.positional}={literal(token)}")
         elif token.startswith("--") and key in verb.options:
             given = value if eq else next(tokens, "")
@@ -324,6 +337,16 @@ def old_spellings(verb: Verb, argv: list[str]) -> list[str]:
         else:
             out.append(token)
     return out
+
+
+def check_refused(verb: Verb, argv: list[str]) -> None:
+    """A key other verbs take that this verb names otherwise (compare's `model=`): refused with the key it means,
+    rather than Hydra's "unknown key"."""
+    for token in argv:
+        key = token.partition("=")[0].lstrip("+~").split(".")[0]
+        hint = dict(verb.refused).get(key) if "=" in token and not token.startswith("-") else None
+        if hint:
+            raise ConfigError(f"tunelab {verb.name} has no key {key!r}", f"override {token} on the command line", hint)
 
 
 def literal(text: str) -> str:
@@ -356,6 +379,7 @@ def run_verb(verb: Verb | str, argv: list[str] | None = None) -> None:
         # Pin the id in the config so parallel workers (joblib, SLURM) all see the same value.
         argv += run_overrides(os.environ, verb.config)
     try:
+        check_refused(verb, argv)
         # Each verb's primary config is conf/<config>.yaml; --cfg job only prints, so it needs no deep checks.
         preflight(argv, verb.config, deep=not _answered_by_hydra(argv), check=verb.check)
         if not _answered_by_hydra(argv):

@@ -35,6 +35,9 @@ class RunContext:
     override_dirname: str = ""  # the trial's overrides as one string, for readable W&B run names
     overrides: tuple[str, ...] = ()  # the command line's overrides: error messages point at them
     choices: dict[str, str] = field(default_factory=dict)  # config group -> option chosen
+    # (schema, path, provider) of each place Hydra searched for configs (--config-dir, hydra.searchpath): a verb
+    # that composes more configs (compare's arms, a pipeline's stages) searches the same (config.compose.SearchPath)
+    config_sources: tuple[tuple[str, str, str], ...] = ()
 
     @classmethod
     def local(cls, run_dir: str | Path, run_id: str | None = None, overrides: tuple[str, ...] = ()) -> RunContext:
@@ -61,6 +64,8 @@ class RunContext:
             override_dirname=str(hydra_cfg.job.override_dirname or ""),
             overrides=tuple(hydra_cfg.overrides.task),
             choices={k: str(v) for k, v in hydra_cfg.runtime.choices.items() if not k.startswith("hydra")},
+            config_sources=tuple((str(s.schema), str(s.path), str(s.provider))
+                                 for s in hydra_cfg.runtime.config_sources),
         )
 
     def wandb_identity(self) -> dict[str, Any]:

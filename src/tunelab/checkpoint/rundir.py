@@ -27,7 +27,7 @@ from typing import Any
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from tunelab.errors import CheckpointError, TunelabError
+from tunelab.errors import CheckpointError, ConfigError, TunelabError
 
 # What a run directory's saved config may build: the config classes `method.quantization` names (QLoRA and the
 # other quantized bases transformers loads). Plain data holders: building one opens, loads and runs nothing.
@@ -98,6 +98,24 @@ def instantiate_saved(node: Any, source: Path, key: str) -> Any:
 
 
 # ---- files checked before anything loads them ----------------------------------------------------------------
+def find_run(text: str, key: str = "run", download: bool = True) -> Path | None:
+    """The finished run directory `key=<text>` names: a path, or a W&B artifact reference resolved to one (None
+    for a reference when not `download`: a pre-flight checks only what it can without the network). A missing
+    directory is a config error (exit 2), one without model/ a checkpoint error (exit 4)."""
+    from tunelab.tracking.artifacts import parse_reference, resolve_run
+
+    if not download and parse_reference(text) is not None:
+        return None
+    run_dir = resolve_run(text)  # a directory, or a W&B artifact reference resolved to one
+    if not run_dir.is_dir():
+        raise ConfigError(f"run directory not found: {run_dir}", f"override {key}={text} on the command line",
+                          "give a directory written by `tunelab train` (outputs/runs/<id>)")
+    if not (run_dir / "model").is_dir():
+        raise CheckpointError(f"{run_dir} is not a run directory: it has no model/", f"key {key}",
+                              "give a directory written by `tunelab train` that finished (it holds model/)")
+    return run_dir
+
+
 def checked_file(run_dir: Path, path: Path) -> Path | None:
     """`path` (a file of the run directory `run_dir`) when it is a regular file inside the run, None when absent;
     a symbolic link out of the run, or a FIFO, device or folder where a file belongs, is a CheckpointError."""

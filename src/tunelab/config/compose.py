@@ -9,7 +9,9 @@ import re
 import secrets
 import shlex
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from hydra.errors import ConfigCompositionException, MissingConfigException, OverrideParseException
 from omegaconf import DictConfig, OmegaConf
@@ -17,6 +19,9 @@ from omegaconf import DictConfig, OmegaConf
 from tunelab import libraries, paths
 from tunelab.config.signatures import Signatures
 from tunelab.errors import ConfigError, did_you_mean
+
+if TYPE_CHECKING:
+    from tunelab.job import RunContext
 
 
 @functools.cache
@@ -56,8 +61,8 @@ def compose(
         # A verb whose primary config is the user's own (a new verb, tests/test_verbs.py): Hydra's run finds it
         # in --config-dir, and conf/ still holds the groups it names.
         primary_dir, config_dir = Path(config_dir).resolve(), str(paths.conf_dir())
-    if config_dir:
-        overrides.append(f"hydra.searchpath=[file://{Path(config_dir).resolve()}]")
+    if config_dir:  # one hydra.searchpath override, the user's own entries kept after it
+        overrides = with_search_path(overrides, [f"file://{Path(config_dir).resolve()}"])
     GlobalHydra.instance().clear()
     try:
         with initialize_config_dir(config_dir=str(primary_dir), version_base="1.3"):
@@ -78,6 +83,59 @@ def compose(
                           "overrides look like key=value, group=option, +new_key=value") from None
     finally:
         GlobalHydra.instance().clear()
+
+
+def with_search_path(overrides: list[str], urls: list[str]) -> list[str]:
+    """`overrides` with one `hydra.searchpath` override: `urls` first, then the entries the overrides named (Hydra
+    keeps only the last `hydra.searchpath=` given, so a second one would drop the user's)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    named, rest = [], []
+    for override in overrides:
+        try:
+            value = OverridesParser.create().parse_override(override).value() if override.startswith(
+                "hydra.searchpath=") else None
+        except Exception:  # noqa: BLE001 - an unparsable one is left for compose to report as the user typed it
+            value = None
+        if value is None:
+            rest.append(override)
+        else:
+            named += [str(v) for v in (value if isinstance(value, list) else [value])]
+    entries = list(dict.fromkeys([*urls, *named]))
+    quoted = ",".join(f"'{e}'" if "'" not in e else f'"{e}"' for e in entries)
+    return [*rest, f"hydra.searchpath=[{quoted}]"] if entries else rest
+
+
+@dataclass(frozen=True)
+class SearchPath:
+    """Where a command found its configs beyond conf/: `--config-dir` and `hydra.searchpath` entries. A verb that
+    composes configs of its own (compare's arms, a pipeline's stages) composes them with the same, so a user's
+    dataset or documents option resolves there exactly as on the command line."""
+
+    config_dir: str | None = None
+    urls: tuple[str, ...] = ()
+
+    @classmethod
+    def of(cls, cfg: DictConfig | None = None, run: RunContext | None = None) -> SearchPath:
+        """The command's search path: from `cfg.hydra` when composed with it, else from the job's `RunContext`
+        (`run.config_sources`, read from Hydra by the entry point); empty when neither says."""
+        sources = OmegaConf.select(cfg, "hydra.runtime.config_sources", default=None) if cfg is not None else None
+        places = ([(str(s.schema), str(s.path), str(s.provider)) for s in sources] if sources is not None
+                  else list(run.config_sources if run is not None else ()))
+        conf = paths.conf_dir().resolve()
+        config_dir, urls = None, []
+        for schema, path, provider in places:
+            if schema not in ("file", "pkg") or (schema == "file" and Path(path).resolve() == conf):
+                continue
+            if provider in ("command-line", "main"):  # --config-dir (compose makes it the primary dir)
+                config_dir = config_dir or path
+            elif provider.startswith("hydra.searchpath"):
+                urls.append(f"{schema}://{path}")
+        return cls(config_dir, tuple(urls))
+
+    def compose(self, overrides: list[str], config_name: str) -> DictConfig:
+        """`compose` as the command composed its own config: the same config dir and search path."""
+        return compose(with_search_path(list(overrides), list(self.urls)), config_name, self.config_dir)
 
 
 def quoting_hint(override: str | None) -> str:

@@ -94,8 +94,24 @@ def generate_answers(
     model: Any, tokenizer: Any, ids: torch.Tensor, mask: torch.Tensor, decoding: Mapping[str, Any]
 ) -> list[str]:
     """Answers to left-padded prompts, decoded without special tokens and stripped."""
+    return _generate(model, tokenizer, ids, mask, decoding)[0]
+
+
+def _generate(model: Any, tokenizer: Any, ids: torch.Tensor, mask: torch.Tensor, decoding: Mapping[str, Any]
+              ) -> tuple[list[str], list[int]]:
+    """(answers, tokens generated per answer)."""
     new = generate_tokens(model, tokenizer, ids, mask, decoding_settings(decoding))
-    return [text.strip() for text in tokenizer.batch_decode(new, skip_special_tokens=True)]
+    return [text.strip() for text in tokenizer.batch_decode(new, skip_special_tokens=True)], generated_lengths(
+        new, tokenizer.eos_token_id)
+
+
+def generated_lengths(new: torch.Tensor, eos_id: int | None) -> list[int]:
+    """Tokens each row of `generate_tokens`' output generated: up to and including its first end of turn (the
+    rest is padding; a row that reached max_new_tokens generated them all)."""
+    if eos_id is None:
+        return [new.shape[1]] * new.shape[0]
+    ended = (new == eos_id).long().cumsum(-1) > 0  # True from the first end of turn on
+    return ((~ended).sum(-1) + ended[:, -1].long()).tolist() if new.shape[1] else [0] * new.shape[0]
 
 
 @torch.no_grad()
@@ -141,14 +157,25 @@ def answer(
     choices: Sequence[str] | None = None,
 ) -> list[str]:
     """Answers to left-padded prompts: generated, or with `decoding.rank_choices` the most likely of `choices`."""
+    return answer_with_lengths(model, tokenizer, ids, mask, decoding, choices)[0]
+
+
+def answer_with_lengths(
+    model: Any, tokenizer: Any, ids: torch.Tensor, mask: torch.Tensor, decoding: Mapping[str, Any],
+    choices: Sequence[str] | None = None,
+) -> tuple[list[str], list[int]]:
+    """`answer`'s answers and the tokens each answer adds to the context: those generated up to and including end
+    of turn, or with rank classification the chosen label's tokens plus end of turn (what `choice_logprobs` scores).
+    With the prompt's tokens, what one answer costs in context window."""
     if decoding.get("rank_choices"):
         if not choices:  # checks.py refuses this config first; a direct caller gets the same message
             raise ConfigError("decoding.rank_choices needs the dataset's choices, and this dataset lists none",
                               "keys decoding.rank_choices and dataset.choices",
                               "list the labels in the dataset config (choices: [positive, negative]), "
                               "or use decoding=greedy")
-        return rank_choices(model, tokenizer, ids, mask, choices)
-    return generate_answers(model, tokenizer, ids, mask, decoding)
+        chosen = rank_choices(model, tokenizer, ids, mask, choices)
+        return chosen, [len(tokenizer(c, add_special_tokens=False)["input_ids"]) + 1 for c in chosen]
+    return _generate(model, tokenizer, ids, mask, decoding)
 
 
 def score_answers(
@@ -200,12 +227,14 @@ def evaluate(
                 group = [item for item in batch if item.task == task]
                 ids, mask = left_pad([item.prompt_ids for item in group], tokenizer.pad_token_id)
                 began = time.perf_counter()
-                answers = answer(model, tokenizer, ids, mask, decoding, (choices or {}).get(task))
+                answers, lengths = answer_with_lengths(model, tokenizer, ids, mask, decoding,
+                                                       (choices or {}).get(task))
                 latency = (time.perf_counter() - began) / len(group)  # per answer, batched
                 scores = score_answers(answers, [item.reference for item in group], scorers.get(task, {}))
                 for i, (item, text) in enumerate(zip(group, answers, strict=True)):
                     rows.append({**item.meta, "task": item.task, "reference": item.reference, "answer": text,
-                                 "prompt_tokens": len(item.prompt_ids), "latency_s": latency,
+                                 "prompt_tokens": len(item.prompt_ids), "answer_tokens": lengths[i],
+                                 "latency_s": latency,
                                  **{name: values[i] for name, values in scores.items()}})
     finally:
         model.train(was_training)

@@ -14,9 +14,10 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from tunelab.config.build import build
-from tunelab.config.compose import compose
+from tunelab.config.compose import SearchPath
 from tunelab.config.validate import validate
 from tunelab.errors import CheckpointError, ConfigError, TunelabError
+from tunelab.job import RunContext
 from tunelab.pipeline.strategies import Stage
 
 DONE = "stage.json"  # written last by a finished stage
@@ -124,12 +125,14 @@ class Plan:
     task_specs: dict[str, dict[str, Any]]  # name -> its dataset node, resolved
     intro: list[int]  # per task: the stage that first trains it
     probe: tuple[str, dict[str, Any], str] | None  # (column name, dataset node, split) or None
+    search: SearchPath = SearchPath()  # the command's config dir and search path, for composing stages
 
 
-def compose_stage(stage: Stage, extra: Sequence[str] = ()) -> DictConfig:
-    """The stage's train config, composed and validated; a mistake names the stage."""
+def compose_stage(stage: Stage, extra: Sequence[str] = (), search: SearchPath | None = None) -> DictConfig:
+    """The stage's train config, composed and validated with the pipeline command's config dir and search path
+    (`search`: a user's own dataset option resolves in a stage as on the command line); a mistake names the stage."""
     try:
-        cfg = compose([*stage.overrides, *extra], "train")
+        cfg = (search or SearchPath()).compose([*stage.overrides, *extra], "train")
         validate(cfg)
     except TunelabError as err:
         raise type(err)(f"stage {stage.name!r}: {err.what}", err.where,
@@ -210,10 +213,12 @@ def start_overrides(cfg: DictConfig, index: int, plan_configs: Sequence[DictConf
     return carry(prev_run, pipeline_dir / stage_dirname(index, stages[index]), prev_method, dict(method), prepare)
 
 
-def make_plan(cfg: DictConfig, pipeline_dir: Path) -> Plan:
-    """Compose and validate every stage (as the strategy rewrites them), before anything trains."""
+def make_plan(cfg: DictConfig, pipeline_dir: Path, run: RunContext | None = None) -> Plan:
+    """Compose and validate every stage (as the strategy rewrites them), before anything trains, with the command's
+    config dir and search path (from `cfg.hydra`, or the job's `run` context)."""
     raw = _raw_stages(cfg)
-    raw_cfgs = [compose_stage(stage) for stage in raw]
+    search = SearchPath.of(cfg, run)
+    raw_cfgs = [compose_stage(stage, search=search) for stage in raw]
     _check_same_model(raw, raw_cfgs)
     task_specs: dict[str, dict[str, Any]] = {}
     described = []
@@ -228,19 +233,19 @@ def make_plan(cfg: DictConfig, pipeline_dir: Path) -> Plan:
     stages = list(strategy(described))
     configs: list[DictConfig] = []
     for i, stage in enumerate(stages):
-        scfg = compose_stage(stage)
+        scfg = compose_stage(stage, search=search)
         if i:
             method = OmegaConf.to_container(scfg.method, resolve=True)
-            scfg = compose_stage(stage, start_overrides(cfg, i, configs, pipeline_dir, stages, method))
+            scfg = compose_stage(stage, start_overrides(cfg, i, configs, pipeline_dir, stages, method), search)
         configs.append(scfg)
     tasks = list(task_specs)
     intro = [next(i for i, s in enumerate(stages) if t in s.tasks) for t in tasks]
     probe = None
     probe_option = OmegaConf.select(cfg, "pipeline.probe", default=None)
     if probe_option:  # a general text split: its held-out perplexity
-        pcfg = compose_stage(Stage("probe", (*raw[0].overrides, f"dataset={probe_option}")))
+        pcfg = compose_stage(Stage("probe", (*raw[0].overrides, f"dataset={probe_option}")), search=search)
         node = OmegaConf.to_container(pcfg.dataset, resolve=True)
         probe = (f"{node['name']}/validation/ppl", node, "validation")
     elif tasks:  # else the first task's validation split
         probe = (f"{tasks[0]}/validation/ppl", task_specs[tasks[0]], "validation")
-    return Plan(stages, configs, tasks, task_specs, intro, probe)
+    return Plan(stages, configs, tasks, task_specs, intro, probe, search)

@@ -1,16 +1,22 @@
-"""`tunelab compare run=<dir> data=<dataset> docs=<documents> base=<model>`: should I fine-tune?
+"""`tunelab compare run=<dir> dataset=<option> documents=<option> base_model=<option>`: should I fine-tune?
 
-Prompting, retrieval and fine-tuning scored side by side.
+Prompting, retrieval and fine-tuning scored side by side, with what each costs in context window.
 
 Each arm is one `tunelab eval` (the same composed eval config, the same scoring path) on the same test split:
-by default the base model zero-shot, few-shot and with retrieval, the fine-tuned run, and the fine-tuned run
-with retrieval. The comparison directory holds each arm's eval directory, and:
+by default the base model zero-shot, one-shot, few-shot and with retrieval, the fine-tuned run, and the
+fine-tuned run with retrieval. `dataset=`, `documents=` and `logger=` are the groups every verb names (each arm
+gets the option chosen here, and any `dataset.<key>=` set here); `base_model=` is the model option of the base
+arms (a run brings its own model). The former spellings `data=`, `docs=`, `tracker=`, `base=` still work (the
+CLI renames them, cli.Verb.renamed). The comparison directory holds each arm's eval directory, and:
 
-    compare.md / compare.csv   the headline metric with its 95% CI per arm, the other metrics, retrieval hit
-                               rate, mean prompt tokens, latency per answer, trainable parameters, training time
+    compare.md / compare.csv   the headline metric with its 95% CI per arm, tokens per answer (prompt, and prompt
+                               plus answer), the other metrics, retrieval hit rate, latency per answer, trainable
+                               parameters, training time
     compare.png                a bar chart of the headline metric with CI whiskers
     reading.txt                one paragraph read off the table (also at the end of compare.md)
 
+Every run directory and every arm's config is checked before any arm is scored (the CLI's pre-flight calls
+`preflight`), and the arms compose with the command's own `--config-dir` and search path.
 Every arm's W&B run (job_type=eval) is in one W&B group, the comparison's id.
 """
 
@@ -19,64 +25,99 @@ from __future__ import annotations
 import csv
 import json
 import logging
+import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig, open_dict
+from omegaconf import DictConfig, OmegaConf, open_dict
 
-from tunelab.config.compose import compose
-from tunelab.errors import ConfigError
+from tunelab.checkpoint.rundir import find_run
+from tunelab.config.compose import SearchPath
+from tunelab.errors import ConfigError, TunelabError
 from tunelab.job import RunContext, verb
 
 log = logging.getLogger(__name__)
 # The retriever's own figures against the gold passage (`tunelab eval` with documents that name it), with CIs.
 RETRIEVAL_FIGURES = ("retrieval_recall@1", "retrieval_recall@5", "retrieval_mrr")
 
+SHARED_GROUPS = ("dataset", "documents", "logger")  # chosen once on compare's command line, the same in every arm
 
-def arm_overrides(cfg: DictConfig, arm: Mapping[str, Any]) -> list[str]:
-    """The `tunelab eval` overrides of one arm: the shared choices, the run if the arm uses it, its own."""
-    # compare's own keys (base, data, docs, tracker) are not named after groups: `dataset=...` on its
-    # command line would be read by Hydra as a choice of the dataset group, which compare.yaml does not compose.
-    shared = [f"model={cfg.base}", f"dataset={cfg.data}", f"documents={cfg.docs}",
-              f"logger={cfg.tracker}", f"group={cfg.group}"]
-    run = [f"run={cfg.run}"] if arm.get("run") else []
-    if cfg.run is not None:  # every arm draws the run's templates (its seed), so all score the same prompts
+
+# ---- the arms -------------------------------------------------------------------------------------------
+def shared_overrides(cfg: DictConfig, run: RunContext | None = None, seed: bool = True) -> list[str]:
+    """The eval overrides every arm shares: the base model, the groups' options (and keys set under them on the
+    command line), the W&B group, and the run's seed (`seed=False`: not read, for the pre-flight)."""
+    hydra = OmegaConf.select(cfg, "hydra", default=None)
+    choices = dict(run.choices) if run is not None and run.choices else dict(
+        OmegaConf.select(hydra, "runtime.choices", default={}) if hydra is not None else {})
+    typed = list(run.overrides) if run is not None and run.overrides else list(
+        OmegaConf.select(hydra, "overrides.task", default=[]) if hydra is not None else [])
+    nested = [o for o in typed if re.match(rf"[+~]*({'|'.join(SHARED_GROUPS)})[./]", o)]  # dataset.x=, dataset/format=
+    shared = [f"model={cfg.base_model}", *(f"{g}={choices[g]}" for g in SHARED_GROUPS if choices.get(g)), *nested,
+              f"group={cfg.group}"]
+    if seed and cfg.run is not None:  # every arm draws the run's templates (its seed), so all score the same prompts
         from tunelab.verbs.eval import read_run_settings
 
-        seed = read_run_settings(Path(str(cfg.run))).get("seed") if Path(str(cfg.run)).is_dir() else None
-        shared += [f"seed={seed}"] if seed is not None else []
+        value = read_run_settings(Path(str(cfg.run))).get("seed") if Path(str(cfg.run)).is_dir() else None
+        shared += [f"seed={value}"] if value is not None else []
+    return shared
+
+
+def arm_overrides(cfg: DictConfig, arm: Mapping[str, Any], shared: Sequence[str]) -> list[str]:
+    """The `tunelab eval` overrides of one arm: the shared choices, the run if the arm uses it, its own."""
+    run = [f"run={cfg.run}"] if arm.get("run") else []
     return [*shared, *run, *cfg.overrides, *arm.get("overrides", [])]
 
 
-def arm_configs(cfg: DictConfig, out_dir: Path) -> dict[str, DictConfig]:
-    """Every arm's composed and validated eval config, before any arm runs (a typo fails at once)."""
+def arm_configs(cfg: DictConfig, out_dir: Path, shared: Sequence[str], run: RunContext | None = None
+                ) -> dict[str, DictConfig]:
+    """Every arm's composed and validated eval config, before any arm runs (a typo fails at once), composed with
+    the command's config dir and search path (a user's own dataset or documents option is found)."""
     from tunelab.config.validate import validate
 
+    search = SearchPath.of(cfg, run)
     configs: dict[str, DictConfig] = {}
     for name, arm in cfg.arms.items():
-        if arm.get("run") and cfg.run is None:
-            log.warning("arm %r needs a fine-tuned run (run=<dir>); skipped", name)
+        if arm.get("run") and cfg.run is None:  # skipped (the verb says so)
             continue
-        arm_dir = out_dir / str(name)
-        overrides = [*arm_overrides(cfg, arm), f"paths.output_dir={cfg.paths.output_dir}"]  # shared cache
-        eval_cfg = compose(overrides, config_name="eval")
-        with open_dict(eval_cfg):
-            eval_cfg.paths.run_dir = str(arm_dir)
-        validate(eval_cfg)
+        overrides = [*arm_overrides(cfg, arm, shared), f"paths.output_dir={cfg.paths.output_dir}"]  # shared cache
+        try:
+            eval_cfg = search.compose(overrides, "eval")
+            with open_dict(eval_cfg):
+                eval_cfg.paths.run_dir = str(out_dir / str(name))
+            validate(eval_cfg, launch=True)  # and the local data and model paths it reads (a DataError: exit 3)
+        except TunelabError as err:
+            raise _arm_error(err, str(name)) from None
         configs[str(name)] = eval_cfg
     if not configs:
         raise ConfigError("no arm to run", "key arms", "give run=<run dir> for the fine-tuned arms, or base arms")
     return configs
 
 
-def run_arms(cfg: DictConfig, run: RunContext, configs: Mapping[str, DictConfig]) -> dict[str, dict[str, float]]:
+def _arm_error(err: TunelabError, name: str) -> TunelabError:
+    """An arm's config error, naming the arm, and compare's key where the arm's override came from compare's."""
+    where = re.sub(r"override model=(\S+) on the command line", r"key base_model (\1)", err.where)
+    return type(err)(f"compare arm {name!r}: {err.what}", where, err.hint)
+
+
+def preflight(cfg: DictConfig) -> None:
+    """The CLI's pre-flight for `tunelab compare`: the run directory (a local one; a W&B reference is resolved
+    when the verb starts), every arm's config and the headline metric, in seconds, before any arm is scored."""
+    if cfg.run is not None:
+        find_run(str(cfg.run), download=False)
+    headline(cfg, arm_configs(cfg, Path(str(cfg.paths.output_dir)) / "compare" / "<id>", shared_overrides(
+        cfg, seed=False)))
+
+
+def run_arms(cfg: DictConfig, run: RunContext, configs: Mapping[str, DictConfig], shared: Sequence[str]
+             ) -> dict[str, dict[str, float]]:
     """Evaluate every arm into `<out>/<arm>/`; arm -> metrics."""
     from tunelab.verbs.eval import evaluate_cfg
 
     results: dict[str, dict[str, float]] = {}
     for name, eval_cfg in configs.items():
-        overrides = arm_overrides(cfg, cfg.arms[name])
+        overrides = arm_overrides(cfg, cfg.arms[name], shared)
         log.info("arm %s: tunelab eval %s", name, " ".join(overrides))
         # Each arm its own job: its own directory and a W&B id unique across comparisons.
         arm = RunContext.local(eval_cfg.paths.run_dir, run_id=f"{run.run_id}-{name}", overrides=tuple(overrides))
@@ -92,7 +133,7 @@ def headline(cfg: DictConfig, configs: Mapping[str, DictConfig]) -> str:
     names = [str(n) for task in tasks.values() for part in ("metrics", "corpus_metrics") for n in task.get(part) or {}]
     metric = cfg.metric or (names[0] if names else None)
     if metric not in names:
-        raise ConfigError(f"metric {metric!r} is not a metric of dataset {cfg.data}", "key metric",
+        raise ConfigError(f"metric {metric!r} is not a metric of dataset {dataset.get('name')}", "key metric",
                           f"one of: {', '.join(names)}" if names else "give the dataset a metrics: entry")
     return str(metric)
 
@@ -121,7 +162,7 @@ def table_rows(results: Mapping[str, Mapping[str, float]], metric: str, split: s
     for arm, m in results.items():
         row: dict[str, Any] = {"arm": arm, metric: m.get(f"{split}/{metric}"),
                                f"{metric}_ci_low": m.get(f"{split}/{metric}/ci_low"),
-                               f"{metric}_ci_high": m.get(f"{split}/{metric}/ci_high")}
+                               f"{metric}_ci_high": m.get(f"{split}/{metric}/ci_high"), **token_cost(m, split)}
         for name in _metric_names(m, split):
             if name != metric:
                 row[name] = m[f"{split}/{name}"]
@@ -133,13 +174,19 @@ def table_rows(results: Mapping[str, Mapping[str, float]], metric: str, split: s
         for name in RETRIEVAL_FIGURES:  # in every row (None where an arm retrieves nothing): one set of columns
             for suffix, key in (("", ""), ("_ci_low", "/ci_low"), ("_ci_high", "/ci_high")):
                 row[f"{name}{suffix}"] = m.get(f"{split}/{name}{key}")
-        row["prompt_tokens"] = m.get(f"{split}/prompt_tokens")
         row["latency_ms"] = 1000 * m[f"{split}/latency_s"] if f"{split}/latency_s" in m else None
         row["trainable_params"] = m.get("params/trainable")
         row["train_s"] = m.get("perf/train_s")
         row["n"] = m.get(f"{split}/n")
         rows.append(row)
     return rows
+
+
+def token_cost(metrics: Mapping[str, float], split: str = "test") -> dict[str, float | None]:
+    """What one answer costs in context window, per arm: its prompt's tokens and the prompt's plus the answer's
+    (means over the split; None where the eval did not record them, e.g. answer tokens before they were)."""
+    prompt, answer = metrics.get(f"{split}/prompt_tokens"), metrics.get(f"{split}/answer_tokens")
+    return {"prompt_tokens": prompt, "total_tokens": prompt + answer if None not in (prompt, answer) else None}
 
 
 def _fmt(value: Any, digits: int = 3) -> str:
@@ -159,7 +206,7 @@ def markdown(rows: Sequence[Mapping[str, Any]], metric: str) -> str:
     for row in rows:
         cells = []
         for key in keys:
-            cell = _fmt(row.get(key), 1 if key in ("prompt_tokens", "latency_ms", "train_s") else 3)
+            cell = _fmt(row.get(key), 1 if key in ("prompt_tokens", "total_tokens", "latency_ms", "train_s") else 3)
             if f"{key}_ci_low" in row and row.get(key) is not None:
                 cell += f" [{_fmt(row[f'{key}_ci_low'])}, {_fmt(row[f'{key}_ci_high'])}]"
             cells.append(cell)
@@ -232,19 +279,42 @@ def reading(rows: Sequence[Mapping[str, Any]], metric: str) -> str:
     if changed:
         parts = [f"{r['arm']} {r[changed]:.2f}" for r in by_arm.values() if r.get(changed) is not None]
         text.append(f"On the facts that changed ({changed.split('(')[1].rstrip(')')}): " + ", ".join(parts) + ".")
+    cost = cost_sentence(by_arm, best)
+    text += [cost] if cost else []
     if all(r[metric] == 0 for r in by_arm.values()):
         text.append("Every arm scores 0: the model cannot do this task in any setting here.")
     return " ".join(text)
 
 
+def cost_sentence(by_arm: Mapping[str, Mapping[str, Any]], best: Mapping[str, Any]) -> str | None:
+    """What the winning arm spends in context window per answer, against zero-shot (the arm named `*zero_shot`
+    without a fine-tuned run, else any `*zero_shot` arm); None without such an arm or without token figures."""
+    zero = sorted((r for name, r in by_arm.items() if str(name).endswith("zero_shot")),
+                  key=lambda r: r.get("trainable_params") is not None)
+    key = "total_tokens" if all(r.get("total_tokens") for r in (best, *zero[:1])) else "prompt_tokens"
+    if not zero or not best.get(key) or not zero[0].get(key):
+        return None
+    what = "tokens of context (prompt and answer)" if key == "total_tokens" else "prompt tokens"
+    spent = f"Per answer {best['arm']} spends {best[key]:.0f} {what}"
+    if best is zero[0]:
+        return spent + ", the zero-shot cost."
+    return spent + f", {best[key] / zero[0][key]:.1f}× the {zero[0][key]:.0f} of {zero[0]['arm']}."
+
+
 @verb(run_dir=True, lock=True)
 def compare(cfg: DictConfig, run: RunContext) -> list[dict[str, Any]]:
-    """Run every arm, write the table, chart and reading; returns the table rows."""
-    configs = arm_configs(cfg, run.run_dir)
+    """Check the run and every arm, run every arm, write the table, chart and reading; returns the table rows."""
+    if cfg.run is not None:
+        find_run(str(cfg.run))  # before any arm is scored (a W&B reference is resolved here)
+    shared = shared_overrides(cfg, run)
+    configs = arm_configs(cfg, run.run_dir, shared, run)
+    for name in (str(n) for n in cfg.arms if str(n) not in configs):
+        log.warning("arm %r needs a fine-tuned run (run=<dir>); skipped", name)
     metric = headline(cfg, configs)
-    results = run_arms(cfg, run, configs)
-    title = f"{cfg.data}: {metric} per arm (model={cfg.base}" + (f", run={Path(str(cfg.run)).name})" if cfg.run
-                                                                    else ")")
+    results = run_arms(cfg, run, configs, shared)
+    dataset = next(iter(configs.values())).dataset.get("name")
+    title = f"{dataset}: {metric} per arm (base_model={cfg.base_model}" + (
+        f", run={Path(str(cfg.run)).name})" if cfg.run else ")")
     return write_report(run.run_dir, results, metric, title)
 
 

@@ -8,10 +8,11 @@ bootstrap confidence intervals, corpus metrics, slices → the eval directory:
 
     .hydra/            the composed config and overrides
     metrics.json       `test/<metric>` (+ `/ci_low`, `/ci_high`), `test/<dataset>/<metric>` with several
-                       datasets, slices `test/<field>=<value>/<metric>`, prompt tokens, latency, hit rate, and
-                       with a gold passage `test/retrieval_recall@1`, `@5`, `test/retrieval_mrr` (with CIs)
+                       datasets, slices `test/<field>=<value>/<metric>`, prompt and answer tokens, latency,
+                       hit rate, and with a gold passage `test/retrieval_recall@1`, `@5`,
+                       `test/retrieval_mrr` (with CIs)
     predictions.jsonl  one row per example: prompt, retrieved context, reference, answer, per-metric score,
-                       prompt tokens, latency
+                       prompt tokens, answer tokens, latency
     wandb/             the W&B run (job_type=eval): the metrics and a Table of the predictions
 
 `evaluate_cfg(cfg)` is importable and returns the metrics; `@verb` declares the job around it (tunelab.job).
@@ -28,9 +29,9 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from tunelab.checkpoint.rundir import checked_file, read_json
+from tunelab.checkpoint.rundir import checked_file, find_run, read_json
 from tunelab.config.build import build, build_with
-from tunelab.errors import CheckpointError, ConfigError
+from tunelab.errors import ConfigError
 from tunelab.evaluation.metrics import Estimate, corpus_ci, mean_ci, ranking_scores
 from tunelab.evaluation.prompting import load_samples
 from tunelab.evaluation.score import prompt_budget, score_task
@@ -63,18 +64,7 @@ def read_run_settings(run_dir: Path) -> dict[str, Any]:
 
 def run_dir_of(cfg: DictConfig) -> Path | None:
     """`cfg.run` as a checked run directory (one that holds model/), or None when a model option is scored."""
-    if cfg.run is None:
-        return None
-    from tunelab.tracking.artifacts import resolve_run
-
-    run_dir = resolve_run(str(cfg.run))  # a directory, or a W&B artifact reference resolved to one
-    if not run_dir.is_dir():
-        raise ConfigError(f"run directory not found: {run_dir}", f"override run={cfg.run} on the command line",
-                          "give a directory written by `tunelab train` (outputs/runs/<id>)")
-    if not (run_dir / "model").is_dir():
-        raise CheckpointError(f"{run_dir} is not a run directory: it has no model/", "key run",
-                              "give a directory written by `tunelab train` that finished (it holds model/)")
-    return run_dir
+    return None if cfg.run is None else find_run(str(cfg.run))
 
 
 def load_model(cfg: DictConfig, run_dir: Path | None, seed: int) -> tuple[Any, Any, dict[str, Any]]:
@@ -129,7 +119,7 @@ def summarize(rows: Sequence[Mapping[str, Any]], prefix: str, scorers: Mapping[s
     """metrics.json figures of one dataset: metrics with CIs, cost per answer, and each slice's metrics."""
     flat = flatten(prefix, figures(rows, scorers, corpus, bootstrap))
     flat[f"{prefix}/n"] = len(rows)
-    for key in ("prompt_tokens", "latency_s", "shots", "passages"):
+    for key in ("prompt_tokens", "answer_tokens", "latency_s", "shots", "passages"):
         values = [float(r[key]) for r in rows if key in r]
         if values:
             flat[f"{prefix}/{key}"] = sum(values) / len(values)

@@ -102,7 +102,7 @@ def _load_model(stage_dir: Path | None, cfg0: DictConfig) -> tuple[Any, Any]:
 def run_pipeline(cfg: DictConfig, run: RunContext) -> dict[str, Any]:
     """Plan, score the baseline, train and score each stage not yet done; returns the summary (summary.json)."""
     pipeline_dir = run.run_dir
-    plan = make_plan(cfg, pipeline_dir)
+    plan = make_plan(cfg, pipeline_dir, run)
     name = str(OmegaConf.select(cfg, "pipeline.name", default=None) or run.choices.get("pipeline", "pipeline"))
     strategy = run.choices.get("strategy") or str(cfg.strategy._target_).rsplit(".", 1)[-1]
     _check_plan(pipeline_dir, {"pipeline": name, "strategy": str(cfg.strategy._target_),
@@ -142,7 +142,7 @@ def run_pipeline(cfg: DictConfig, run: RunContext) -> dict[str, Any]:
             stage_dir.mkdir(parents=True)
             method = OmegaConf.to_container(plan.configs[i].method, resolve=True)
             start = start_overrides(cfg, i, plan.configs, pipeline_dir, plan.stages, method, prepare=True)
-            scfg = compose_stage(stage, start)
+            scfg = compose_stage(stage, start, plan.search)
             with open_dict(scfg):
                 for node in scfg.logger.values():
                     if "group" in node:
