@@ -157,7 +157,9 @@ def evaluate_cfg(cfg: DictConfig, run: RunContext) -> dict[str, float]:
     model, tokenizer, recipe = load_model(cfg, run_dir, seed)
     device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
                           "cpu" if cfg.device == "auto" else str(cfg.device))
-    model.to(device)
+    from tunelab.models.load import for_inference
+
+    model = for_inference(model.to(device), cfg.get("inference"))  # bfloat16 / int8 once on its device
     decoding = OmegaConf.to_container(cfg.decoding, resolve=True)
     budget = prompt_budget(model, decoding, cfg.max_prompt_tokens)
     batch_size = int(cfg.batch_size or run_settings.get("batch_size", 32))
