@@ -124,7 +124,47 @@ def test_batching_keys_and_engine_are_checked_before_serving(tmp_path):
     # On a CPU machine engine=vllm is refused by the pre-flight: exit 2, the extra named, no torch import.
     code = ("import sys\nfrom tunelab.cli import run_verb\ntry:\n    run_verb('serve', sys.argv[1:])\n"
             "except SystemExit as err:\n    print('exit', err.code, 'torch' in sys.modules)")
-    done = subprocess.run([sys.executable, "-c", code, f"run={tmp_path}", "engine=vllm"], capture_output=True, text=True,
-                          timeout=300)
+    done = subprocess.run([sys.executable, "-c", code, f"run={tmp_path}", "engine=vllm"],
+                          capture_output=True, text=True, timeout=300)
     assert done.stdout.strip() == "exit 2 False", done.stdout + done.stderr[-2000:]
     assert "engine=vllm serves on a CUDA GPU" in done.stderr and "tunelab[vllm]" in done.stderr
+
+
+@pytest.mark.gpu
+@pytest.mark.slow
+def test_vllm_engine_serves_a_run_on_a_gpu(tmp_path):
+    """Prepared for a GPU machine with `tunelab[vllm]`: `serve engine=vllm` answers the official client."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    pytest.importorskip("vllm", reason="pip install 'tunelab[vllm]'")
+    openai = pytest.importorskip("openai")
+    import socket
+    import time
+
+    from conftest import make_cfg
+    from tunelab.verbs.train import train
+
+    run = tmp_path / "run"
+    train(make_cfg(run, ["hyperparams.max_steps=4", "logger=none", "eval.test=false", "eval.baseline=false",
+                         "eval.generate_on_val=false", "eval.max_eval_samples=4"]))
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "tunelab.cli", "serve", f"run={run}", "engine=vllm",
+                             f"port={port}", "served_model_name=tiny"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0, timeout=30)
+        deadline = time.monotonic() + 600  # vLLM profiles memory and captures graphs before it listens
+        while True:
+            try:
+                reply = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}],
+                                                       max_tokens=4, temperature=0)
+                break
+            except openai.APIConnectionError:
+                assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read()[-3000:]
+                time.sleep(2)
+        assert reply.choices[0].finish_reason in ("stop", "length") and reply.usage.completion_tokens >= 1
+    finally:
+        proc.terminate()
+        proc.wait(timeout=120)

@@ -46,7 +46,7 @@ def resolved_task(task_yaml: str, out_dir: Path) -> tuple[str, Path]:
         task = yaml.safe_load(source.read_text())
     except yaml.YAMLError as err:
         raise ConfigError(f"{source} is not a plain YAML task: {str(err).splitlines()[0]}", KEY,
-                          "tunelab reads task files as data: no !function tags (run lm_eval itself for those)") from None
+                          "tunelab reads task files as data: no !function tags (run lm_eval for those)") from None
     if not isinstance(task, dict) or not isinstance(task.get("task"), str):
         raise ConfigError(f"{source} has no `task:` name", KEY, "an lm-evaluation-harness task YAML names its task")
     files = (task.get("dataset_kwargs") or {}).get("data_files")
