@@ -70,14 +70,23 @@ def run_harness(model_dir: Path, task_yaml: str, out_dir: Path, limit: int | Non
         raise ConfigError("harness= needs lm-evaluation-harness, which is not installed", KEY,
                           "pip install 'tunelab[harness]' (make installs it)")
     name, folder = resolved_task(task_yaml, out_dir)
-    os.environ["HF_HUB_OFFLINE"] = os.environ["HF_DATASETS_OFFLINE"] = "1"  # local files only, never the hub
-    from lm_eval import simple_evaluate
-    from lm_eval.tasks import TaskManager
+    offline = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")
+    before = {key: os.environ.get(key) for key in offline}
+    os.environ.update(dict.fromkeys(offline, "1"))  # local files only, never the hub
+    try:
+        from lm_eval import simple_evaluate
+        from lm_eval.tasks import TaskManager
 
-    results: Any = simple_evaluate(
-        model="hf", model_args={"pretrained": str(model_dir), "dtype": "float32", "device": device},
-        tasks=[name], task_manager=TaskManager(include_path=str(folder), include_defaults=False), limit=limit,
-        batch_size=batch_size, bootstrap_iters=0, log_samples=False, random_seed=0)
+        results: Any = simple_evaluate(
+            model="hf", model_args={"pretrained": str(model_dir), "dtype": "float32", "device": device},
+            tasks=[name], task_manager=TaskManager(include_path=str(folder), include_defaults=False), limit=limit,
+            batch_size=batch_size, bootstrap_iters=0, log_samples=False, random_seed=0)
+    finally:  # the environment as it was: a library caller's process is not left offline
+        for key, value in before.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
     figures = results["results"][name]
     return {f"harness/{name}/{key.split(',')[0]}": float(value) for key, value in figures.items()
             if isinstance(value, (int, float)) and not isinstance(value, bool) and "stderr" not in key}
