@@ -1,13 +1,16 @@
-"""`tunelab serve` under load: requests/s and p50/p95 latency for 1 and 8 concurrent clients.
+"""`tunelab serve` under load: requests/s, p50/p95 latency and streams' time to first token for 1, 4, 8 and 32
+concurrent clients with batching on and off; bfloat16 and int8 servers; `tunelab eval` answers/s per inference mode.
 
 Starts the real server (a subprocess, as a user would) on the tiny run, sends greedy chat completions
 of the bundled test prompts from client threads over plain HTTP, and reports per configuration:
-requests/s, latency percentiles and completion tokens/s. The baseline, in the same invocation, is the
-same prompts answered in-process by `model.generate` (no HTTP, no server): the server's overhead.
+requests/s, latency percentiles, completion tokens/s, and how many answers equal the baseline's. The baseline,
+in the same invocation, is the same prompts answered in-process by `model.generate` one at a time (no HTTP, no
+server): the server's overhead. The inference rows add accuracy on the test labels; the eval rows run
+`tunelab eval` on the whole test split (answers/s from its per-answer latency, test/accuracy).
 
-    .venv/bin/python bench/serve.py [--run <run dir>] [--requests 48] [--max-tokens 16] [--concurrency 1 8]
+    OMP_NUM_THREADS=1 nice -n 19 .venv/bin/python bench/serve.py [--run <run dir>] [--requests 64]
 
-Without --run it first trains the tiny model for 60 steps (logger=none) into --out.
+Without --run it first trains the tiny model for 60 steps (logger=none) into --out. One command, one table.
 """
 
 from __future__ import annotations
@@ -63,23 +66,37 @@ def start_server(run: Path, extra: list[str]) -> tuple[subprocess.Popen, str, in
     return proc, host, port, match.group(1)
 
 
-def chat(host: str, port: int, body: dict) -> tuple[float, int, str]:
-    """One request on its own connection: (seconds, completion tokens, answer)."""
+def chat(host: str, port: int, body: dict) -> tuple[float, int, str, float]:
+    """One request on its own connection: (seconds, completion tokens, answer, seconds to the first token).
+    A streamed request counts its content chunks as tokens (one chunk per decoded piece: near enough)."""
     data = json.dumps(body).encode()
     start = time.perf_counter()
     conn = http.client.HTTPConnection(host, port, timeout=600)
     conn.request("POST", "/v1/chat/completions", body=data, headers={"Content-Type": "application/json"})
     response = conn.getresponse()
+    if body.get("stream"):
+        first, pieces = None, []
+        for line in response:
+            text = line.decode().strip()
+            if not text.startswith("data: ") or text == "data: [DONE]":
+                continue
+            delta = json.loads(text[6:])["choices"][0]["delta"].get("content")
+            if delta:
+                first = first or time.perf_counter() - start
+                pieces.append(delta)
+        elapsed = time.perf_counter() - start
+        return elapsed, len(pieces), "".join(pieces), first or elapsed
     payload = json.loads(response.read())
     elapsed = time.perf_counter() - start
     if response.status != 200:
         raise RuntimeError(f"HTTP {response.status}: {payload}")
-    return elapsed, payload["usage"]["completion_tokens"], payload["choices"][0]["message"]["content"]
+    return elapsed, payload["usage"]["completion_tokens"], payload["choices"][0]["message"]["content"], elapsed
 
 
-def load(host: str, port: int, model: str, texts: list[str], clients: int, max_tokens: int) -> dict[str, Any]:
+def load(host: str, port: int, model: str, texts: list[str], clients: int, max_tokens: int,
+         stream: bool = False) -> dict[str, Any]:
     bodies = [{"model": model, "messages": [{"role": "user", "content": t}], "temperature": 0,
-               "max_tokens": max_tokens} for t in texts]
+               "max_tokens": max_tokens, "stream": stream} for t in texts]
     start = time.perf_counter()
     with ThreadPoolExecutor(clients) as pool:
         results = list(pool.map(lambda b: chat(host, port, b), bodies))
@@ -88,13 +105,15 @@ def load(host: str, port: int, model: str, texts: list[str], clients: int, max_t
     tokens = sum(r[1] for r in results)
     return {"requests_per_s": len(results) / wall, "p50_ms": 1000 * statistics.median(latencies),
             "p95_ms": 1000 * latencies[min(len(latencies) - 1, int(0.95 * len(latencies)))],
-            "tokens_per_s": tokens / wall, "mean_tokens": tokens / len(results), "answers": [r[2] for r in results]}
+            "tokens_per_s": tokens / wall, "mean_tokens": tokens / len(results), "answers": [r[2] for r in results],
+            "ttft_ms": 1000 * statistics.median(r[3] for r in results) if stream else None}
 
 
 def in_process(run: Path, texts: list[str], max_tokens: int) -> dict[str, Any]:
-    """The baseline: the same greedy answers from `model.generate` in this process, one after the other."""
+    """The baseline: the same greedy answers from tunelab's one generate loop in this process, one after the other."""
     import torch
 
+    from tunelab.evaluation.evaluate import generate_tokens
     from tunelab.models.load import load_run
 
     model, tokenizer, _ = load_run(run)
@@ -103,12 +122,11 @@ def in_process(run: Path, texts: list[str], max_tokens: int) -> dict[str, Any]:
         ids = tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
                                             return_dict=True, return_tensors="pt")
         start = time.perf_counter()
-        with torch.no_grad():
-            out = model.generate(**ids, max_new_tokens=max_tokens, do_sample=False,
-                                 pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+        new = generate_tokens(model, tokenizer, ids["input_ids"], torch.ones_like(ids["input_ids"]),
+                              {"max_new_tokens": max_tokens, "do_sample": False})[0]
         latencies.append(time.perf_counter() - start)
-        tokens += out.shape[1] - ids["input_ids"].shape[1]
-        answers.append(tokenizer.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True))
+        tokens += len(new)
+        answers.append(tokenizer.decode(new, skip_special_tokens=True))
     wall = sum(latencies)
     latencies.sort()
     return {"requests_per_s": len(texts) / wall, "p50_ms": 1000 * statistics.median(latencies),
@@ -116,40 +134,79 @@ def in_process(run: Path, texts: list[str], max_tokens: int) -> dict[str, Any]:
             "tokens_per_s": tokens / wall, "mean_tokens": tokens / len(texts), "answers": answers}
 
 
+def accuracy(answers: list[str], labels: list[str]) -> float:
+    return sum(a.strip().lower() == b for a, b in zip(answers, labels, strict=True)) / len(labels)
+
+
+def eval_rows(run: Path, out: Path) -> list[tuple[str, dict[str, Any]]]:
+    """`tunelab eval` on the whole test split per inference mode: answers/s (1 / mean latency per answer, batched
+    by 32) and test/accuracy, from its metrics.json."""
+    rows = []
+    for name, extra in (("float32", []), ("bfloat16", ["inference.dtype=bfloat16"]),
+                        ("int8", ["inference.quantize=int8"])):
+        target = out / f"eval-{name}"
+        subprocess.run([sys.executable, "-m", "tunelab.cli", "eval", f"run={run}", "logger=none", *extra,
+                        f"hydra.run.dir={target}"], check=True, env=ENV, stdout=subprocess.DEVNULL)
+        metrics = json.loads((target / "metrics.json").read_text())
+        rows.append((name, {"answers_per_s": 1 / metrics["test/latency_s"], "accuracy": metrics["test/accuracy"],
+                            "n": metrics["test/n"]}))
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--run", type=Path, default=None, help="a run directory (default: train a tiny one)")
     parser.add_argument("--out", type=Path, default=Path("/tmp/bench-serve"))
-    parser.add_argument("--requests", type=int, default=48, help="requests per configuration")
+    parser.add_argument("--requests", type=int, default=64, help="requests per configuration")
     parser.add_argument("--max-tokens", type=int, default=16)
-    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8])
-    parser.add_argument("--max-concurrent", type=int, nargs="+", default=[1, 2],
-                        help="server settings to compare (generations at once)")
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 8, 32])
+    parser.add_argument("--stream-concurrency", type=int, nargs="+", default=[1, 8])
+    parser.add_argument("--no-eval", action="store_true", help="skip the `tunelab eval` rows")
     args = parser.parse_args()
     run = args.run or train_run(args.out / "run")
     texts = prompts(args.requests)
-    rows = [("in-process generate (baseline)", "-", 1, in_process(run, texts, args.max_tokens))]
-    for max_concurrent in args.max_concurrent:
-        proc, host, port, model = start_server(run, [f"max_concurrent={max_concurrent}", "max_waiting=64"])
+    rows_data = [json.loads(x) for x in (REPO / "data/reviews/test.jsonl").read_text().splitlines()]
+    labels = [r["sentiment"] for r in (rows_data * (args.requests // len(rows_data) + 1))[:args.requests]]
+    began = time.strftime("%Y-%m-%d %H:%M:%S")
+    load_before = os.getloadavg()
+    rows = [("in-process generate (baseline)", "-", 1, "float32", in_process(run, texts, args.max_tokens))]
+    on = ["batching=true", "max_concurrent=32", "max_batch_size=32"]
+    servers = [("batching on", on, "float32", True),
+               ("batching off (2 threads)", ["batching=false", "max_concurrent=2"], "float32", True),
+               ("batching on", [*on, "inference.dtype=bfloat16"], "bfloat16", False),
+               ("batching on", [*on, "inference.quantize=int8"], "int8", False)]
+    for name, extra, dtype, sweep in servers:
+        proc, host, port, model = start_server(run, [*extra, "max_waiting=64"])
         try:
             load(host, port, model, texts[:4], 1, args.max_tokens)  # warm-up, not counted
-            for clients in args.concurrency:
-                rows.append(("tunelab serve", str(max_concurrent), clients,
-                             load(host, port, model, texts, clients, args.max_tokens)))
+            for clients in args.concurrency if sweep else [8]:
+                rows.append((name, "json", clients, dtype, load(host, port, model, texts, clients, args.max_tokens)))
+            for clients in args.stream_concurrency if sweep else []:
+                rows.append((name, "stream", clients, dtype,
+                             load(host, port, model, texts, clients, args.max_tokens, stream=True)))
         finally:
             proc.terminate()
             proc.wait(timeout=60)
+    evals = [] if args.no_eval else eval_rows(run, args.out)
     threads = os.environ.get("OMP_NUM_THREADS", "unset")
     print(f"\n{args.requests} greedy chat completions per row, max_tokens {args.max_tokens}, "
-          f"OMP_NUM_THREADS={threads}, {os.cpu_count()} CPUs, run {run}\n")
-    print("| path | server max_concurrent | clients | requests/s | p50 latency (ms) | p95 latency (ms) "
-          "| completion tokens/s | mean tokens | answers = baseline |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
-    expected = rows[0][3]["answers"]  # concurrent generations must not change a greedy answer
-    for name, setting, clients, r in rows:
+          f"OMP_NUM_THREADS={threads}, {os.cpu_count()} CPUs, nice {os.nice(0)}, run {run}; started {began}, "
+          f"load average {load_before[0]:.1f} before, {os.getloadavg()[0]:.1f} after\n")
+    print("| path | response | clients | weights | requests/s | p50 latency (ms) | p95 latency (ms) "
+          "| first token p50 (ms) | completion tokens/s | accuracy | answers = baseline |")
+    print("|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|")
+    expected = rows[0][4]["answers"]  # concurrent generations must not change a greedy answer
+    for name, kind, clients, dtype, r in rows:
         same = sum(a == b for a, b in zip(r["answers"], expected, strict=True))
-        print(f"| {name} | {setting} | {clients} | {r['requests_per_s']:.1f} | {r['p50_ms']:.0f} | {r['p95_ms']:.0f} "
-              f"| {r['tokens_per_s']:.0f} | {r['mean_tokens']:.1f} | {same}/{len(expected)} |")
+        ttft = "-" if r.get("ttft_ms") is None else f"{r['ttft_ms']:.0f}"
+        print(f"| {name} | {kind} | {clients} | {dtype} | {r['requests_per_s']:.1f} | {r['p50_ms']:.0f} "
+              f"| {r['p95_ms']:.0f} | {ttft} | {r['tokens_per_s']:.0f} | {accuracy(r['answers'], labels):.3f} "
+              f"| {same}/{len(expected)} |")
+    if evals:
+        print("\n| `tunelab eval` (test split, batch 32) | weights | answers/s | test/accuracy | examples |")
+        print("|---|---|---:|---:|---:|")
+        for name, r in evals:
+            print(f"| run={run.name} | {name} | {r['answers_per_s']:.1f} | {r['accuracy']:.4f} | {r['n']:.0f} |")
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -140,6 +141,31 @@ def test_streamed_chat_and_fields_match_the_plain_answer(server):
     text = client.completions.create(model=model_id, prompt="Title:", temperature=0, max_tokens=4)
     assert text.object == "text_completion" and 1 <= text.usage.completion_tokens <= 4  # EOS counts as a token
     assert [m.id for m in client.models.list().data] == [model_id]
+
+
+def test_concurrent_clients_share_batches_and_get_the_sequential_greedy_answers(server):
+    """Issue 22: eight clients at once (streams, stop strings and max_tokens of their own among them) share batches
+    and each gets the answer it gets alone."""
+    base, model_id, _ = server
+    client = _client(base)
+    rows = [json.loads(x) for x in (REPO / "data/reviews/test.jsonl").read_text().splitlines()[:8]]
+
+    def ask(i: int) -> str:
+        body = {"model": model_id, "temperature": 0, "max_tokens": MAX_TOKENS - i % 3,
+                "stop": ["ega"] if i % 4 else None,
+                "messages": [{"role": "user", "content": f"Is the following review positive or negative?\n\n"
+                                                         f"Title: {rows[i]['title']}\nReview: {rows[i]['text']}"}]}
+        if i % 2:
+            chunks = client.chat.completions.create(**body, stream=True)
+            return "".join(c.choices[0].delta.content or "" for c in chunks)
+        return client.chat.completions.create(**body).choices[0].message.content
+
+    alone = [ask(i) for i in range(8)]
+    with ThreadPoolExecutor(8) as pool:
+        together = list(pool.map(ask, range(8)))
+    assert together == alone and all(alone)
+    with urllib.request.urlopen(base.removesuffix("/v1") + "/health", timeout=30) as response:
+        assert json.load(response)["largest_batch"] > 1
 
 
 def test_errors_are_openai_json_with_status(server):

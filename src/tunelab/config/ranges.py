@@ -141,5 +141,7 @@ RANGES_WITHOUT_SCHEMA: dict[str, Range] = {
     "max_concurrent": AT_LEAST_ONE,
     "max_waiting": Range(low=0, integer=True),
     "max_request_bytes": AT_LEAST_ONE,
+    "max_batch_size": Range(low=1, high=256, integer=True),
+    "batch_window_ms": Range(low=0, high=1000),
     "graceful_timeout_s": NON_NEGATIVE,
 }

@@ -304,3 +304,47 @@ def load_run(
                                   "retrain with this version of tunelab (it writes model/base for random-init bases)")
         model = PeftModel.from_pretrained(load_causal_lm(base, **options), str(model_dir))
     return model.eval(), tokenizer, recipe
+
+
+# ---- inference: the weights' dtype and int8 dynamic quantization (eval, generate, serve) --------------
+INFERENCE_DTYPES = ("auto", "float32", "bfloat16")
+QUANTIZE = ("none", "int8")
+
+
+def for_inference(model: nn.Module, inference: Mapping[str, Any] | None) -> nn.Module:
+    """The model as the `inference` group asks (conf/inference/): cast to `dtype`, and with `quantize=int8` every
+    `nn.Linear` replaced by torch's dynamic int8 one (`torch.ao.quantization.quantize_dynamic`: int8 weights,
+    activations quantized per batch at run time). Call it once the model is on its device.
+
+    Refused where it cannot apply: int8 off the CPU (torch's dynamic quantized kernels are CPU only), int8 of
+    bfloat16 weights, and int8 of a model with an unmerged PEFT adapter or an already quantized base (the
+    adapter's layers would be left in float32 beside quantized ones, or dropped)."""
+    settings = dict(inference or {})
+    dtype, quantize = str(settings.get("dtype", "auto")), str(settings.get("quantize", "none"))
+    if dtype not in INFERENCE_DTYPES:
+        raise ConfigError(f"inference.dtype={dtype} is not one of {', '.join(INFERENCE_DTYPES)}", "key inference.dtype",
+                          did_you_mean(dtype, list(INFERENCE_DTYPES)))
+    if quantize not in QUANTIZE:
+        raise ConfigError(f"inference.quantize={quantize} is not one of {', '.join(QUANTIZE)}",
+                          "key inference.quantize", did_you_mean(quantize, list(QUANTIZE)))
+    if dtype != "auto":
+        model = model.to(getattr(torch, dtype))
+    if quantize == "none":
+        return model
+    device = next(model.parameters()).device
+    key = "key inference.quantize"
+    if device.type != "cpu":
+        raise ConfigError(f"inference.quantize=int8 is torch's dynamic quantization, which runs on the CPU only, "
+                          f"and the model is on {device}", key,
+                          "on a GPU use inference.dtype=bfloat16; or run on the CPU (eval: device=cpu)")
+    if next(model.parameters()).dtype != torch.float32:
+        raise ConfigError(f"inference.quantize=int8 quantizes float32 weights, and these are "
+                          f"{next(model.parameters()).dtype}", key, "set inference.dtype=float32 (or auto) with int8")
+    if hasattr(model, "peft_config") or getattr(model, "is_quantized", False):
+        raise ConfigError("inference.quantize=int8 needs plain linear layers, and this model has an unmerged adapter "
+                          "or an already quantized base", key,
+                          "merge the adapter first (`tunelab export run=<run>` writes <run>/export; evaluate it with "
+                          "model.name_or_path=<run>/export model.random_init=false), or use inference.quantize=none")
+    from torch.ao.quantization import quantize_dynamic
+
+    return quantize_dynamic(model, {nn.Linear}, dtype=torch.qint8).eval()

@@ -7,13 +7,12 @@ import asyncio
 import json
 import logging
 import secrets
-import threading
 import time
 import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
-from tunelab.serving.generation import Cancelled, cut_at_stop, run_generate
+from tunelab.serving.generation import Cancelled, Sequential, cut_at_stop
 from tunelab.serving.limits import BodyLimit
 from tunelab.serving.requests import (
     APIError,
@@ -34,12 +33,19 @@ def build_app(served: Served) -> Any:
     from fastapi import FastAPI, Request
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import JSONResponse, StreamingResponse
-    from starlette.concurrency import iterate_in_threadpool, run_in_threadpool
+    from starlette.concurrency import iterate_in_threadpool
     from starlette.exceptions import HTTPException
 
     app = FastAPI(title="tunelab serve", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.draining = False  # set on SIGTERM: new requests get 503 while the ones in flight finish
     slots = asyncio.Semaphore(served.max_concurrent)
+    if served.batching:
+        from tunelab.serving.batching import Batcher
+
+        engine: Any = Batcher(served, served.max_batch_size, served.batch_window_ms / 1000)
+    else:
+        engine = Sequential(served)
+    app.state.engine = engine
     admitted = {"n": 0}  # requests generating or waiting for a slot
 
     @app.exception_handler(APIError)
@@ -104,7 +110,7 @@ def build_app(served: Served) -> Any:
         admit()
         try:
             async with slots:
-                new, finish = await run_in_threadpool(run_generate, served, ids, settings)
+                new, finish = await asyncio.wrap_future(engine.submit(ids, settings))
         finally:
             admitted["n"] -= 1
         text, hit = cut_at_stop(served.tokenizer.decode(new, skip_special_tokens=True), stops)
@@ -121,17 +127,7 @@ def build_app(served: Served) -> Any:
                 streamer = TextIteratorStreamer(served.tokenizer, skip_prompt=True, skip_special_tokens=True,
                                                 timeout=600)
                 cancelled = Cancelled()
-                result: dict[str, Any] = {}
-
-                def work() -> None:
-                    try:
-                        result["out"] = run_generate(served, ids, settings, streamer, cancelled)
-                    except BaseException as err:  # noqa: BLE001 - reported to the stream below
-                        result["error"] = err
-                        streamer.end()
-
-                thread = threading.Thread(target=work, daemon=True)
-                thread.start()
+                future = engine.submit(ids, settings, streamer, cancelled)
                 text, hit = "", False
                 try:
                     async for piece in iterate_in_threadpool(streamer):
@@ -144,13 +140,17 @@ def build_app(served: Served) -> Any:
                             cancelled.event.set()
                 finally:
                     cancelled.event.set()  # the client went away, or a stop string was seen
-                    await run_in_threadpool(thread.join)
-                if "error" in result:
-                    log.error("streamed generation failed: %r", result["error"])
+                    error: Exception | None = None
+                    try:  # the generation has stopped before the slot is given back
+                        new, finish = await asyncio.wrap_future(future)
+                    except Exception as err:  # noqa: BLE001 - reported to the stream below
+                        error = err
+                if error is not None:
+                    log.error("streamed generation failed: %r", error)
                     body = APIError(500, "internal server error", kind="server_error").body()
                     yield f"data: {json.dumps(body)}\n\n"
                     return
-                yield f"data: {json.dumps(chunk(None, 'stop' if hit else result['out'][1]))}\n\n"
+                yield f"data: {json.dumps(chunk(None, 'stop' if hit else finish))}\n\n"
                 yield "data: [DONE]\n\n"
         finally:
             admitted["n"] -= 1
@@ -161,7 +161,7 @@ def build_app(served: Served) -> Any:
     @app.get("/health")
     async def health() -> dict[str, Any]:
         return {"status": "draining" if app.state.draining else "ok", "model": served.model_id,
-                "in_flight": admitted["n"]}
+                "in_flight": admitted["n"], "largest_batch": getattr(engine, "largest", 1)}
 
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:

@@ -24,7 +24,10 @@ class Served:
     defaults: dict[str, Any] = field(default_factory=dict)  # generate() kwargs when a request names none
     system_prompt: str | None = None
     max_tokens: int = 512
-    max_concurrent: int = 2
+    max_concurrent: int = 8
+    batching: bool = True  # concurrent requests share forward passes (serving/batching.py)
+    max_batch_size: int = 8
+    batch_window_ms: float = 5.0
     max_waiting: int = 16
     max_request_bytes: int = 1 << 20
     api_key: str | None = None
@@ -53,6 +56,7 @@ class _Sampling(BaseModel):
     max_completion_tokens: int | None = Field(default=None, ge=1)
     temperature: float | None = Field(default=None, ge=0, le=2)
     top_p: float | None = Field(default=None, gt=0, le=1)
+    seed: int | None = Field(default=None, ge=0, lt=2**63)  # sampling: the same seed gives the same answer
     n: int = Field(default=1, ge=1)
     stop: str | list[str] | None = None
     stream: bool = False
@@ -152,6 +156,8 @@ def generation_kwargs(served: Served, request: Any) -> dict[str, Any]:
             settings.update(do_sample=True, temperature=request.temperature, top_k=0)
     if request.top_p is not None and settings.get("do_sample"):
         settings["top_p"] = request.top_p
+    if request.seed is not None and settings.get("do_sample"):
+        settings["seed"] = request.seed  # popped before `generate` (serving.generation.seeded)
     return settings
 
 

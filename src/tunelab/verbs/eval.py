@@ -145,6 +145,8 @@ def evaluate_cfg(cfg: DictConfig, run: RunContext) -> dict[str, float]:
     """
     out_dir = run.run_dir
     run_dir = run_dir_of(cfg)
+    if cfg.get("harness"):
+        return _harness(cfg, out_dir, run_dir)
     run_settings = read_run_settings(run_dir) if run_dir is not None else {}
     seed = int(cfg.seed)
     # Templates are drawn per row with a seed: a run's own seed draws the very prompts it was tested on.
@@ -152,7 +154,9 @@ def evaluate_cfg(cfg: DictConfig, run: RunContext) -> dict[str, float]:
     model, tokenizer, recipe = load_model(cfg, run_dir, seed)
     device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
                           "cpu" if cfg.device == "auto" else str(cfg.device))
-    model.to(device)
+    from tunelab.models.load import for_inference
+
+    model = for_inference(model.to(device), cfg.get("inference"))  # bfloat16 / int8 once on its device
     decoding = OmegaConf.to_container(cfg.decoding, resolve=True)
     budget = prompt_budget(model, decoding, cfg.max_prompt_tokens)
     batch_size = int(cfg.batch_size or run_settings.get("batch_size", 32))
@@ -186,6 +190,19 @@ def evaluate_cfg(cfg: DictConfig, run: RunContext) -> dict[str, float]:
         (out_dir / "notes.txt").write_text("\n".join(notes) + "\n")
     _log(cfg, run, metrics, all_rows)
     _print(out_dir, metrics, notes)
+    return metrics
+
+
+def _harness(cfg: DictConfig, out_dir: Path, run_dir: Path | None) -> dict[str, float]:
+    """`harness=<task yaml>`: lm-evaluation-harness's `hf` model on the run's plain model (evaluation/harness.py)."""
+    from tunelab.evaluation.harness import harness_model_dir, run_harness
+
+    model_dir = harness_model_dir(run_dir, None if run_dir is not None else str(cfg.model.name_or_path))
+    device = "cuda" if cfg.device == "auto" and torch.cuda.is_available() else \
+        "cpu" if cfg.device == "auto" else str(cfg.device)
+    metrics = run_harness(model_dir, str(cfg.harness), out_dir, cfg.max_samples, int(cfg.batch_size or 32), device)
+    (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
+    _print(out_dir, metrics, [])
     return metrics
 
 

@@ -19,7 +19,7 @@ from tunelab.data.encode import prompt_ids
 from tunelab.errors import CheckpointError, ConfigError
 from tunelab.evaluation.evaluate import decoding_settings, generate_tokens, left_pad
 from tunelab.job import RunContext, verb
-from tunelab.models.load import load_run
+from tunelab.models.load import for_inference, load_run
 from tunelab.tracking.artifacts import resolve_run
 
 
@@ -103,6 +103,7 @@ def generate(cfg: DictConfig, run: RunContext) -> list[dict[str, str]]:
     # a run directory or a W&B artifact reference; trust_remote_code only from this command line
     trust = bool(cfg.get("trust_remote_code", False))
     model, tokenizer, recipe = load_run(resolve_run(str(cfg.run)), trust_remote_code=trust)
+    model = for_inference(model, cfg.get("inference"))
     system_prompt = cfg.system_prompt if cfg.system_prompt is not None else recipe.get("system_prompt")
     system = [{"role": "system", "content": system_prompt}] if system_prompt else []
     settings = OmegaConf.to_container(cfg.decoding, resolve=True)

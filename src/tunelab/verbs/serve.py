@@ -25,7 +25,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from tunelab.errors import CheckpointError, ConfigError, TunelabError
+from tunelab.errors import CheckpointError, ConfigError, TunelabError, did_you_mean
 from tunelab.job import RunContext, verb
 from tunelab.serving.requests import Served
 
@@ -76,7 +76,7 @@ def load_served(cfg: DictConfig) -> Served:
     import torch
 
     from tunelab.evaluation.evaluate import decoding_settings
-    from tunelab.models.load import load_run, load_tokenizer
+    from tunelab.models.load import for_inference, load_run, load_tokenizer
     from tunelab.tracking.artifacts import resolve_run
 
     torch.manual_seed(int(cfg.seed))  # a random-init model option is the same model every launch
@@ -102,12 +102,14 @@ def load_served(cfg: DictConfig) -> Served:
         tokenizer = load_tokenizer(str(cfg.model.tokenizer_name_or_path), trust_remote_code=bool(cfg.trust_remote_code),
                                    revision=cfg.model.get("revision"))
         recipe, name = {}, str(cfg.model.name_or_path).rstrip("/").rsplit("/", 1)[-1]
+    model = for_inference(model, cfg.get("inference"))
     system_prompt = cfg.system_prompt if cfg.system_prompt is not None else recipe.get("system_prompt")
     return Served(model=model, tokenizer=tokenizer, model_id=str(cfg.served_model_name or name), recipe=recipe,
                   defaults=decoding_settings(OmegaConf.to_container(cfg.decoding, resolve=True)),
                   system_prompt=system_prompt, max_tokens=int(cfg.max_tokens), max_concurrent=int(cfg.max_concurrent),
                   max_waiting=int(cfg.max_waiting), max_request_bytes=int(cfg.max_request_bytes),
-                  api_key=_api_key(cfg))
+                  batching=bool(cfg.batching), max_batch_size=int(cfg.max_batch_size),
+                  batch_window_ms=float(cfg.batch_window_ms), api_key=_api_key(cfg))
 
 
 def _check_limits(cfg: DictConfig) -> None:
@@ -119,12 +121,51 @@ def _check_limits(cfg: DictConfig) -> None:
                           "key max_waiting")
     if not isinstance(cfg.port, int) or not 0 <= cfg.port <= 65535:
         raise ConfigError(f"port must be 0..65535, got {cfg.port!r}", "key port", "port=0 takes any free port")
+    if not isinstance(cfg.batching, bool):
+        raise ConfigError(f"batching must be true or false, got {cfg.batching!r}", "key batching")
+    if not isinstance(cfg.max_batch_size, int) or not 1 <= cfg.max_batch_size <= 256:
+        raise ConfigError(f"max_batch_size must be a whole number in 1..256, got {cfg.max_batch_size!r}",
+                          "key max_batch_size")
+    window = cfg.batch_window_ms
+    if isinstance(window, bool) or not isinstance(window, (int, float)) or not 0 <= window <= 1000:
+        raise ConfigError(f"batch_window_ms must be a number of milliseconds in 0..1000, got {window!r}",
+                          "key batch_window_ms", "5 lets requests that arrive together share a batch")
+
+
+ENGINES = ("transformers", "vllm")
+
+
+def _has_cuda_gpu() -> bool:
+    """An NVIDIA GPU's device node or driver tool, looked up without importing torch (the pre-flight is fast)."""
+    import glob
+    import shutil
+
+    return bool(glob.glob("/dev/nvidia[0-9]*")) or shutil.which("nvidia-smi") is not None
+
+
+def _check_engine(cfg: DictConfig) -> None:
+    engine = str(cfg.get("engine", "transformers"))
+    if engine not in ENGINES:
+        raise ConfigError(f"engine={engine} is not one of {', '.join(ENGINES)}", "key engine",
+                          did_you_mean(engine, list(ENGINES)))
+    if engine != "vllm":
+        return
+    import importlib.util
+
+    if not _has_cuda_gpu():
+        raise ConfigError("engine=vllm serves on a CUDA GPU, and this machine has none", "key engine",
+                          "use engine=transformers on the CPU (batched, see README Deploy); on a GPU machine "
+                          "pip install 'tunelab[vllm]'")
+    if importlib.util.find_spec("vllm") is None:
+        raise ConfigError("engine=vllm needs the vllm package, which is not installed", "key engine",
+                          "pip install 'tunelab[vllm]' (CUDA only), or engine=transformers")
 
 
 def check_command_line(cfg: DictConfig) -> None:
     """What needs no model and no heavy import: the limits, the port range, an exposed host without a key.
     The CLI's pre-flight calls it (the verb table's `check`), so a refusal comes before torch is imported."""
     _check_limits(cfg)
+    _check_engine(cfg)
     _api_key(cfg)
 
 
@@ -140,6 +181,11 @@ def serve(cfg: DictConfig, run: RunContext) -> None:
     import uvicorn
 
     check_command_line(cfg)  # again: serve() is also called as a library function, without the pre-flight
+    if str(cfg.engine) == "vllm":
+        from tunelab.serving.vllm_engine import serve_vllm
+
+        serve_vllm(cfg, _api_key(cfg))
+        return
     sock = _bind(str(cfg.host), int(cfg.port))
     try:
         served = load_served(cfg)
@@ -160,7 +206,8 @@ def serve(cfg: DictConfig, run: RunContext) -> None:
     host, port = sock.getsockname()[:2]
     shown = f"[{host}]" if ":" in host else host
     print(f"tunelab: serving {served.model_id!r} on http://{shown}:{port}/v1 "
-          f"(max_tokens {served.max_tokens}, {served.max_concurrent} at once)", flush=True)
+          f"(max_tokens {served.max_tokens}, {served.max_concurrent} at once, "
+          f"{f'batches of up to {served.max_batch_size}' if served.batching else 'no batching'})", flush=True)
     Server(config).run(sockets=[sock])
 
 

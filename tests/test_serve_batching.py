@@ -1,0 +1,170 @@
+"""Batched serving, in process: concurrent requests share one generate call and get the answers they get alone;
+per-request max_tokens, seeds and streams survive batching; leaner inference (bfloat16, int8) and its refusals;
+the engine switch's pre-flight refusal. The HTTP side (concurrent clients of a real server) is in test_serve.py."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import threading
+
+import pytest
+import torch
+
+from conftest import REPO
+from tunelab.data.encode import prompt_ids
+from tunelab.errors import ConfigError
+from tunelab.evaluation.evaluate import generate_tokens, left_pad
+from tunelab.models.load import for_inference, load_causal_lm, load_tokenizer
+from tunelab.serving.batching import Batcher
+from tunelab.serving.generation import run_generate
+from tunelab.serving.requests import Served
+
+INSTRUCT = str(REPO / "src" / "tunelab" / "assets" / "tiny-instruct")
+QUESTIONS = ["Is this review positive or negative? Great product, works well.", "Name a colour.",
+             "What is two plus two?", "Summarise: the battery died after a week.", "hi", "Translate 'cat' to French.",
+             "Is this review positive or negative? Broke on day one.", "List three fruits."]
+
+
+@pytest.fixture(scope="module")
+def served() -> Served:
+    tokenizer = load_tokenizer(INSTRUCT)
+    return Served(model=load_causal_lm(INSTRUCT).eval(), tokenizer=tokenizer, model_id="tiny-instruct")
+
+
+def _ids(served: Served, text: str) -> list[int]:
+    return list(prompt_ids(served.tokenizer, [{"role": "user", "content": text}]))
+
+
+def test_concurrent_greedy_requests_share_batches_and_equal_the_sequential_answers(served):
+    """Eight clients at once, each with its own max_tokens: one batch (or a few), the answers of one at a time."""
+    limits = [3, 24, 8, 16, 24, 1, 12, 20]
+    alone = [run_generate(served, _ids(served, q), {"max_new_tokens": n, "do_sample": False})
+             for q, n in zip(QUESTIONS, limits, strict=True)]
+    batcher = Batcher(served, max_batch_size=8, window_s=0.5)
+    futures: list = [None] * len(QUESTIONS)
+
+    def client(i: int) -> None:
+        futures[i] = batcher.submit(_ids(served, QUESTIONS[i]), {"max_new_tokens": limits[i], "do_sample": False})
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(len(QUESTIONS))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    together = [f.result(timeout=300) for f in futures]
+    assert together == alone  # the same tokens and finish reasons
+    assert batcher.largest > 1  # they did share a batch
+    assert all(len(new) <= n for (new, _), n in zip(together, limits, strict=True))
+
+
+def test_streams_seeds_and_cancellation_in_a_batch(served):
+    from transformers import TextIteratorStreamer
+
+    from tunelab.serving.generation import Cancelled
+
+    batcher = Batcher(served, max_batch_size=4, window_s=0.5)
+    greedy = {"max_new_tokens": 16, "do_sample": False}
+    streamer = TextIteratorStreamer(served.tokenizer, skip_prompt=True, skip_special_tokens=True, timeout=300)
+    gone = Cancelled()
+    gone.event.set()  # a client that went away before its first token
+    streamed = batcher.submit(_ids(served, QUESTIONS[1]), greedy, streamer)
+    plain = batcher.submit(_ids(served, QUESTIONS[2]), greedy)
+    cancelled = batcher.submit(_ids(served, QUESTIONS[3]), greedy, None, gone)
+    text = "".join(streamer)
+    new, _ = streamed.result(timeout=300)
+    assert text == served.tokenizer.decode(new, skip_special_tokens=True)
+    assert plain.result(timeout=300) == run_generate(served, _ids(served, QUESTIONS[2]), greedy)
+    assert len(cancelled.result(timeout=300)[0]) == 1  # stopped after the step that saw the cancellation
+    sampled = {"max_new_tokens": 12, "do_sample": True, "temperature": 1.0, "top_k": 0, "seed": 7}
+    seeded = [batcher.submit(_ids(served, QUESTIONS[0]), sampled) for _ in range(3)]
+    alone = run_generate(served, _ids(served, QUESTIONS[0]), sampled)
+    assert [f.result(timeout=300) for f in seeded] == [alone] * 3  # a seed gives one answer, batched or not
+
+
+def test_int8_and_bfloat16_inference_and_their_refusals(served):
+    prompts = [_ids(served, q) for q in QUESTIONS[:4]]
+    ids, mask = left_pad(prompts, served.tokenizer.pad_token_id)
+    settings = {"max_new_tokens": 6, "do_sample": False}
+    int8 = for_inference(load_causal_lm(INSTRUCT).eval(), {"dtype": "auto", "quantize": "int8"})
+    assert type(int8.lm_head).__module__.startswith("torch.ao.nn.quantized")
+    assert generate_tokens(int8, served.tokenizer, ids, mask, settings).shape[0] == 4
+    bf16 = for_inference(load_causal_lm(INSTRUCT).eval(), {"dtype": "bfloat16", "quantize": "none"})
+    assert next(bf16.parameters()).dtype == torch.bfloat16
+    assert generate_tokens(bf16, served.tokenizer, ids, mask, settings).shape[0] == 4
+    with pytest.raises(ConfigError, match="quantizes float32 weights"):
+        for_inference(load_causal_lm(INSTRUCT).eval(), {"dtype": "bfloat16", "quantize": "int8"})
+    with pytest.raises(ConfigError, match="did you mean|one of"):
+        for_inference(served.model, {"dtype": "bf16"})
+    from peft import LoraConfig, get_peft_model
+
+    adapted = get_peft_model(load_causal_lm(INSTRUCT), LoraConfig(r=2, target_modules=["q_proj"]))
+    with pytest.raises(ConfigError, match="unmerged adapter") as err:
+        for_inference(adapted, {"quantize": "int8"})
+    assert "tunelab export" in err.value.hint
+
+
+def test_batching_keys_and_engine_are_checked_before_serving(tmp_path):
+    from hydra.core.global_hydra import GlobalHydra
+
+    from tunelab.config.compose import compose
+    from tunelab.verbs.serve import check_command_line
+
+    def _serve_cfg(overrides: list[str]):
+        cfg = compose(overrides, config_name="serve", return_hydra_config=False)
+        GlobalHydra.instance().clear()
+        return cfg
+
+    for override, message in (("max_batch_size=0", "max_batch_size"), ("batch_window_ms=-1", "batch_window_ms"),
+                               ("engine=vlm", "did you mean 'vllm'")):
+        with pytest.raises(ConfigError, match=message):
+            check_command_line(_serve_cfg(["model=tiny", override]))
+    if torch.cuda.is_available():
+        return
+    # On a CPU machine engine=vllm is refused by the pre-flight: exit 2, the extra named, no torch import.
+    code = ("import sys\nfrom tunelab.cli import run_verb\ntry:\n    run_verb('serve', sys.argv[1:])\n"
+            "except SystemExit as err:\n    print('exit', err.code, 'torch' in sys.modules)")
+    done = subprocess.run([sys.executable, "-c", code, f"run={tmp_path}", "engine=vllm"],
+                          capture_output=True, text=True, timeout=300)
+    assert done.stdout.strip() == "exit 2 False", done.stdout + done.stderr[-2000:]
+    assert "engine=vllm serves on a CUDA GPU" in done.stderr and "tunelab[vllm]" in done.stderr
+
+
+@pytest.mark.gpu
+@pytest.mark.slow
+def test_vllm_engine_serves_a_run_on_a_gpu(tmp_path):
+    """Prepared for a GPU machine with `tunelab[vllm]`: `serve engine=vllm` answers the official client."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    pytest.importorskip("vllm", reason="pip install 'tunelab[vllm]'")
+    openai = pytest.importorskip("openai")
+    import socket
+    import time
+
+    from conftest import make_cfg
+    from tunelab.verbs.train import train
+
+    run = tmp_path / "run"
+    train(make_cfg(run, ["hyperparams.max_steps=4", "logger=none", "eval.test=false", "eval.baseline=false",
+                         "eval.generate_on_val=false", "eval.max_eval_samples=4"]))
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "tunelab.cli", "serve", f"run={run}", "engine=vllm",
+                             f"port={port}", "served_model_name=tiny"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0, timeout=30)
+        deadline = time.monotonic() + 600  # vLLM profiles memory and captures graphs before it listens
+        while True:
+            try:
+                reply = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}],
+                                                       max_tokens=4, temperature=0)
+                break
+            except openai.APIConnectionError:
+                assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read()[-3000:]
+                time.sleep(2)
+        assert reply.choices[0].finish_reason in ("stop", "length") and reply.usage.completion_tokens >= 1
+    finally:
+        proc.terminate()
+        proc.wait(timeout=120)
