@@ -113,3 +113,30 @@ def test_tiny_mot_trains_logs_router_figures_reloads_and_exports(tmp_path, monke
     with torch.no_grad():
         assert torch.equal(exported(input_ids=ids).logits, first)
     assert "tunelab.models.mot.register()" in (out / "README.md").read_text()  # the card says how to load it
+
+
+@pytest.mark.slow  # three real processes
+def test_tiny_mot_killed_then_resumed_ends_bitwise_equal(tmp_path):
+    """As tests/test_kill.py for the dense model: a SIGKILL mid-accumulation (after the step-2 checkpoint), then
+    `resume=auto`, ends with the uninterrupted run's weights exactly. The mixing draws nothing at random, so the
+    data position and RNG states the checkpoint restores are all it needs."""
+    import signal
+
+    from safetensors.torch import load_file
+
+    from forkrun import fork_tunelab
+
+    common = ["model=tiny_mot", "eval.baseline=false", "eval.test=false", "eval.generate_on_val=false", "logger=none",
+              "+trainer.limit_train_batches=6", "+trainer.limit_val_batches=1", "hyperparams.batch_size=4",
+              "hyperparams.eval_batch_size=8", "eval.max_eval_samples=8", "hyperparams.accumulate_grad_batches=2",
+              "hyperparams.epochs=1", "callbacks.checkpoint.every_n_steps=2", "callbacks.checkpoint.every_minutes=null",
+              "callbacks.progress.refresh_rate=0", f"paths.output_dir={tmp_path}", f"paths.cache_dir={tmp_path}/cache"]
+    assert fork_tunelab([*common, "run_id=reference"], tmp_path / "reference.log") == 0
+    kill = ["+callbacks.kill._target_=killpoints.KillAt", "+callbacks.kill.where=batch_start", "+callbacks.kill.step=2",
+            "+callbacks.kill.micro=1", f"+callbacks.kill.record={tmp_path / 'killed.txt'}"]
+    log = tmp_path / "chain.log"
+    assert fork_tunelab([*common, "run_id=chain", *kill], log) == -signal.SIGKILL, log.read_text()[-3000:]
+    assert fork_tunelab([*common, "run_id=chain", "resume=auto"], log) == 0, log.read_text()[-3000:]
+    reference = load_file(tmp_path / "runs/reference/model/model.safetensors")
+    resumed = load_file(tmp_path / "runs/chain/model/model.safetensors")
+    assert reference.keys() == resumed.keys() and all(torch.equal(reference[k], resumed[k]) for k in reference)
