@@ -2,7 +2,7 @@
 fine-tune each on the same task, and compare.
 
     .venv/bin/python bench/architectures.py [--out outputs/bench-architectures] [--pretrain-steps 300]
-        [--eval-samples 200] [--archs dense moe mot mot_transition] [--chart docs/architectures.png]
+        [--eval-samples 200] [--archs dense moe mot mot_transition] [--chart docs/architectures.png] [--parallel]
 
 The three tiny models have the same attention, embeddings and width, and the same feed-forward compute per
 token: dense `model=tiny` (one MLP of 512), `model=tiny_moe` (4 experts of 256, top 2) and `model=tiny_mot`
@@ -28,6 +28,7 @@ import shutil
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -171,14 +172,26 @@ def main() -> None:
     parser.add_argument("--finetune-steps", type=int, default=-1, help="cut the epoch short (a smoke run)")
     parser.add_argument("--eval-samples", type=int, default=200)
     parser.add_argument("--archs", nargs="+", default=list(MODELS), choices=list(MODELS))
+    parser.add_argument("--parallel", action="store_true", help="run the architectures side by side")
     parser.add_argument("--chart", type=Path, default=REPO / "docs/architectures.png")
     args = parser.parse_args()
-    pretrained: dict[str, Path] = {}
-    results = []
+    # One chain per pretrained model (mot_transition after mot, from its weights); with --parallel the chains run
+    # side by side, so all architectures share one machine's load at the same time (tokens/s stay comparable).
+    chains: dict[str, list[str]] = {}
     for arch in args.archs:
-        results.append(run_arch(arch, args.out, args.pretrain_steps, args.eval_samples, pretrained,
-                                args.finetune_steps))
-        print(json.dumps(results[-1], default=str), flush=True)
+        chains.setdefault(MODELS[arch], []).append(arch)
+    results: list[dict] = []
+
+    def chain(archs: list[str]) -> None:
+        pretrained: dict[str, Path] = {}
+        for arch in archs:
+            results.append(run_arch(arch, args.out, args.pretrain_steps, args.eval_samples, pretrained,
+                                    args.finetune_steps))
+            print(json.dumps(results[-1], default=str), flush=True)
+
+    with ThreadPoolExecutor(max_workers=len(chains) if args.parallel else 1) as pool:
+        for done in [pool.submit(chain, archs) for archs in chains.values()]:
+            done.result()
     results.sort(key=lambda r: list(MODELS).index(r["arch"]))  # table order whatever order they ran in
     (args.out / "results.json").write_text(json.dumps(results, indent=2, default=str))
     print(table(results))
