@@ -189,6 +189,10 @@ def main() -> None:
                                     args.finetune_steps))
             print(json.dumps(results[-1], default=str), flush=True)
 
+    # transformers' lazy imports are not thread-safe (`cannot import name 'AutoConfig'` from a second thread, seen
+    # here): resolve them once before the chains start.
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer  # noqa: F401
+
     with ThreadPoolExecutor(max_workers=len(chains) if args.parallel else 1) as pool:
         for done in [pool.submit(chain, archs) for archs in chains.values()]:
             done.result()
