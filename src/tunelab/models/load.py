@@ -46,6 +46,15 @@ def _loading(name_or_path: str, key: str) -> Iterator[None]:
         ) from None
 
 
+def register_architectures() -> None:
+    """tunelab's own architectures (`model_type: tunelab_mot`, tunelab.models.mot) in transformers' Auto classes,
+    so a directory of one loads like any model, without trust_remote_code. Called by the loaders, not at import
+    (nothing happens at import); idempotent."""
+    from tunelab.models.mot import register
+
+    register()
+
+
 def load_tokenizer(
     name_or_path: str,
     chat_template: str | None = None,
@@ -59,6 +68,7 @@ def load_tokenizer(
     from transformers import AutoTokenizer
 
     _check_local(name_or_path, "model.tokenizer_name_or_path")
+    register_architectures()  # AutoTokenizer may read the model's config.json
     with _loading(name_or_path, "model.tokenizer_name_or_path"):
         tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code, revision=revision)
     if chat_template is not None:
@@ -111,6 +121,7 @@ def load_causal_lm(
 
     del tokenizer_name_or_path  # read by the tokenizer node; kept here so the model node stays one place
     _check_local(name_or_path, "model.name_or_path")
+    register_architectures()
     torch_dtype = getattr(torch, dtype) if dtype != "auto" else "auto"
     if quantization_config is not None and random_init:
         raise ConfigError(

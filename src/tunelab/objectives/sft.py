@@ -12,6 +12,7 @@ from torch import nn
 from tunelab.config.schema import Packing
 from tunelab.data.datamodule import Collator
 from tunelab.data.encode import IGNORE
+from tunelab.models.routing import router_figures
 from tunelab.objectives import Forward, Loss
 
 
@@ -42,13 +43,15 @@ class SFT:
     def train_loss(self, module: Forward, batch: dict[str, Any]) -> Loss:
         out = module.forward_batch(batch)
         total, tokens = summed_token_loss(out.logits, batch["labels"])
+        figures = router_figures(module.model, out, batch)  # train/router/*: {} for a dense model; no gradient
         aux = getattr(out, "aux_loss", None)  # a per-batch mean, when the model routes tokens to experts
         coef = router_aux_loss_coef(module.model)
-        if aux is None or not coef:
-            return Loss(total, tokens)
+        if aux is None or not coef:  # MoT has no auxiliary loss (balanced by construction): coef 0
+            return Loss(total, tokens, figures=figures)
         # × tokens: after the division by the effective batch's token count (TuneModule.on_before_optimizer_step)
         # the step's loss gains coef × (token-weighted mean of aux), as the model's own loss would.
-        return Loss(total, tokens, regulariser=coef * aux * tokens, figures={"train/aux_loss": aux.detach()})
+        figures["train/aux_loss"] = aux.detach()
+        return Loss(total, tokens, regulariser=coef * aux * tokens, figures=figures)
 
     def eval_loss(self, module: Forward, batch: dict[str, Any]) -> Loss:
         out = module.forward_batch(batch)

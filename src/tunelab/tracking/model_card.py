@@ -132,6 +132,17 @@ def _prompt_section(model_dir: Path, recipe: Mapping[str, Any]) -> list[str]:
     return lines
 
 
+def _tunelab_architecture(model_dir: Path) -> bool:
+    """Whether the model (or an adapter's saved base) is one of tunelab's own architectures (tunelab.models.mot)."""
+    for config in (model_dir / "config.json", model_dir / "base" / "config.json"):
+        try:
+            if json.loads(config.read_text()).get("model_type") == "tunelab_mot":
+                return True
+        except (OSError, ValueError, AttributeError):
+            continue
+    return False
+
+
 def _loading_section(model_dir: Path, adapter: Mapping[str, Any]) -> list[str]:
     name = "path/to/this/directory"
     chat = ('messages = [{"role": "user", "content": "..."}]\n'
@@ -151,7 +162,11 @@ def _loading_section(model_dir: Path, adapter: Mapping[str, Any]) -> list[str]:
         code = ("from peft import AutoPeftModelForCausalLM\nfrom transformers import AutoTokenizer\n\n"
                 f'model = AutoPeftModelForCausalLM.from_pretrained("{name}")  # fetches the base model too\n'
                 f'tokenizer = AutoTokenizer.from_pretrained("{name}")\n')
-    return ["## How to load", "", "With plain transformers" + (" and PEFT" if adapter else "") + " (no tunelab):", "",
+    intro = "With plain transformers" + (" and PEFT" if adapter else "") + " (no tunelab):"
+    if _tunelab_architecture(model_dir):  # tunelab's own class: registered with transformers by one call
+        code = "import tunelab.models.mot\n\ntunelab.models.mot.register()  # model_type tunelab_mot\n" + code
+        intro = "With transformers and tunelab installed (mixture of tokens is tunelab's own architecture):"
+    return ["## How to load", "", intro, "",
             "```python", code + chat, "```", "",
             "Or serve it behind an OpenAI-compatible API: `tunelab serve run=<run dir>`.", ""]
 

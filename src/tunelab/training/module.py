@@ -114,8 +114,9 @@ class TuneModule(pl.LightningModule):
             )
         self._window_loss = self._window_loss.to(loss.total.device) + loss.total.detach()
         self._window_tokens += int(loss.units)
-        for name, value in loss.figures.items():
-            self.log(name, value, on_step=True)
+        if loss.figures and (self._trainer is None or self._logs_this_step()):  # ~0.8 ms a log: only when kept
+            for name, value in loss.figures.items():
+                self.log(name, value, on_step=True)
         loss_sum = loss.total if loss.regulariser is None else loss.total + loss.regulariser
         trainer = self._trainer  # None when a test calls the step without a Trainer
         if trainer is not None and trainer.strategy.handles_gradient_accumulation:
