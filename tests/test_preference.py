@@ -218,3 +218,15 @@ def test_short_run_logs_trl_figure_names(tmp_path, objective):
     assert "test/brand_voice" in metrics and "baseline/test/rewards/accuracies" in metrics
     card = (Path(cfg.paths.run_dir) / "model" / "README.md").read_text()
     assert f"Objective: **{objective}** (beta " in card
+
+
+def test_beta_sweep_composes_and_a_misspelt_key_is_refused():
+    from tunelab import cli
+
+    grid = ["objective=dpo", "objective.beta=0.05,0.1,0.5", "dataset=brand_replies", "model=tiny_instruct",
+            "method=lora"]
+    combos = cli._expand(grid, multirun=True)
+    assert sorted(c[1] for c in combos) == [f"objective.beta={b}" for b in ("0.05", "0.1", "0.5")]
+    cli.preflight(["-m", *grid])
+    with pytest.raises(ConfigError, match="bta"):
+        cli.preflight(["-m", "objective=dpo", "objective.bta=0.1,0.2", "dataset=brand_replies"])

@@ -78,11 +78,15 @@ def test_dpo_loss_and_rewards_equal_trl(tmp_path, rows, tokenizer, batch, method
     model = load_causal_lm(INSTRUCT)
     extra = {"ref_model": load_causal_lm(INSTRUCT)} if method == "full" else {
         "peft_config": LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False)}
+    # Full fine-tuning: tunelab's frozen copy is taken first, from the unpatched model (TRL's forward patch closes
+    # over the original model, so a deep copy of a patched model would still run the original's weights).
+    module = TuneModule(model, tokenizer, torch.optim.SGD, objective=DPO(beta=0.2)) if method == "full" else None
     trainer = DPOTrainer(model=model, args=_args(tmp_path, DPOConfig, beta=0.2), train_dataset=Dataset.from_list(rows),
                          processing_class=tokenizer, **extra)
     policy = trainer.model  # the same object for both: TRL's forward patch falls back to the original without its flag
-    module = TuneModule(policy, tokenizer, torch.optim.SGD, objective=DPO(beta=0.2))  # full: copies the reference now
-    assert module.objective.reference.copied == (method == "full")
+    if module is None:  # LoRA: TRL wrapped the model in its adapter; the reference is that model, adapter disabled
+        module = TuneModule(policy, tokenizer, torch.optim.SGD, objective=DPO(beta=0.2))
+    assert module.model is policy and module.objective.reference.copied == (method == "full")
     if method == "full":
         _perturb(policy)
     policy.train()

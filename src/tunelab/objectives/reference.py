@@ -56,6 +56,8 @@ class Reference:
         self._copy: list[nn.Module] = []  # a list: an nn.Module attribute of a module would join its state_dict
 
     def attach(self, model: nn.Module) -> None:
+        # A deep copy: a forward patched on the instance by a closure over the original model (TRL's fused LM head)
+        # would still run the original's weights, so attach before anything patches the model.
         if not is_adapter_model(model) and not self._copy:
             self._copy.append(copy.deepcopy(model).eval().requires_grad_(False))
 
