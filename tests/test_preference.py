@@ -230,3 +230,27 @@ def test_beta_sweep_composes_and_a_misspelt_key_is_refused():
     cli.preflight(["-m", *grid])
     with pytest.raises(ConfigError, match="bta"):
         cli.preflight(["-m", "objective=dpo", "objective.bta=0.1,0.2", "dataset=brand_replies"])
+
+
+@pytest.mark.slow
+def test_sft_then_dpo_pipeline_runs_end_to_end_and_scores_each_stage(tmp_path):
+    from omegaconf import open_dict
+
+    from tunelab.config.compose import compose
+    from tunelab.job import RunContext
+    from tunelab.verbs.pipeline import run_pipeline
+
+    cfg = compose(["pipeline=sft_then_dpo", "logger=none", f"paths.output_dir={tmp_path}", "scoring.max_samples=4"],
+                  "pipeline")
+    assert cfg.adapter_carry._target_.endswith("merge_adapter")  # DPO's reference is then the SFT model
+    with open_dict(cfg):
+        cfg.stage_overrides = ["logger=none", "hyperparams.max_steps=2", "hyperparams.batch_size=4",
+                               "hyperparams.eval_batch_size=8", "eval.max_eval_samples=4", "decoding.max_new_tokens=8",
+                               "callbacks.progress.refresh_rate=0"]
+    out = tmp_path / "p"
+    summary = run_pipeline(cfg, RunContext.local(out))
+    assert summary["rows"] == ["baseline", "sft", "dpo"] and summary["stages_done"] == 2
+    header = (out / "matrix.csv").read_text().splitlines()[0]
+    assert "brand_replies/brand_voice" in header and "brand_replies_sft/brand_voice" in header
+    dpo = next(out.glob("02_dpo"))
+    assert "Objective: **dpo** (beta 0.1" in (dpo / "model" / "README.md").read_text()

@@ -66,7 +66,10 @@ def _compare(ours, pairs: int, loss: torch.Tensor, theirs: dict[str, float], pre
     assert float(ours.units) == pairs
     assert float(ours.total) / pairs == pytest.approx(float(loss), abs=1e-5)
     for name in FIGURES:
-        assert float(ours.figures[prefix + name]) == pytest.approx(theirs[name], abs=1e-5), name
+        # Summed log-probs are ~-450 here, where one fp32 ulp is 3e-5 and TRL's fused head sums in another order:
+        # they agree to 1e-6 relative; the loss and the rewards (differences of them) to 1e-5 absolute.
+        tolerance = {"rel": 1e-6} if name.startswith("logps/") and abs(theirs[name]) > 10 else {"abs": 1e-5}
+        assert float(ours.figures[prefix + name]) == pytest.approx(theirs[name], **tolerance), name
     assert 0 < theirs["rewards/accuracies"] or theirs["rewards/margins"] != 0  # the check is not on zeros
 
 
