@@ -208,6 +208,7 @@ FAST = ["model=tiny_instruct", "method=lora", "hyperparams.max_steps=2", "hyperp
         "dataset=brand_replies", "decoding.max_new_tokens=8"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("objective", ["dpo", "simpo"])
 def test_short_run_logs_trl_figure_names(tmp_path, objective):
     cfg = make_cfg(tmp_path, [*FAST, f"objective={objective}"])
