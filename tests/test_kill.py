@@ -1,6 +1,7 @@
 """Kill harness: real processes interrupted at 12 points, each resumed with `resume=auto` in place; each
 chain ends bitwise equal (max abs difference 0.0) to an uninterrupted run, for full fine-tuning and LoRA
-(dropout 0.05), with gradient accumulation. 10 SIGKILLs (mid-accumulation, right after a checkpoint,
+(dropout 0.05), with gradient accumulation; and a DPO chain (4 more SIGKILLs, full fine-tuning against its frozen
+reference copy). 10 SIGKILLs (mid-accumulation, right after a checkpoint,
 epoch boundaries, validation, inside checkpoint writes, after training) lose at most the checkpoint
 interval; SIGTERM exits 143 and SIGINT 130 after finishing the step and writing a checkpoint (lose nothing).
 
@@ -15,6 +16,7 @@ import os
 import signal
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -35,7 +37,12 @@ COMMON = ["eval.baseline=false", "eval.test=false", "eval.generate_on_val=false"
           "hyperparams.eval_batch_size=8", "eval.max_eval_samples=8", "hyperparams.accumulate_grad_batches=2",
           "hyperparams.epochs=3", f"callbacks.checkpoint.every_n_steps={EVERY}",
           "callbacks.checkpoint.every_minutes=null", "callbacks.progress.refresh_rate=0"]
-WEIGHTS = {"full": "model.safetensors", "lora": "adapter_model.safetensors"}  # LoRA with its default dropout 0.05
+WEIGHTS = {"full": "model.safetensors", "lora": "adapter_model.safetensors",  # LoRA with its default dropout 0.05
+           "dpo": "model.safetensors"}
+# Each chain's run: its method, and for `dpo` the preference objective on the bundled pairs (full fine-tuning, so
+# the reference is the frozen copy a resumed run must take again from the starting weights, not the restored ones).
+RUNS = {"full": ["method=full"], "lora": ["method=lora"],
+        "dpo": ["method=full", "objective=dpo", "dataset=brand_replies", "objective.beta=0.5"]}
 # Each entry interrupts one process of the chain; the next one resumes with resume=auto.
 # ("kill", where, step, epoch, micro): SIGKILL at that point (see killpoints.KillAt).
 # ("signal", signum, step, exit code): the signal in the 2nd micro-batch of `step`; the step finishes first.
@@ -52,11 +59,15 @@ CHAINS = {
              ("kill", "batch_start", 9, 0, 1),    # mid-accumulation in epoch 2
              ("kill", "write_tmp", 10, 0, 0),     # inside the step-10 checkpoint write
              ("kill", "train_end", 0, 0, 0)],     # after training, before export: the final checkpoint carries it
+    "dpo": [("kill", "batch_start", 1, 0, 1),     # mid-accumulation, before any checkpoint exists
+            ("kill", "epoch_start", 0, 1, 0),     # epoch boundary
+            ("kill", "write_tmp", 8, 0, 0),       # inside the step-8 checkpoint write
+            ("kill", "batch_start", 9, 0, 1)],    # mid-accumulation in epoch 2
 }
 
 
-def run_args(tmp: Path, method: str, name: str) -> list[str]:
-    return [*COMMON, f"method={method}", f"paths.output_dir={tmp}", f"paths.cache_dir={tmp.parent}/cache",
+def run_args(tmp: Path, chain: str, name: str) -> list[str]:
+    return [*COMMON, *RUNS[chain], f"paths.output_dir={tmp}", f"paths.cache_dir={tmp.parent}/cache",
             f"run_id={name}"]
 
 
@@ -70,21 +81,25 @@ def max_abs_difference(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory) -> dict[str, dict[str, torch.Tensor]]:
-    """The uninterrupted run of each method."""
+def reference(tmp_path_factory) -> Callable[[str], dict[str, torch.Tensor]]:
+    """The uninterrupted run of a chain, made when a test first asks for it (`-k dpo` runs only DPO's)."""
     import peft  # noqa: F401 - imported once here rather than in every forked run
     import transformers.modeling_utils  # noqa: F401
 
     import tunelab.verbs.train  # noqa: F401
 
     tmp = tmp_path_factory.mktemp("reference")
-    out = {}
-    for method in WEIGHTS:
-        log = tmp / f"{method}.log"
-        code = fork_tunelab(run_args(tmp, method, method), log)
-        assert code == 0, log.read_text()[-3000:]
-        out[method] = weights(tmp / "runs" / method, method)
-    return out
+    out: dict[str, dict[str, torch.Tensor]] = {}
+
+    def get(method: str) -> dict[str, torch.Tensor]:
+        if method not in out:
+            log = tmp / f"{method}.log"
+            code = fork_tunelab(run_args(tmp, method, method), log)
+            assert code == 0, log.read_text()[-3000:]
+            out[method] = weights(tmp / "runs" / method, method)
+        return out[method]
+
+    return get
 
 
 def run_console_script(args: list[str], log: Path) -> int:
@@ -132,4 +147,4 @@ def test_interrupt_anywhere_then_resume_ends_bitwise_equal(tmp_path, reference, 
     assert code == 0, log.read_text()[-3000:]
     text = "\n".join(p.read_text() for p in sorted(tmp_path.glob("*.log")))
     assert "skipping" in text and "Traceback" not in text
-    assert max_abs_difference(weights(run_dir, method), reference[method]) == 0.0
+    assert max_abs_difference(weights(run_dir, method), reference(method)) == 0.0

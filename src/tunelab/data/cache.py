@@ -20,7 +20,8 @@ from tunelab.data.encode import Encoded
 from tunelab.data.sources import SUFFIXES
 
 log = logging.getLogger(__name__)
-FORMAT_VERSION = 1  # bump when the encoding logic changes what a cached entry holds
+# Bump when the encoding logic changes what a cached entry holds (2: preference pairs' rejected_ids/labels).
+FORMAT_VERSION = 2
 
 
 def _file_digests(source: dict[str, Any]) -> dict[str, str]:

@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader, Sampler
 
 from tunelab.config.schema import DatasetSchema, Packing, dataset_spec
 from tunelab.data.cache import cache_key, read_cache, write_cache
-from tunelab.data.encode import IGNORE, Encoded, apply_length_policy, encode_chat, encode_text
+from tunelab.data.encode import IGNORE, Encoded, apply_length_policy, encode_chat, encode_pair, encode_text
 from tunelab.data.formats import Example
 from tunelab.data.items import build_items
 from tunelab.data.packing import PackedRows, RowSampler, first_fit_decreasing
@@ -249,6 +249,8 @@ def encode_task(
     cfg = cfg if isinstance(cfg, DatasetSchema) else dataset_spec(cfg)
 
     def encode(fields: dict[str, Any], example: Example) -> Encoded | None:
+        if example.rejected is not None:
+            return encode_pair(tokenizer, example, max_seq_len, cfg.overlength.value)
         item = (encode_text(tokenizer, example) if example.text is not None
                 else encode_chat(tokenizer, example, cfg.train_on_prompt))
         return apply_length_policy(item, max_seq_len, cfg.overlength.value)

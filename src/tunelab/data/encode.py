@@ -27,6 +27,10 @@ class Encoded:
     prompt_ids: list[int] | None
     reference: str | None
     origin: str
+    # A preference pair (formats.preference): the same prompt ending in the rejected reply, ids and labels as above.
+    # Flat lists, not a nested Encoded, so the JSON cache stores them as they are.
+    rejected_ids: list[int] | None = None
+    rejected_labels: list[int] | None = None
 
     @property
     def supervised(self) -> int:
@@ -100,6 +104,18 @@ def encode_text(tokenizer: Any, example: Example) -> Encoded:
     if tokenizer.bos_token_id is not None and getattr(tokenizer, "add_bos_token", False):
         ids = [tokenizer.bos_token_id] + ids
     return Encoded(ids, list(ids), None, None, example.origin)
+
+
+def encode_pair(tokenizer: Any, example: Example, max_len: int, policy: str) -> Encoded | None:
+    """A preference example: the chosen chat as the example (what SFT trains on and evaluation scores against) and
+    the rejected chat beside it, each held to `max_seq_len` by `policy` (a pair is dropped if either is)."""
+    chosen = apply_length_policy(encode_chat(tokenizer, example), max_len, policy)
+    rejected = encode_chat(tokenizer, Example(f"{example.origin}: rejected", messages=example.rejected or []))
+    rejected = apply_length_policy(rejected, max_len, policy)
+    if chosen is None or rejected is None:
+        return None
+    chosen.rejected_ids, chosen.rejected_labels = rejected.input_ids, rejected.labels
+    return chosen
 
 
 def apply_length_policy(encoded: Encoded, max_len: int, policy: str) -> Encoded | None:

@@ -8,6 +8,8 @@ such function and one YAML. The built-in ones:
 - `instruction`: Alpaca-style `instruction`, optional `input`, and `output` columns.
 - `chat`: a `messages` column of role/content dicts (OpenAI style; ShareGPT's from/value is accepted).
 - `text`: a `text` column for continued pre-training; every token is supervised.
+- `preference`: a prompt, a `chosen` and a `rejected` reply (TRL's shapes, plain strings or message lists), for
+  preference objectives (`objective=dpo|simpo`); any other objective trains on the chosen reply.
 """
 
 from __future__ import annotations
@@ -87,6 +89,7 @@ class Example:
     messages: list[dict[str, str]] = field(default_factory=list)
     text: str | None = None
     template: int | None = None  # index into the template library, when one was used
+    rejected: list[dict[str, str]] | None = None  # a preference row: the same chat ending in the rejected reply
 
     @property
     def reference(self) -> str | None:
@@ -229,3 +232,46 @@ def instruction(fields: Mapping[str, Any], row: RowContext) -> Example:
         raise DataError(f"{row.origin}: input: expected a string, got {type(extra).__name__}")
     prompt = f"{prompt}\n\n{extra}" if extra and extra.strip() else prompt
     return _single_turn(row, prompt, _text_field(row, fields, "output"))
+
+
+def _reply(row: RowContext, fields: Mapping[str, Any], name: str) -> list[dict[str, str]]:
+    """`chosen`/`rejected` as messages: a string is one assistant turn; a list is TRL's conversational shape."""
+    value = fields.get(name)
+    if isinstance(value, str):
+        if not value.strip():
+            raise DataError(f"{row.origin}: {name}: empty")
+        return [{"role": "assistant", "content": value}]
+    if isinstance(value, list):
+        return _chat(row, {"messages": value})
+    if name not in fields:
+        raise DataError(f"{row.origin}: {name}: missing", hint="a preference row has prompt, chosen and rejected")
+    raise DataError(f"{row.origin}: {name}: expected a string or a list of messages, got {type(value).__name__}")
+
+
+def preference(fields: Mapping[str, Any], row: RowContext) -> Example:
+    """A `prompt`, a `chosen` and a `rejected` reply, in TRL's shapes: strings (standard), message lists
+    (conversational), or no prompt and two whole conversations that differ only in the last assistant turn
+    (implicit prompt). With a template library the prompt is rendered by the drawn template's prompt (its
+    completion is not used). The chosen chat is the example's `messages` (what SFT trains on and evaluation
+    scores against); `rejected` is the same prompt ending in the rejected reply."""
+    chosen, rejected = _reply(row, fields, "chosen"), _reply(row, fields, "rejected")
+    drawn = None
+    if row.templates:
+        drawn = random.Random(f"{row.seed}:{row.index}").randrange(len(row.templates))
+        prompt = [{"role": "user", "content": _render(row, row.templates[drawn][0], fields, "prompt")}]
+    elif isinstance(fields.get("prompt"), list):
+        prompt = _chat(row, {"messages": [*fields["prompt"], {"role": "assistant", "content": "-"}]})[:-1]
+    elif "prompt" in fields:
+        prompt = [{"role": "user", "content": _text_field(row, fields, "prompt")}]
+    else:  # implicit prompt: everything before the last turn, the same in both
+        prompt, chosen, rejected = chosen[:-1], chosen[-1:], rejected[-1:]
+        if _reply(row, fields, "rejected")[:-1] != prompt:
+            raise DataError(f"{row.origin}: chosen and rejected: without a prompt column they must share every "
+                            "turn but the last", hint="add a prompt column (TRL's explicit-prompt shape)")
+    if not prompt:
+        raise DataError(f"{row.origin}: prompt: empty", hint="a preference row needs a prompt to reply to")
+    if chosen == rejected:
+        raise DataError(f"{row.origin}: chosen and rejected: identical",
+                        hint="a pair teaches nothing when both replies are the same; fix or drop the row")
+    prompt = _with_system(prompt, row.system_prompt)
+    return Example(row.origin, messages=[*prompt, *chosen], template=drawn, rejected=[*prompt, *rejected])

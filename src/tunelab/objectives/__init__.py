@@ -14,6 +14,8 @@ config node without its methods. It supplies three methods:
   for one validation or test batch (val/loss, test/loss and their ppl are its token mean over the split).
   `module` is the `TuneModule`: `module.forward_batch(batch)` runs the model on a padded, packed or
   flattened batch, `module.model` is the model itself.
+- optionally `attach(model)`, called once when the module is built, before any checkpoint is restored (DPO takes
+  its frozen reference copy there for full fine-tuning; `tunelab.objectives.reference`).
 
 The module keeps the normalisation (a `Loss` is a sum; the step divides by the units of the whole effective
 batch on every rank), the non-finite check and the logging; it holds no loss formula of its own.
@@ -37,7 +39,9 @@ class Loss:
     total: torch.Tensor  # the summed loss; train/loss, val/loss and test/loss are total / units over the step or split
     units: torch.Tensor  # how many units `total` sums over
     regulariser: torch.Tensor | None = None  # added to what backward sees, not to the reported loss; summed alike
-    figures: dict[str, torch.Tensor] = field(default_factory=dict)  # logged on each training step, e.g. train/aux_loss
+    # train_loss: logged on each training step under their full name, e.g. train/aux_loss; eval_loss: batch means
+    # averaged over the split weighted by `units`, logged as <prefix>/<name> (val/rewards/margins for DPO's)
+    figures: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 class Forward(Protocol):

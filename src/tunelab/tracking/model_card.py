@@ -75,6 +75,7 @@ def card_text(model_dir: Path, config: Mapping[str, Any] | None, config_text: st
               if trainable and total else "")
     lines += [f"Fine-tuned with tunelab from {base_label} on the `{dataset}` dataset by "
               f"**{method}**.{counts}", ""]
+    lines += _objective_line(config)
     if note:
         lines += [note, ""]
     lines += _results_section(metrics)
@@ -85,6 +86,15 @@ def card_text(model_dir: Path, config: Mapping[str, Any] | None, config_text: st
               "The composed tunelab config (secrets masked); re-run with `tunelab train` and these overrides.", "",
               "```yaml", config_text.rstrip(), "```", ""]
     return "\n".join(lines)
+
+
+def _objective_line(config: Mapping[str, Any]) -> list[str]:
+    """`Objective: **dpo** (beta 0.1, label_smoothing 0.0)`: what the loss was, with its settings."""
+    node = dict(config.get("objective") or {})
+    target = str(node.pop("_target_", "") or "")
+    name = str(config.get("objective_choice") or target.rsplit(".", 1)[-1].lower() or "sft")
+    settings = ", ".join(f"{k} {v}" for k, v in node.items() if not str(k).startswith("_"))
+    return [f"Objective: **{name}**" + (f" ({settings})" if settings else "") + ".", ""]
 
 
 def _results_section(metrics: Mapping[str, float]) -> list[str]:
@@ -207,6 +217,7 @@ def publish_model(cfg: Any, run: RunContext, callbacks: Sequence[Any], loggers: 
         return
     config, text = _config_for_card(cfg)
     config["method_choice"] = run.choices.get("method")
+    config["objective_choice"] = run.choices.get("objective")
     for callback in callbacks:
         model_dir = getattr(callback, "dirpath", None)
         if not isinstance(callback, SaveHFModel) or not (Path(model_dir) / "config.json").is_file() and \

@@ -48,6 +48,9 @@ class TuneModule(pl.LightningModule):
         super().__init__()
         self.model, self.tokenizer = model, tokenizer
         self.objective: Objective = objective if objective is not None else SFT()  # conf/objective/
+        attach = getattr(self.objective, "attach", None)
+        if attach is not None:  # e.g. DPO's frozen reference copy: taken now, before a checkpoint is restored
+            attach(model)
         self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
         self.warmup_ratio = warmup_ratio
         self.generation = dict(generation or {})
@@ -67,6 +70,9 @@ class TuneModule(pl.LightningModule):
         # cannot be updated later by validation.
         # Per-task means only for mixtures: metric names are `val/<task>/<metric>` and overall `val/<metric>`.
         groups = {"overall": self.scorers, **(self.tasks if len(self.tasks) > 1 else {})}
+        # The objective's own eval figures (DPO's rewards/...): a unit-weighted mean over the split, created on first
+        # sight; a plain dict, so they stay out of the module's state_dict and checkpoints.
+        self.figure_means: dict[str, dict[str, MeanMetric]] = {"val": {}, "test": {}}
         self.running = nn.ModuleDict({
             stage: nn.ModuleDict({
                 group: nn.ModuleDict({"loss": MeanMetric(), **{name: MeanMetric() for name in scorers}})
@@ -199,6 +205,11 @@ class TuneModule(pl.LightningModule):
         loss = self.objective.eval_loss(self, batch)
         for running in groups:  # token means over the whole split, not means of batch means
             running["loss"].update(loss.total / loss.units.clamp(min=1), weight=loss.units)
+        for name, value in loss.figures.items():
+            means = self.figure_means[stage]
+            if name not in means:
+                means[name] = MeanMetric().to(self.device)
+            means[name].update(value.detach().float(), weight=loss.units)
         scorers = self.tasks.get(task, self.scorers)
         if score and scorers and "prompt_ids" in batch:
             # The one scoring path (tunelab eval, pipelines and the server use the same two calls).
@@ -218,6 +229,10 @@ class TuneModule(pl.LightningModule):
                     if name == "loss":
                         self.log(f"{base}/ppl", perplexity(value), add_dataloader_idx=False)
                 metric.reset()
+        for name, metric in self.figure_means[stage].items():
+            if metric.update_count:
+                self.log(f"{prefix}/{name}", metric.compute(), add_dataloader_idx=False)
+            metric.reset()
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> None:
         self._eval_step("val", batch, self.generate_on_val)
