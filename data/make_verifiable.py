@@ -23,6 +23,8 @@ import random
 import re
 from pathlib import Path
 
+from make_tasks import write_jsonl  # the one JSONL writer of the data scripts
+
 HERE = Path(__file__).resolve().parent
 SPLITS: dict[str, int] = {"train": 2000, "validation": 100, "test": 200}
 TEMPLATES = {
@@ -70,22 +72,24 @@ def generate(seed: int, seen_by_instructions: set[frozenset[int]]) -> dict[str, 
     return out
 
 
+def table(splits: dict[str, list[dict[str, object]]]) -> str:
+    """The split sizes and the larger/smaller balance, as a Markdown table (data/README.md)."""
+    lines = ["| split | rows | larger | smaller |", "|---|---|---|---|"]
+    for split, rows in splits.items():
+        larger = sum(row["relation"] == "larger" for row in rows)
+        lines.append(f"| {split} | {len(rows)} | {larger} | {len(rows) - larger} |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=HERE, help="writes <out>/compare/")
     parser.add_argument("--seed", type=int, default=1234)
-    parser.add_argument("--out", type=Path, default=HERE)
     args = parser.parse_args()
     splits = generate(args.seed, instruction_pairs(HERE))
-    print("| split | rows | larger | smaller |")
-    print("|---|---|---|---|")
     for split, rows in splits.items():
-        folder = args.out / "compare"
-        folder.mkdir(parents=True, exist_ok=True)
-        with (folder / f"{split}.jsonl").open("w", encoding="utf-8") as handle:
-            for row in rows:
-                handle.write(json.dumps(row) + "\n")
-        larger = sum(row["relation"] == "larger" for row in rows)
-        print(f"| {split} | {len(rows)} | {larger} | {len(rows) - larger} |")
+        write_jsonl(args.out / "compare", split, rows)
+    print(table(splits))
 
 
 if __name__ == "__main__":

@@ -13,8 +13,8 @@ from tunelab import paths
 from tunelab.models.load import load_causal_lm, load_tokenizer
 from tunelab.objectives.grpo import (
     completion_mask,
-    grpo_token_loss,
     group_advantages,
+    grpo_token_loss,
     reference_token_logps,
     summed_loss,
     token_logps,
