@@ -220,13 +220,13 @@ class GRPO:
                 self.reference.to(device)  # taken before Lightning moved the model
             ref = reference_token_logps(model, self.reference, rollout["ids"], rollout["mask"], width,
                                         self.temperature)
-        per_token, kl, ratio = grpo_token_loss(logps, logps.detach(), ref, advantages, self.beta, self.epsilon_low,
+        per_token, kl, _ = grpo_token_loss(logps, logps.detach(), ref, advantages, self.beta, self.epsilon_low,
                                                self.epsilon_high)
         total, units = summed_loss(per_token, cmask, self.loss_type, self.max_new_tokens)
-        return Loss(total, units, figures=self.figures(per_func, rewards, advantages, cmask, kl, ratio))
+        return Loss(total, units, figures=self.figures(per_func, rewards, advantages, cmask, kl))
 
     def figures(self, per_func: torch.Tensor, rewards: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
-                kl: torch.Tensor | None, ratio: torch.Tensor) -> dict[str, torch.Tensor]:
+                kl: torch.Tensor | None) -> dict[str, torch.Tensor]:
         """This micro-batch's figures under TRL's metric names (logged as train/<name>)."""
         lengths = mask.sum(dim=1).float()
         grouped_std = rewards.view(-1, self.num_generations).std(dim=1)
@@ -240,8 +240,8 @@ class GRPO:
         for i, name in enumerate(self.rewards):
             out[f"train/rewards/{name}/mean"] = per_func[:, i].mean()
             out[f"train/rewards/{name}/std"] = per_func[:, i].std()
-        m = mask.to(ratio.dtype)
-        if kl is not None:
+        if kl is not None:  # TRL's: the token mean over the completions
+            m = mask.to(kl.dtype)
             out["train/kl"] = (kl.detach() * m).sum() / m.sum().clamp(min=1.0)
         return {k: v.detach() for k, v in out.items()}
 
