@@ -54,8 +54,11 @@ def _perturbed_policy() -> torch.nn.Module:
 
 
 # TRL's defaults (dapo, group) in the fast tier; the other loss types and scalings with the slow tests.
-@pytest.mark.parametrize(("loss_type", "scale"), [("dapo", "group"), pytest.param("grpo", "batch", marks=pytest.mark.slow),
-                                                  pytest.param("dr_grpo", "none", marks=pytest.mark.slow)])
+@pytest.mark.parametrize(("loss_type", "scale"), [
+    ("dapo", "group"),
+    pytest.param("grpo", "batch", marks=pytest.mark.slow),
+    pytest.param("dr_grpo", "none", marks=pytest.mark.slow),
+])
 def test_advantages_reference_loss_and_gradients_equal_trls(tmp_path, loss_type, scale):
     torch.manual_seed(0)
     tokenizer = load_tokenizer(str(MODEL))
