@@ -81,6 +81,13 @@ class TuneModule(pl.LightningModule):
             for stage in ("val", "test")
         })
 
+    def setup(self, stage: str) -> None:
+        # An objective that compares with the starting model (GRPO's KL to a frozen copy) takes it here: Lightning
+        # calls setup before it restores a checkpoint, so a resumed run's reference is the starting model too.
+        prepare = getattr(self.objective, "setup", None)
+        if prepare is not None:
+            prepare(self, stage)
+
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         # FlashAttention kernels take a packed batch padding-free: one row of real tokens, boundaries as
         # cu_seq_lens. sdpa/eager keep the 4D block mask (restarting position ids alone leak: PITFALLS).
