@@ -1,4 +1,4 @@
-"""Generate the bundled verifiable task ``data/compare/``: "which number is larger/smaller?" questions.
+"""Generate the bundled verifiable task ``data/larger_smaller/``: "which number is larger/smaller?" questions.
 
 Stdlib only and seeded, like the other ``make_*.py`` scripts: every run writes byte-identical files.
 Each row asks for the larger or the smaller of two whole numbers from 1 to 99 and carries the one right
@@ -11,7 +11,7 @@ test pair is one the instruction set asks about, so held-out questions are new t
 
 Usage::
 
-    python data/make_verifiable.py              # writes data/compare/{train,validation,test}.jsonl
+    python data/make_verifiable.py              # writes data/larger_smaller/{train,validation,test}.jsonl
     python data/make_verifiable.py --seed 7 --out /tmp/data
 """
 
@@ -83,12 +83,12 @@ def table(splits: dict[str, list[dict[str, object]]]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=HERE, help="writes <out>/compare/")
+    parser.add_argument("--out", type=Path, default=HERE, help="writes <out>/larger_smaller/")
     parser.add_argument("--seed", type=int, default=1234)
     args = parser.parse_args()
     splits = generate(args.seed, instruction_pairs(HERE))
     for split, rows in splits.items():
-        write_jsonl(args.out / "compare", split, rows)
+        write_jsonl(args.out / "larger_smaller", split, rows)
     print(table(splits))
 
 

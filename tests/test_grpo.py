@@ -27,7 +27,7 @@ from tunelab.objectives.rewards import integer_format, total_reward
 from tunelab.training.module import TuneModule
 
 MODEL = paths.assets_dir() / "tiny-instruct"
-GRPO_FAST = ["objective=grpo", "model=tiny_instruct", "dataset=compare", "objective.num_generations=4",
+GRPO_FAST = ["objective=grpo", "model=tiny_instruct", "dataset=larger_smaller", "objective.num_generations=4",
              "objective.max_new_tokens=4", "hyperparams.batch_size=2", "hyperparams.eval_batch_size=16",
              "eval.max_eval_samples=16", "eval.baseline=false", "+trainer.limit_val_batches=1"]
 
@@ -54,7 +54,7 @@ def test_advantages_are_centred_per_group_and_a_tied_group_gets_none():
 
 
 def test_the_objective_composes_sweeps_and_refuses_bad_values():
-    cfg = compose(["objective=grpo", "dataset=compare", "objective.beta=0.1", "objective.num_generations=4",
+    cfg = compose(["objective=grpo", "dataset=larger_smaller", "objective.beta=0.1", "objective.num_generations=4",
                    "objective.reward_weights.format=0.0", "objective.loss_type=grpo"])
     validate(cfg)
     objective = build(cfg.objective)
@@ -62,7 +62,7 @@ def test_the_objective_composes_sweeps_and_refuses_bad_values():
     assert set(objective.rewards) == {"correct", "format"} and objective.rewards["format"]("12", "3") == 1.0
     # Every key of the objective is a sweep axis: a multirun over two of them composes each job.
     for beta, group in [(0.0, 2), (0.04, 8)]:
-        validate(compose(["objective=grpo", "dataset=compare", f"objective.beta={beta}",
+        validate(compose(["objective=grpo", "dataset=larger_smaller", f"objective.beta={beta}",
                           f"objective.num_generations={group}"]))
     for override, key in [("objective.num_generations=1", "objective.num_generations"),
                           ("objective.loss_type=bnpo_typo", "objective.loss_type"),
@@ -79,7 +79,7 @@ def test_the_objective_composes_sweeps_and_refuses_bad_values():
 
 
 def _batch(tokenizer, objective: GRPO) -> dict:
-    rows = [json.loads(line) for line in (paths.data_dir() / "compare" / "train.jsonl").read_text().splitlines()[:3]]
+    rows = [json.loads(line) for line in (paths.data_dir() / "larger_smaller" / "train.jsonl").read_text().splitlines()[:3]]
     encoded = [encode_chat(tokenizer, Example(messages=[{"role": "user", "content": r["question"]},
                                                         {"role": "assistant", "content": r["answer"]}],
                                               origin=f"train.jsonl:{i}"))
@@ -133,7 +133,7 @@ def test_grpo_trains_with_lora_and_logs_trl_figures(tmp_path):
 
 
 def test_the_bundled_verifiable_task_holds_out_its_pairs():
-    splits = {s: [json.loads(x) for x in (paths.data_dir() / "compare" / f"{s}.jsonl").read_text().splitlines()]
+    splits = {s: [json.loads(x) for x in (paths.data_dir() / "larger_smaller" / f"{s}.jsonl").read_text().splitlines()]
               for s in ("train", "validation", "test")}
     assert [len(v) for v in splits.values()] == [2000, 100, 200]
     pairs = {s: {frozenset((r["a"], r["b"])) for r in rows} for s, rows in splits.items()}
