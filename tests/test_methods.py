@@ -202,7 +202,7 @@ def test_moe_trains_and_logs_aux_loss(method, tmp_path, spy, fast):
         assert any("experts" in n for n in changed) and any("router" in n or "gate" in n for n in changed)
     header = (tmp_path / "csv/metrics.csv").read_text().splitlines()[0].split(",")
     assert "train/aux_loss" in header
-    # router figures (tunelab.models.routing): top-2 of 4 experts, each step's shares sum to 1, dropless
+    # router figures (tunelab.objectives.routing): top-2 of 4 experts, each step's shares sum to 1, dropless
     assert {"train/router/entropy", "train/router/imbalance", "train/router/dropped_tokens"} <= set(header)
     rows = [r for r in csv.DictReader((tmp_path / "csv/metrics.csv").open()) if r.get("train/router/entropy")]
     assert rows and all(sum(float(r[f"train/router/share/{e}"]) for e in range(4)) == pytest.approx(1.0) for r in rows)

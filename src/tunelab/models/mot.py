@@ -143,13 +143,13 @@ class MoTForCausalLM(MoTPreTrainedModel, mixtral.MixtralForCausalLM):
         self.post_init()
 
     def router_figures(self, router_logits: tuple[torch.Tensor, ...], batch_size: int) -> dict[str, torch.Tensor]:
-        """Figures of the mixing, one value per name averaged over layers (what `tunelab.models.routing` logs).
+        """Figures of the mixing, one value per name averaged over layers (what `tunelab.objectives.routing` logs).
 
         In mixing mode every expert takes exactly one mixed token per group: the token share is 1/E by
         construction and nothing is dropped; the entropy is that of each expert's weights over its group (nats,
         at most ln group_size: 0 = the expert picks one token, ln G = an even blend). In sparse mode (eval,
         transition tuning) the figures are a sparse MoE's, which `routing.router_figures` computes."""
-        from tunelab.models.routing import sparse_figures
+        from tunelab.objectives.routing import sparse_figures
 
         if not (self.training and self.config.routing == "mix"):
             return sparse_figures(router_logits, self.config.num_experts_per_tok)

@@ -12,7 +12,7 @@ from torch import nn
 from tunelab.config.schema import Packing
 from tunelab.data.datamodule import Collator
 from tunelab.data.encode import IGNORE
-from tunelab.models.routing import router_figures
+from tunelab.objectives.routing import router_figures
 from tunelab.objectives import Forward, Loss
 
 
