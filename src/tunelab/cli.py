@@ -52,7 +52,7 @@ class Verb:
 VERBS: tuple[Verb, ...] = (
     Verb("train", "tunelab.verbs.train:train",
          "fine-tune: model=, method=, dataset=, hyperparams.*= (try: tunelab train --help)",
-         "train", check="tunelab.config.engine:check_engine"),
+         "train"),
     Verb("generate", "tunelab.verbs.generate:generate",
          'answer with a trained run: run=<run dir> --prompt "any text" (or - for stdin) [interactive=true]',
          "generate", options=("prompt",)),
@@ -135,7 +135,8 @@ def preflight(argv: list[str], config_name: str = "train", deep: bool = True, ch
     """Compose and validate what `argv` asks for; raise ConfigError on the first problem.
 
     `deep=False` leaves out the checks that import the training libraries (see config.validate).
-    `check` (`module:function`) is also called with each composed config when `deep` (a verb's own checks).
+    `check` (`module:function`) is also called with each composed config when `deep` (a verb's own checks), and so
+    are the checks of this machine (config/machine.py).
     """
     args = libraries.hydra_args(argv)
     if args.help or args.hydra_help or args.info or args.shell_completion:
@@ -161,6 +162,18 @@ def preflight(argv: list[str], config_name: str = "train", deep: bool = True, ch
             _check_multirun_strategy(cfg)
     if not deep:
         return
+    # What this machine offers (hub models cached or reachable, the GPU asked for, the engine's package) and the
+    # verb's own check (serve's host and key) before the option names: each answers in about a second, the deep
+    # checks only after torch and transformers load.
+    from tunelab.config.machine import check_machine
+
+    for cfg in cfgs:
+        check_machine(cfg)
+        if check:
+            import importlib
+
+            module, _, function = check.partition(":")
+            getattr(importlib.import_module(module), function)(cfg)
     if not _torch_loaded() and sys.stderr.isatty():
         # The imports take seconds (minutes on a busy machine): say what waits on them, to a person at a terminal
         # (captured stderr keeps its contract: a refusal is the one `tunelab: <kind> error:` message).
@@ -168,11 +181,6 @@ def preflight(argv: list[str], config_name: str = "train", deep: bool = True, ch
               "transformers)...", file=sys.stderr, flush=True)
     for cfg in cfgs:
         check_deep(cfg)
-        if check:
-            import importlib
-
-            module, _, function = check.partition(":")
-            getattr(importlib.import_module(module), function)(cfg)
 
 
 def _torch_loaded() -> bool:
