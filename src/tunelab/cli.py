@@ -20,6 +20,7 @@ from tunelab import libraries
 from tunelab.config.checks import check_deep
 from tunelab.config.compose import compose, new_run_id, quoting_hint, register_resolvers
 from tunelab.config.validate import validate
+from tunelab.console import quiet_known_noise
 from tunelab.errors import ConfigError, TunelabError, did_you_mean, exit_with
 
 
@@ -61,8 +62,8 @@ VERBS: tuple[Verb, ...] = (
     Verb("compare", "tunelab.verbs.compare:compare",
          "base zero-/few-shot, retrieval, fine-tuned (+retrieval) on one test split: run=<dir> dataset=", "compare"),
     Verb("export", "tunelab.verbs.export:export",
-         "merge adapters and write a plain Hugging Face model: run=<run dir> [out=<dir>] [merge=true|false]",
-         "export"),
+         "merge adapters and write a plain Hugging Face model: run=<run dir> [out=<dir>] [push_to_hub=<repo>]",
+         "export", check="tunelab.tracking.hub:check_push"),
     Verb("serve", "tunelab.verbs.serve:serve",
          "an OpenAI-compatible HTTP API over a run: run=<run dir or W&B artifact> [port=]",
          "serve", check="tunelab.verbs.serve:check_command_line"),
@@ -356,6 +357,7 @@ def run_verb(verb: Verb | str, argv: list[str] | None = None) -> None:
         verb = next(v for v in VERBS if v.name == verb)
     argv = overrides_last(old_spellings(verb, list(sys.argv[1:] if argv is None else argv)))
     register_resolvers()
+    quiet_known_noise()  # the libraries' tips and known-harmless warnings (each named in tunelab/console.py)
     os.environ.setdefault("HYDRA_FULL_ERROR", "0")
     if not any(a.startswith("run_id=") for a in argv):
         # Pin the id in the config so parallel workers (joblib, SLURM) all see the same value.
