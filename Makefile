@@ -9,7 +9,7 @@ BIN := $(VENV)/bin
 # docs/SCALE.md) makes pip choose joblib 1.5.x: hydra-ray-launcher pins cloudpickle<3.
 HAS_GPU := $(shell nvidia-smi -L >/dev/null 2>&1 && echo yes)
 TORCH ?= $(if $(HAS_GPU),torch>=2.4,torch==2.13.0)
-EXTRAS ?= $(if $(HAS_GPU),dev$(comma)sweep$(comma)serve$(comma)eval$(comma)rag$(comma)harness$(comma)ray$(comma)qlora$(comma)deepspeed$(comma)liger,dev$(comma)sweep$(comma)serve$(comma)eval$(comma)rag$(comma)harness$(comma)ray)
+EXTRAS ?= $(if $(HAS_GPU),dev$(comma)sweep$(comma)serve$(comma)eval$(comma)rag$(comma)harness$(comma)loggers$(comma)ray$(comma)qlora$(comma)deepspeed$(comma)liger,dev$(comma)sweep$(comma)serve$(comma)eval$(comma)rag$(comma)harness$(comma)loggers$(comma)ray)
 comma := ,
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?= $(if $(HAS_GPU),,-m "not gpu")  # the gpu-marked tests run where a GPU is

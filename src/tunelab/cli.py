@@ -20,6 +20,7 @@ from tunelab import libraries
 from tunelab.config.checks import check_deep
 from tunelab.config.compose import compose, new_run_id, quoting_hint, register_resolvers
 from tunelab.config.validate import validate
+from tunelab.console import quiet_known_noise
 from tunelab.errors import ConfigError, TunelabError, did_you_mean, exit_with
 
 
@@ -56,7 +57,7 @@ class Verb:
 VERBS: tuple[Verb, ...] = (
     Verb("train", "tunelab.verbs.train:train",
          "fine-tune: model=, method=, dataset=, hyperparams.*= (try: tunelab train --help)",
-         "train", check="tunelab.config.engine:check_engine"),
+         "train"),
     Verb("generate", "tunelab.verbs.generate:generate",
          'answer with a trained run: run=<run dir> --prompt "any text" (or - for stdin) [interactive=true]',
          "generate", options=("prompt",)),
@@ -72,8 +73,8 @@ VERBS: tuple[Verb, ...] = (
          "fine-tune the dense retriever on (question, gold passage) pairs: dataset=knowledge documents=knowledge",
          "train_retriever"),
     Verb("export", "tunelab.verbs.export:export",
-         "merge adapters and write a plain Hugging Face model: run=<run dir> [out=<dir>] [merge=true|false]",
-         "export"),
+         "merge adapters and write a plain Hugging Face model: run=<run dir> [out=<dir>] [push_to_hub=<repo>]",
+         "export", check="tunelab.tracking.hub:check_push"),
     Verb("serve", "tunelab.verbs.serve:serve",
          "an OpenAI-compatible HTTP API over a run: run=<run dir or W&B artifact> [port=]",
          "serve", check="tunelab.verbs.serve:check_command_line"),
@@ -146,7 +147,8 @@ def preflight(argv: list[str], config_name: str = "train", deep: bool = True, ch
     """Compose and validate what `argv` asks for; raise ConfigError on the first problem.
 
     `deep=False` leaves out the checks that import the training libraries (see config.validate).
-    `check` (`module:function`) is also called with each composed config when `deep` (a verb's own checks).
+    `check` (`module:function`) is also called with each composed config when `deep` (a verb's own checks), and so
+    are the checks of this machine (config/machine.py).
     """
     args = libraries.hydra_args(argv)
     if args.help or args.hydra_help or args.info or args.shell_completion:
@@ -172,6 +174,18 @@ def preflight(argv: list[str], config_name: str = "train", deep: bool = True, ch
             _check_multirun_strategy(cfg)
     if not deep:
         return
+    # What this machine offers (hub models cached or reachable, the GPU asked for, the engine's package) and the
+    # verb's own check (serve's host and key) before the option names: each answers in about a second, the deep
+    # checks only after torch and transformers load.
+    from tunelab.config.machine import check_machine
+
+    for cfg in cfgs:
+        check_machine(cfg)
+        if check:
+            import importlib
+
+            module, _, function = check.partition(":")
+            getattr(importlib.import_module(module), function)(cfg)
     if not _torch_loaded() and sys.stderr.isatty():
         # The imports take seconds (minutes on a busy machine): say what waits on them, to a person at a terminal
         # (captured stderr keeps its contract: a refusal is the one `tunelab: <kind> error:` message).
@@ -179,11 +193,6 @@ def preflight(argv: list[str], config_name: str = "train", deep: bool = True, ch
               "transformers)...", file=sys.stderr, flush=True)
     for cfg in cfgs:
         check_deep(cfg)
-        if check:
-            import importlib
-
-            module, _, function = check.partition(":")
-            getattr(importlib.import_module(module), function)(cfg)
 
 
 def _torch_loaded() -> bool:
@@ -374,6 +383,7 @@ def run_verb(verb: Verb | str, argv: list[str] | None = None) -> None:
         verb = next(v for v in VERBS if v.name == verb)
     argv = overrides_last(old_spellings(verb, list(sys.argv[1:] if argv is None else argv)))
     register_resolvers()
+    quiet_known_noise()  # the libraries' tips and known-harmless warnings (each named in tunelab/console.py)
     os.environ.setdefault("HYDRA_FULL_ERROR", "0")
     if not any(a.startswith("run_id=") for a in argv):
         # Pin the id in the config so parallel workers (joblib, SLURM) all see the same value.

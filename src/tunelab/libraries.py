@@ -60,6 +60,15 @@ def is_stateful(obj: Any) -> bool:
     return isinstance(obj, _Stateful)
 
 
+def drop_wandb_anonymous(logger: Any) -> None:
+    """Leave `anonymous` out of the arguments a WandbLogger passes to `wandb.init`.
+
+    Why private: Lightning 2.6 always passes `anonymous=None`, and W&B 0.31 prints "The anonymous setting has no
+    effect and will be removed" for any value given, on every run; the argument list is only held in this attribute.
+    """
+    logger._wandb_init.pop("anonymous", None)
+
+
 # ---- transformers and kernels -------------------------------------------------------------------------
 def set_attn_implementation(config: Any, attn_implementation: str | None) -> None:
     """Choose the attention kernel of a model built from a config (random init).

@@ -108,6 +108,7 @@ RANGES_WITHOUT_SCHEMA: dict[str, Range] = {
     "callbacks.*.every_minutes": Range(low=0, low_open=True, nullable=True, note="null: no time interval"),
     "callbacks.*.keep_last": AT_LEAST_ONE,
     "callbacks.*.refresh_rate": Range(low=0, integer=True),
+    "callbacks.*.terminal_refresh_s": Range(low=0),
     "callbacks.*.window": AT_LEAST_ONE,
     "callbacks.*.peak_tflops": Range(low=0, low_open=True, nullable=True, note="null: from the GPU's name"),
     "method.peft.r": AT_LEAST_ONE,

@@ -10,6 +10,7 @@ from typing import Any
 from omegaconf import Container, OmegaConf
 from pytorch_lightning.loggers import WandbLogger
 
+from tunelab import libraries
 from tunelab.config.redact import redact, redact_line
 from tunelab.job import RunContext
 
@@ -41,4 +42,17 @@ def wandb_logger(mode: str = "auto", run: RunContext | None = None, **kwargs: An
     identity = run.wandb_identity() if run is not None else {}
     kwargs.update({k: redact(v) for k, v in identity.items() if kwargs.get(k) is None})
     # `mode` goes to wandb.init; Lightning's own `offline=True` would set WANDB_MODE for the whole process.
-    return WandbLogger(mode=mode, **kwargs)
+    logger = WandbLogger(mode=mode, **kwargs)
+    libraries.drop_wandb_anonymous(logger)  # a deprecation notice about an argument tunelab never sets
+    return logger
+
+
+def mlflow_logger(tracking_uri: str | None = None, **kwargs: Any) -> Any:
+    """Lightning's MLFlowLogger. A `file:` tracking URI (the default: <run dir>/mlruns) is a local file store: MLflow
+    3 refuses one unless MLFLOW_ALLOW_FILE_STORE is set ("maintenance mode"), and its database store needs SQLAlchemy
+    and a migration step a single run does not need; the file store still reads with `mlflow ui` and the client."""
+    from pytorch_lightning.loggers import MLFlowLogger
+
+    if str(tracking_uri or "").startswith("file:"):
+        os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")  # a user's own setting wins
+    return MLFlowLogger(tracking_uri=tracking_uri, **kwargs)

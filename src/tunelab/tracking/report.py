@@ -11,6 +11,8 @@ from rich.console import Console
 from rich.table import Table
 from torch import nn
 
+from tunelab.console import print_whole
+
 log = logging.getLogger(__name__)
 _BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
@@ -32,7 +34,7 @@ def parameters(trainable: int, total: int, model: nn.Module) -> None:
     Console(stderr=True).print(
         f"[bold]parameters[/]: {trainable:,} trainable of {total:,} ({100 * trainable / max(total, 1):.2f}%) · "
         f"memory estimate: weights {weight_gb:.3f} GB + grads {grad_gb:.3f} GB + AdamW {adam_gb:.3f} GB"
-        " (activations not included)"
+        " (activations not included)", soft_wrap=True,  # one line: the terminal wraps it, rich does not cut it
     )
 
 
@@ -51,13 +53,13 @@ def summary(run_dir: Path, metrics: dict[str, float], stats: dict[str, Any], log
     for key in ("val/loss", "perf/tokens_per_s"):
         if key in metrics:
             console.print(f"{key}: {metrics[key]:.4f}")
-    console.print(f"run directory: {run_dir}")
+    print_whole(console, f"run directory: {run_dir}")
     if (run_dir / "model").is_dir():
-        console.print(f"model:         {run_dir / 'model'}")
-    console.print(f"metrics:       {run_dir / 'metrics.json'}")
+        print_whole(console, f"model:         {run_dir / 'model'}")
+    print_whole(console, f"metrics:       {run_dir / 'metrics.json'}")
     for logger in loggers:
         save_dir = getattr(logger, "save_dir", None)
         if isinstance(logger, WandbLogger) and save_dir:
             offline = sorted(Path(save_dir).glob("wandb/offline-run-*"))
             if offline:
-                console.print(f"W&B (offline): upload with  wandb sync {offline[-1]}")
+                print_whole(console, f"W&B (offline): upload with  wandb sync {offline[-1]}")

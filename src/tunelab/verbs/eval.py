@@ -242,6 +242,8 @@ def _print(out_dir: Path, metrics: dict[str, float], notes: list[str]) -> None:
     from rich.console import Console
     from rich.table import Table
 
+    from tunelab.console import print_whole
+
     console = Console()
     table = Table(title="tunelab eval")
     for column in ("metric", "value", "95% CI"):
@@ -254,7 +256,7 @@ def _print(out_dir: Path, metrics: dict[str, float], notes: list[str]) -> None:
     console.print(table)
     for note in notes:
         console.print(f"note: {note}")
-    console.print(f"eval directory: {out_dir}")
+    print_whole(console, f"eval directory: {out_dir}")
 
 
 if __name__ == "__main__":

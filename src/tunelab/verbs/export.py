@@ -1,4 +1,5 @@
-"""`tunelab export run=<run dir> [out=<dir>] [merge=...]`: a plain Hugging Face model directory.
+"""`tunelab export run=<run dir> [out=<dir>] [merge=...] [push_to_hub=<repo>]`: a plain Hugging Face model directory,
+uploaded to the Hugging Face Hub when push_to_hub names a repository (tracking/hub.py).
 
 Adapters that live inside the base's weights (LoRA, DoRA, IA3) are merged (`merge_and_unload`), so
 the result loads with `AutoModelForCausalLM.from_pretrained` and no tunelab or PEFT. Prompt and prefix
@@ -20,6 +21,7 @@ from tunelab.errors import ConfigError
 from tunelab.job import RunContext, verb
 from tunelab.models.load import adapter_base, load_run
 from tunelab.tracking.artifacts import resolve_run
+from tunelab.tracking.hub import check_push, push
 from tunelab.tracking.model_card import write_export_card
 
 
@@ -85,6 +87,7 @@ def export(cfg: DictConfig, run: RunContext) -> Path:
     run_dir = resolve_run(str(cfg.run))  # a run directory, or a W&B model artifact reference
     out = Path(cfg.out) if cfg.out is not None else run_dir / "export"
     _check_out(out, run_dir)  # before the model loads: a refusal costs nothing
+    check_push(cfg)  # checked in the pre-flight (the verb table); again for a library call, before the model loads
     read_metrics(run_dir)  # the card formats them: a damaged metrics.json is exit 4 before anything is written
     model, tokenizer, _ = load_run(run_dir, quantize=False, trust_remote_code=bool(cfg.get("trust_remote_code", False)))
     is_adapter = hasattr(model, "peft_config")
@@ -114,6 +117,10 @@ def export(cfg: DictConfig, run: RunContext) -> Path:
     _save_hf(model, tokenizer, out)
     write_export_card(run_dir, out, note)
     print(f"tunelab: exported {run_dir} to {out} ({note})")
+    if cfg.get("push_to_hub"):
+        url = push(out, str(cfg.push_to_hub), private=bool(cfg.get("private", True)),
+                   message=f"tunelab export of {run_dir.name} ({note})")
+        print(f"tunelab: pushed {out} to {url}", flush=True)
     return out
 
 

@@ -317,19 +317,20 @@ def print_report(sweep_dir: Path, metric: str | None = None, mode: str | None = 
     found = report(sweep_dir, metric, mode)
     from rich.console import Console
 
+    from tunelab.console import print_whole
+
     console = Console()
     console.print(_console_table(found["trials"], found["ranked"], found["keys"], found["metric_names"],
                                  found["metric"], found["mode"]))
     for note in found["notes"]:
         console.print(f"note: {note}", highlight=False)
     report_dir = sweep_dir / "report"
-    console.print(f"report: {report_dir} (trials.csv, {len(found['plots'])} plots)", highlight=False)
+    print_whole(console, f"report: {report_dir} (trials.csv, {len(found['plots'])} plots)")
     if found["best_file"]:
         best = found["ranked"][0]
         value = best.metrics[found["metric"]]
         console.print(f"best: trial {best.num}, {found['metric']} = {value:.6g}", highlight=False)
-        console.print(f"rerun: tunelab train --config-dir {report_dir.resolve() / 'conf'} experiment=best",
-                      highlight=False, soft_wrap=True)
+        print_whole(console, f"rerun: tunelab train --config-dir {report_dir.resolve() / 'conf'} experiment=best")
     else:
         console.print(f"no finished trial has {found['metric']}; no best config written", highlight=False)
     return found
