@@ -12,8 +12,8 @@ from torch import nn
 from tunelab.config.schema import Packing
 from tunelab.data.datamodule import Collator
 from tunelab.data.encode import IGNORE
-from tunelab.objectives.routing import router_figures
 from tunelab.objectives import Forward, Loss
+from tunelab.objectives.routing import router_figures
 
 
 def summed_token_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
