@@ -79,7 +79,8 @@ def test_the_objective_composes_sweeps_and_refuses_bad_values():
 
 
 def _batch(tokenizer, objective: GRPO) -> dict:
-    rows = [json.loads(line) for line in (paths.data_dir() / "larger_smaller" / "train.jsonl").read_text().splitlines()[:3]]
+    lines = (paths.data_dir() / "larger_smaller" / "train.jsonl").read_text().splitlines()[:3]
+    rows = [json.loads(line) for line in lines]
     encoded = [encode_chat(tokenizer, Example(messages=[{"role": "user", "content": r["question"]},
                                                         {"role": "assistant", "content": r["answer"]}],
                                               origin=f"train.jsonl:{i}"))
