@@ -106,7 +106,8 @@ def test_one_generation_loop_one_row_loop_one_perplexity():
     assert generate == [SRC / "evaluation" / "evaluate.py"]
     rows = [p for p, text in sources.items() if "RowContext(" in text]
     assert rows == [SRC / "data" / "items.py"]  # every example is formatted from its row in one place
-    exps = [p for p, text in sources.items() if re.search(r"(math|torch)\.exp\(", text)]
+    # exp of a loss is a perplexity (objectives may exp log-prob differences: GRPO's policy ratio and KL)
+    exps = [p for p, text in sources.items() if re.search(r"(math|torch)\.exp\((loss|[^)]*\bloss\b)", text)]
     assert exps == [SRC / "evaluation" / "evaluate.py"]
     assert float(perplexity(0.0)) == 1.0 and float(perplexity(1e6)) == pytest.approx(1.0686e13, rel=1e-3)
 
