@@ -140,3 +140,18 @@ def test_tiny_mot_killed_then_resumed_ends_bitwise_equal(tmp_path):
     reference = load_file(tmp_path / "runs/reference/model/model.safetensors")
     resumed = load_file(tmp_path / "runs/chain/model/model.safetensors")
     assert reference.keys() == resumed.keys() and all(torch.equal(reference[k], resumed[k]) for k in reference)
+
+
+@pytest.mark.parametrize("name", ["tiny-moe", "tiny-mot"])
+def test_the_one_generate_loop_decodes_routed_models_in_batches(name):
+    """Their configs ask for router logits (the training loss needs them); Mixtral then computes the auxiliary loss
+    in every decode step over the whole mask but one token, which failed for any batch of more than one prompt."""
+    from tunelab.evaluation.evaluate import generate_tokens, left_pad
+
+    torch.manual_seed(0)
+    routed = load_causal_lm(str(REPO / "src/tunelab/assets" / name), random_init=True).eval()
+    assert routed.config.output_router_logits
+    tokenizer = type("Tok", (), {"pad_token_id": 3, "eos_token_id": 2})()
+    ids, mask = left_pad([[5, 6, 7, 8], [9, 10]], pad_id=3)
+    new = generate_tokens(routed, tokenizer, ids, mask, {"max_new_tokens": 4, "do_sample": False})
+    assert new.shape == (2, 4)

@@ -83,6 +83,10 @@ def generate_tokens(model: Any, tokenizer: Any, ids: torch.Tensor, mask: torch.T
     all call this, so one prompt with one setting gives one answer everywhere.
     """
     device = next(model.parameters()).device
+    if getattr(getattr(model, "config", None), "output_router_logits", False):
+        # A router's auxiliary loss is a training figure: Mixtral computes it in every decode step when the config
+        # asks for router logits, over the whole attention mask but the step's one token, and fails for batches > 1.
+        settings = {**settings, "output_router_logits": False}
     out = model.generate(
         input_ids=ids.to(device), attention_mask=mask.to(device), pad_token_id=tokenizer.pad_token_id,
         eos_token_id=tokenizer.eos_token_id, streamer=streamer, stopping_criteria=stopping_criteria, **settings,
