@@ -31,8 +31,8 @@ demo: setup
 # pytest exits 5 when it collects no test; that is not a failure of the code under test.
 # The suite runs in TEST_JOBS processes (pytest-xdist), one test file per process at a time so a file's
 # module fixtures are built once, each process with one torch thread so they never fight over the cores
-# (measured on the 2-core machine: 9 min 13 s on 2 processes for 676 tests, 2026-12-06; 3 processes took
-# 9 min 25 s, so 2 it stays).
+# (measured on the 2-core machine: 11 min 3 s on 2 processes for 824 tests, 2026-12-06; with 676 tests, 3 processes
+# took 9 min 25 s against 2 processes' 9 min 13 s, so 2 it stays).
 # TEST_JOBS=0 runs it in this process.
 TEST_JOBS ?= $(shell n=$$(nproc 2>/dev/null || echo 2); [ $$n -gt 4 ] && n=4; echo $$n)
 XDIST := $(if $(filter 0,$(TEST_JOBS)),,-n $(TEST_JOBS) --dist loadfile)

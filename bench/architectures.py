@@ -92,14 +92,17 @@ def heldout_ppl(model_dir: Path, mixing: bool, batch_size: int = 16) -> float:
 
 
 def run_arch(arch: str, out: Path, steps: int, eval_samples: int, pretrained: dict[str, Path],
-             finetune_steps: int = -1) -> dict:
+             finetune_steps: int = -1, reuse: bool = False) -> dict:
     model = MODELS[arch]
     pre = out / f"pretrain-{model}"
     result: dict = {"arch": arch}
     if model not in pretrained:
         args = ["experiment=pretrain_base", f"model={model}", "hyperparams.packing=none",
                 f"hyperparams.max_steps={steps}", "eval.baseline=false"]
-        metrics, wall = tunelab_train(args, pre)
+        if reuse and (pre / "metrics.json").is_file() and (pre / "model").is_dir():  # --reuse: a finished pretraining
+            metrics, wall = json.loads((pre / "metrics.json").read_text()), None
+        else:
+            metrics, wall = tunelab_train(args, pre)
         pretrained[model] = pre
         result.update(pretrain_command=args, pretrain_wall_s=wall, heldout_ppl=metrics.get("test/ppl"),
                       pretrain_tokens_per_s=metrics.get("perf/tokens_per_s"), pretrain_peak_gb=peak_memory(pre))
@@ -174,6 +177,7 @@ def main() -> None:
     parser.add_argument("--archs", nargs="+", default=list(MODELS), choices=list(MODELS))
     parser.add_argument("--parallel", action="store_true", help="run the architectures side by side")
     parser.add_argument("--chart", type=Path, default=REPO / "docs/architectures.png")
+    parser.add_argument("--reuse", action="store_true", help="keep the finished pretraining runs under --out")
     args = parser.parse_args()
     # One chain per pretrained model (mot_transition after mot, from its weights); with --parallel the chains run
     # side by side, so all architectures share one machine's load at the same time (tokens/s stay comparable).
@@ -186,7 +190,7 @@ def main() -> None:
         pretrained: dict[str, Path] = {}
         for arch in archs:
             results.append(run_arch(arch, args.out, args.pretrain_steps, args.eval_samples, pretrained,
-                                    args.finetune_steps))
+                                    args.finetune_steps, args.reuse))
             print(json.dumps(results[-1], default=str), flush=True)
 
     # transformers' lazy imports are not thread-safe (`cannot import name 'AutoConfig'` from a second thread, seen
