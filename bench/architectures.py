@@ -27,6 +27,7 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -53,12 +54,19 @@ def peak_memory(run: Path) -> float | None:
     return max(values) if values else None
 
 
+# transformers' from_pretrained is not thread-safe: loads made from two chains at once reported `lm_head.weight
+# MISSING` and came back with an untied, freshly initialised head (2,410,176 parameters for the dense model); one
+# load at a time gives the tied model (2,016,960). The training runs are subprocesses and were never affected.
+LOAD_LOCK = threading.Lock()
+
+
 def params(model_dir: Path) -> tuple[int, float]:
     """(total, active per token): experts count top-k / E of themselves (MoT: E / group size calls per token,
     which the configs make equal to top-k / E)."""
     from tunelab.models.load import load_causal_lm
 
-    model = load_causal_lm(str(model_dir))
+    with LOAD_LOCK:
+        model = load_causal_lm(str(model_dir))
     config = model.config
     total = sum(p.numel() for p in model.parameters())
     experts = sum(p.numel() for n, p in model.named_parameters() if ".experts." in n)
@@ -74,7 +82,8 @@ def heldout_ppl(model_dir: Path, mixing: bool, batch_size: int = 16) -> float:
 
     from tunelab.models.load import load_causal_lm, load_tokenizer
 
-    tokenizer, model = load_tokenizer(str(model_dir)), load_causal_lm(str(model_dir))
+    with LOAD_LOCK:
+        tokenizer, model = load_tokenizer(str(model_dir)), load_causal_lm(str(model_dir))
     model.train(mixing)
     docs = [json.loads(line)["text"] for line in (REPO / "data/corpus/general/test.jsonl").read_text().splitlines()]
     total = count = 0.0
