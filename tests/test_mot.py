@@ -155,3 +155,14 @@ def test_the_one_generate_loop_decodes_routed_models_in_batches(name):
     ids, mask = left_pad([[5, 6, 7, 8], [9, 10]], pad_id=3)
     new = generate_tokens(routed, tokenizer, ids, mask, {"max_new_tokens": 4, "do_sample": False})
     assert new.shape == (2, 4)
+
+
+def test_a_pretrained_model_trains_in_train_mode():
+    """from_pretrained hands back eval mode and Lightning keeps it: a MoT fine-tuned from a saved model routed
+    sparsely instead of mixing (bench/architectures.py: mix and transition-tuned runs ended bitwise alike)."""
+    from tunelab.training.module import TuneModule
+
+    saved = load_causal_lm(str(MOT), random_init=True).eval()
+    TuneModule(saved, tokenizer=None, optimizer=torch.optim.AdamW)
+    assert all(m.training for m in saved.modules())
+    assert all(layer.mlp.mixes() for layer in saved.model.layers)

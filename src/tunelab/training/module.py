@@ -51,6 +51,10 @@ class TuneModule(pl.LightningModule):
         attach = getattr(self.objective, "attach", None)
         if attach is not None:  # e.g. DPO's frozen reference copy: taken now, before a checkpoint is restored
             attach(model)
+        # from_pretrained returns a model in eval mode, and Lightning (>= 2.2) keeps each submodule's mode as it finds
+        # it ("Found N module(s) in eval mode at the start of training"): without this, a pretrained model trained
+        # with its dropout off, and a mixture-of-tokens model fine-tuned routing sparsely instead of mixing.
+        model.train()
         self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
         self.warmup_ratio = warmup_ratio
         self.generation = dict(generation or {})
