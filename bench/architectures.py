@@ -170,8 +170,9 @@ def chart(results: list[dict], path: Path) -> None:
         ax.bar(names, values, color=["#4c72b0", "#dd8452", "#55a868", "#8fd19e"][:len(values)])
         ax.set_title(title, fontsize=10)
         ax.tick_params(axis="x", labelsize=8)
-        for i, v in enumerate(values):
-            ax.annotate(f"{v:.3g}", (i, v), ha="center", va="bottom", fontsize=8)
+        for i, (r, v) in enumerate(zip(results, values, strict=True)):  # no bar: a figure this row does not have
+            label = f"{v:.3g}" if r.get(key) is not None else "MoT's" if "pretrain_of" in r else "-"
+            ax.annotate(label, (i, v), ha="center", va="bottom", fontsize=8)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
