@@ -22,7 +22,6 @@ so a resumed run samples what the uninterrupted one does. Answers are sampled wi
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -34,6 +33,7 @@ from tunelab.data.datamodule import Collator
 from tunelab.errors import ConfigError, DataError
 from tunelab.evaluation.evaluate import generate_tokens
 from tunelab.objectives import Forward, Loss
+from tunelab.objectives.reference import Reference
 from tunelab.objectives.sft import SFT
 
 LOSS_TYPES = ("dapo", "grpo", "dr_grpo")
@@ -75,16 +75,14 @@ def token_logps(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor, complet
     return logits.gather(-1, targets)[..., 0] - torch.logsumexp(logits, dim=-1)
 
 
-@torch.no_grad()
-def reference_token_logps(model: nn.Module, reference: nn.Module | None, ids: torch.Tensor, mask: torch.Tensor,
-                          completion_len: int, temperature: float = 1.0) -> torch.Tensor:
-    """Completion tokens' log-probs under the reference policy: `reference` (full fine-tuning's frozen copy of
-    the starting model) or, when it is None, `model` with its PEFT adapter disabled (no second copy in memory).
-    The lead merges this with DPO's reference helper (objectives/reference.py on that branch)."""
-    if reference is not None:
-        return token_logps(reference, ids, mask, completion_len, temperature)
-    with model.disable_adapter():
-        return token_logps(model, ids, mask, completion_len, temperature)
+def reference_token_logps(model: nn.Module, reference: nn.Module | Reference | None, ids: torch.Tensor,
+                          mask: torch.Tensor, completion_len: int, temperature: float = 1.0) -> torch.Tensor:
+    """Completion tokens' log-probs under the reference policy (`objectives.reference`, as DPO's): full
+    fine-tuning's frozen copy of the starting model or, when there is none, `model` with its PEFT adapter
+    disabled (no second copy in memory). No gradient."""
+    holder = reference if isinstance(reference, Reference) else Reference(reference)
+    with holder.active(model) as scorer:
+        return token_logps(scorer, ids, mask, completion_len, temperature)
 
 
 def grpo_token_loss(logps: torch.Tensor, old_logps: torch.Tensor, ref_logps: torch.Tensor | None,
@@ -154,7 +152,7 @@ class GRPO:
         self.beta, self.epsilon_low = beta, epsilon
         self.epsilon_high = epsilon if epsilon_high is None else epsilon_high
         self.loss_type, self.scale_rewards = loss_type, scale_rewards
-        self.reference: nn.Module | None = None  # full fine-tuning's frozen starting model (setup)
+        self._reference = Reference()  # full fine-tuning's frozen starting model (setup); none for an adapter
         self._sft = SFT()
 
     # ---- the seam ---------------------------------------------------------------------------------
@@ -170,9 +168,13 @@ class GRPO:
         """Take full fine-tuning's reference before training: Lightning calls this (TuneModule.setup) before it
         restores a checkpoint, so a resumed run's reference is the starting model too. An adapter method needs
         no copy: its reference is the base with the adapter disabled."""
-        model = module.model
-        if stage == "fit" and self.beta != 0.0 and self.reference is None and not hasattr(model, "disable_adapter"):
-            self.reference = copy.deepcopy(model).eval().requires_grad_(False)
+        if stage == "fit" and self.beta != 0.0:
+            self._reference.attach(module.model)
+
+    @property
+    def reference(self) -> nn.Module | None:
+        """The frozen copy of the starting model (full fine-tuning); None where the reference is the base itself."""
+        return self._reference.module
 
     def sample(self, module: Any, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         """`num_generations` answers to each prompt of `batch`, group by group: the rows to score and train on."""
@@ -215,10 +217,8 @@ class GRPO:
 
         logps = token_logps(model, rollout["ids"], rollout["mask"], width, self.temperature)
         ref = None
-        if self.beta != 0.0:
-            if self.reference is not None:
-                self.reference.to(device)  # taken before Lightning moved the model
-            ref = reference_token_logps(model, self.reference, rollout["ids"], rollout["mask"], width,
+        if self.beta != 0.0:  # the copy follows the model's device (taken before Lightning moved it)
+            ref = reference_token_logps(model, self._reference, rollout["ids"], rollout["mask"], width,
                                         self.temperature)
         per_token, kl, _ = grpo_token_loss(logps, logps.detach(), ref, advantages, self.beta, self.epsilon_low,
                                                self.epsilon_high)

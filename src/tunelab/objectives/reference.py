@@ -52,8 +52,9 @@ class Reference:
     """The frozen reference of one training run (module docstring): `attach(model)` once, `model(...)` in a
     `with reference.active(model)` block."""
 
-    def __init__(self) -> None:
-        self._copy: list[nn.Module] = []  # a list: an nn.Module attribute of a module would join its state_dict
+    def __init__(self, frozen: nn.Module | None = None) -> None:
+        # a list: an nn.Module attribute of a module would join its state_dict. `frozen`: a copy already taken.
+        self._copy: list[nn.Module] = [frozen] if frozen is not None else []
 
     def attach(self, model: nn.Module) -> None:
         # A deep copy: a forward patched on the instance by a closure over the original model (TRL's fused LM head)
@@ -64,6 +65,11 @@ class Reference:
     @property
     def copied(self) -> bool:
         return bool(self._copy)
+
+    @property
+    def module(self) -> nn.Module | None:
+        """The frozen copy (full fine-tuning), None for an adapter model's reference (the base itself)."""
+        return self._copy[0] if self._copy else None
 
     @contextlib.contextmanager
     def active(self, model: nn.Module) -> Iterator[nn.Module]:
