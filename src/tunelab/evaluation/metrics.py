@@ -21,8 +21,10 @@ from tunelab import libraries
 _PUNCT = re.compile(f"[{re.escape(string.punctuation)}]")
 
 
+# Ours, not torchmetrics' SQuAD: it also drops articles and deletes (not spaces) punctuation, so 44/250 reviews_title,
+# 12/200 entities, 4/80 terms_general test references normalise otherwise; float32; 142 vs 0.5 ms/200 answers (loaded).
 def normalize(text: str) -> str:
-    """Lower-case, drop punctuation, collapse whitespace (SQuAD-style normalisation)."""
+    """Lower-case, punctuation to spaces, collapse whitespace: SQuAD's normalisation, but articles are kept."""
     return " ".join(_PUNCT.sub(" ", text.lower()).split())
 
 
@@ -47,7 +49,6 @@ def _f1(pred: list, ref: list) -> float:
         return 0.0
     precision, recall = common / len(pred), common / len(ref)
     return 2 * precision * recall / (precision + recall)
-
 
 
 def parse_entities(text: str) -> list[tuple[str, str]] | None:
@@ -149,23 +150,50 @@ def corpus_chrf(predictions: Sequence[str], references: Sequence[str]) -> float:
     return SufficientStatistics("chrf")(predictions, references)
 
 
-corpus_bleu.sufficient = SufficientStatistics("bleu")  # the bootstrap's fast path (see corpus_ci)
-corpus_chrf.sufficient = SufficientStatistics("chrf")
+# The bootstrap's fast path (see corpus_ci): `sufficient(**the metric's keywords)` gives its statistics.
+corpus_bleu.sufficient = functools.partial(SufficientStatistics, "bleu")
+corpus_chrf.sufficient = functools.partial(SufficientStatistics, "chrf")
 
 
+class ClassCounts:
+    """Macro-F1's sufficient statistics: per answer, a 0/1 for each reference label's true positive, false positive
+    and false negative. They add up over answers, so the bootstrap sums resampled rows instead of re-normalising
+    the text each time (250 answers x 1000 resamples: 0.58 s instead of 18.7 s, the same interval; under load)."""
+
+    def __init__(self, normalized: bool = True) -> None:
+        self.normalized = normalized
+
+    def stats(self, predictions: Sequence[str], references: Sequence[str]) -> np.ndarray:
+        clean = normalize if self.normalized else str.strip
+        preds, refs = [clean(p) for p in predictions], [clean(r) for r in references]
+        labels = sorted(set(refs))  # from_stats keeps those that occur among a resample's references
+        out = np.zeros((len(refs), 3 * len(labels)), dtype=np.int64)
+        for row, (p, r) in enumerate(zip(preds, refs, strict=True)):
+            for k, label in enumerate(labels):
+                out[row, 3 * k : 3 * k + 3] = (p == label == r, p == label != r, p != label == r)
+        return out
+
+    def from_stats(self, total: np.ndarray) -> float:
+        scores = []
+        for tp, fp, fn in total.reshape(-1, 3).tolist():  # Python ints: the same arithmetic as counting answers
+            if tp + fn:  # a class is a label among this sample's references
+                scores.append(0.0 if tp == 0 else 2 * tp / (2 * tp + fp + fn))
+        return sum(scores) / len(scores) if scores else 0.0
+
+    def __call__(self, predictions: Sequence[str], references: Sequence[str]) -> float:
+        return self.from_stats(self.stats(predictions, references).sum(axis=0))
+
+
+# Ours, not torchmetrics' multiclass_f1_score: equal to 5.4e-8 (it is float32) on 300 answer sets of the 250 reviews,
+# but a 1000-resample CI over its encoded tensors took 8.5 s against 0.58 s from ClassCounts (under load).
 def macro_f1(predictions: Sequence[str], references: Sequence[str], normalized: bool = True) -> float:
     """Macro-averaged F1 over the reference labels: each class's F1 (one-vs-rest) averaged with equal weight,
     so a model answering the majority label everywhere scores low on an unbalanced split. An answer that is no
     label counts as wrong for its reference's class. Classes are the labels that occur in `references`."""
-    clean = normalize if normalized else str.strip
-    preds, refs = [clean(p) for p in predictions], [clean(r) for r in references]
-    scores = []
-    for label in sorted(set(refs)):
-        tp = sum(p == label and r == label for p, r in zip(preds, refs, strict=True))
-        fp = sum(p == label and r != label for p, r in zip(preds, refs, strict=True))
-        fn = sum(p != label and r == label for p, r in zip(preds, refs, strict=True))
-        scores.append(0.0 if tp == 0 else 2 * tp / (2 * tp + fp + fn))
-    return sum(scores) / len(scores) if scores else 0.0
+    return ClassCounts(normalized)(predictions, references)
+
+
+macro_f1.sufficient = ClassCounts
 
 
 # ---- retrieval: where the gold passage ranks -----------------------------------------------------------
@@ -200,6 +228,8 @@ class Estimate:
         return {"value": self.value, "ci_low": self.low, "ci_high": self.high, "n": self.n}
 
 
+# Ours, not scipy.stats.bootstrap(method="percentile"): the same draws and interval for a seed, but scipy is in no base
+# dependency and refuses n=1; a mean's CI took 189 ms there, 164 ms here (250 rows x 1000 resamples, under load).
 def bootstrap_ci(
     n: int,
     statistic: Callable[[np.ndarray], float],
@@ -245,8 +275,11 @@ def corpus_ci(
     preds, refs = list(predictions), list(references)
     sufficient = getattr(getattr(metric, "func", metric), "sufficient", None)  # through a Hydra partial
     if sufficient is not None and preds:
+        sufficient = sufficient(**getattr(metric, "keywords", {}))  # e.g. macro_f1's normalized=false
         stats = sufficient.stats(preds, refs)
-        return bootstrap_ci(len(preds), lambda idx: sufficient.from_stats(stats[idx].sum(axis=0)),
-                            resamples, confidence, seed)
-    return bootstrap_ci(len(preds), lambda idx: metric([preds[i] for i in idx], [refs[i] for i in idx]),
-                        resamples, confidence, seed)
+        return bootstrap_ci(
+            len(preds), lambda idx: sufficient.from_stats(stats[idx].sum(axis=0)), resamples, confidence, seed
+        )
+    return bootstrap_ci(
+        len(preds), lambda idx: metric([preds[i] for i in idx], [refs[i] for i in idx]), resamples, confidence, seed
+    )
