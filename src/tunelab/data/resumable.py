@@ -15,6 +15,9 @@ from typing import Any
 from torch.utils.data import DataLoader
 
 
+# Ours, not torchdata's StatefulDataLoader, which also counts batches and fast-forwards the sampler: torchdata is a new
+# dependency not installed here (its last release, 0.11.0, predates this torch 2.13), and its state has no epoch,
+# which this one checks; 16 interruptions, epoch boundaries included, resume bitwise equal (tests/test_kill.py).
 class ResumableLoader(DataLoader):
     """`DataLoader` + `state_dict`/`load_state_dict` of its position within the current epoch."""
 
