@@ -222,14 +222,18 @@ def test_csv_json_and_parquet_sources_with_a_column_map(tmp_path, tokenizer):
 
 
 def test_data_preview_marks_supervised_tokens_and_prints_percentiles(tmp_path):
+    # At 80 columns, a terminal's default: the length table's headers and split names stay whole (rich cut them).
     out = subprocess.run(
         [str(Path(sys.executable).with_name("tunelab")), "data", "preview", "preview.samples=2"],
-        capture_output=True, text=True, timeout=budget(300), cwd=tmp_path, env={**os.environ, "COLUMNS": "200"},
+        capture_output=True, text=True, timeout=budget(300), cwd=tmp_path, env={**os.environ, "COLUMNS": "80"},
     )
     assert out.returncode == 0, out.stderr[-2000:]
     # Without a terminal the supervised span is bracketed: the answer and its EOS, nothing of the prompt.
     assert out.stdout.count("[[positive<|im_end|>]]") + out.stdout.count("[[negative<|im_end|>]]") == 2
     assert any(t in out.stdout for t in ("Is the following review", "Classify the sentiment", "Review of the"))
-    for column in ("p50", "p95", "p99", "max", "pad % packed"):
-        assert column in out.stdout
+    table = out.stdout[out.stdout.index("token lengths"):]
+    assert max(len(line) for line in table.splitlines()) <= 80
+    for column in ("split", "examples", "supervised", "p50", "p90", "p95", "p99", "max", "pad % padded",
+                   "pad % packed", "pad % dataset", "train", "validation", "test"):
+        assert column in table, column
     assert not list(tmp_path.iterdir())  # a preview writes nothing

@@ -102,15 +102,20 @@ def write_matrix(out_dir: Path, tasks: Sequence[str], metric_names: Sequence[str
     return [matrix, summary_file]
 
 
-def heatmap(path: Path, tasks: Sequence[str], rows: Sequence[tuple[str, Mapping[str, float]]], title: str) -> Path:
-    """The matrix as a heatmap: one row per evaluated model (baseline first), one column per task, values printed."""
-    import matplotlib
-
-    matplotlib.use("Agg")  # files only; no display on clusters and CI
-    import matplotlib.pyplot as plt
+def heatmap_figure(tasks: Sequence[str], rows: Sequence[tuple[str, Mapping[str, float]]], title: str,
+                   probe: str | None = None) -> Any:
+    """The matrix as a heatmap: one row per evaluated model (baseline first), one column per task, values printed;
+    beside it, on the same rows, the probe's perplexity as labelled bars (often the only signal: a random-init
+    model scores 0 in every cell while its perplexity shows the forgetting). The title wraps to fit."""
+    from tunelab.charts import fit_title, pyplot
 
     values = [[scores.get(t, float("nan")) for t in tasks] for _, scores in rows]
-    fig, ax = plt.subplots(figsize=(1.6 + 1.5 * len(tasks), 1.2 + 0.5 * len(rows)))
+    probes = [scores.get(probe) for _, scores in rows] if probe else []
+    panels = 2 if any(p is not None for p in probes) else 1
+    size = (1.8 + 1.5 * len(tasks) + 2.2 * (panels - 1), 1.5 + 0.5 * len(rows))
+    fig, axes = pyplot().subplots(1, panels, figsize=size, layout="constrained", squeeze=False,
+                                  gridspec_kw={"width_ratios": [len(tasks), 1.4][:panels]})
+    ax = axes[0][0]
     image = ax.imshow(values, cmap="viridis", vmin=0.0, vmax=1.0, aspect="auto")
     for i, row in enumerate(values):
         for j, value in enumerate(row):
@@ -120,11 +125,43 @@ def heatmap(path: Path, tasks: Sequence[str], rows: Sequence[tuple[str, Mapping[
     ax.set_yticks(range(len(rows)), [name for name, _ in rows])
     ax.set_xlabel("evaluated on task")
     ax.set_ylabel("after stage")
-    ax.set_title(title, fontsize=9)
     fig.colorbar(image, ax=ax, fraction=0.046)
-    fig.tight_layout()
+    if panels == 2:
+        _probe_panel(axes[0][1], probes, str(probe))
+    fit_title(fig, fig.suptitle(title, fontsize=9))
+    return fig
+
+
+def _probe_panel(ax: Any, probes: Sequence[float | None], probe: str) -> None:
+    """Horizontal bars of the probe's perplexity, one per matrix row, each labelled; a log axis when the values
+    span more than a decade (perplexities run from ~1 to millions once a task is forgotten)."""
+    drawn = [p if p is not None else float("nan") for p in probes]
+    ax.barh(range(len(probes)), drawn, color="tab:red", alpha=0.75, height=0.6)
+    known = [p for p in probes if p is not None and p > 0] or [1.0]
+    if max(known) / min(known) > 10:  # from 1, perplexity's floor: on a log axis each bar's length is the loss
+        ax.set_xscale("log")
+        ax.set_xlim(min(1.0, min(known)), max(known) ** 1.35)  # room for the labels right of the longest bar
+    else:
+        ax.set_xlim(0, 1.4 * max(known))
+    ax.set_ylim(len(probes) - 0.5, -0.5)  # the heatmap's row order: baseline on top
+    ax.set_yticks(range(len(probes)), [""] * len(probes))
+    ax.tick_params(axis="y", left=False)
+    for i, value in enumerate(probes):
+        text = "n/a" if value is None else f"{value:,.0f}" if value >= 100 else f"{value:.2f}"
+        ax.annotate(text, (value if value is not None else 0, i), xytext=(3, 0), textcoords="offset points",
+                    va="center", fontsize=8, annotation_clip=False)
+    ax.set_xlabel(f"probe perplexity\n{probe}", fontsize=8)
+    ax.tick_params(axis="x", labelsize=7)
+
+
+def heatmap(path: Path, tasks: Sequence[str], rows: Sequence[tuple[str, Mapping[str, float]]], title: str,
+            probe: str | None = None) -> Path:
+    """heatmap.png: `heatmap_figure` written atomically to `path`."""
+    from tunelab.charts import pyplot
+
+    fig = heatmap_figure(tasks, rows, title, probe)
     atomic_write(path, lambda file: fig.savefig(file, format="png", dpi=110), durable=False)
-    plt.close(fig)
+    pyplot().close(fig)
     return path
 
 

@@ -12,7 +12,10 @@ CLI renames them, cli.Verb.renamed). The comparison directory holds each arm's e
     compare.md / compare.csv   the headline metric with its 95% CI per arm, tokens per answer (prompt, and prompt
                                plus answer), the other metrics, retrieval hit rate, latency per answer, trainable
                                parameters, training time
-    compare.png                a bar chart of the headline metric with CI whiskers
+    compare.png                a bar chart of the headline metric with CI whiskers, every bar labelled (a zero too)
+    before_after.png           with `before=<an earlier comparison's dir>` (e.g. before a fact update): per arm, the
+                               metric on the changed facts (the `=True` slice both hold, else the headline) before
+                               and after, side by side in one chart
     reading.txt                one paragraph read off the table (also at the end of compare.md)
 
 Every run directory and every arm's config is checked before any arm is scored (the CLI's pre-flight calls
@@ -106,8 +109,8 @@ def preflight(cfg: DictConfig) -> None:
     when the verb starts), every arm's config and the headline metric, in seconds, before any arm is scored."""
     if cfg.run is not None:
         find_run(str(cfg.run), download=False)
-    headline(cfg, arm_configs(cfg, Path(str(cfg.paths.output_dir)) / "compare" / "<id>", shared_overrides(
-        cfg, seed=False)))
+    before_table(cfg, headline(cfg, arm_configs(cfg, Path(str(cfg.paths.output_dir)) / "compare" / "<id>",
+                                                shared_overrides(cfg, seed=False))))
 
 
 def run_arms(cfg: DictConfig, run: RunContext, configs: Mapping[str, DictConfig], shared: Sequence[str]
@@ -214,31 +217,115 @@ def markdown(rows: Sequence[Mapping[str, Any]], metric: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def chart(rows: Sequence[Mapping[str, Any]], metric: str, title: str, path: Path) -> None:
-    """Bars of the headline metric per arm with 95% CI whiskers (and per slice, side by side)."""
-    import matplotlib
+def _series(rows: Sequence[Mapping[str, Any]], metric: str) -> list[str]:
+    """The headline metric, then each slice of it (`exact_match (changed=True)`, ...)."""
+    return [metric] + [k for k in rows[0] if k.startswith(f"{metric} (") and not k.endswith(("_low", "_high"))]
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
-    series = [metric] + [k for k in rows[0] if k.startswith(f"{metric} (") and not k.endswith(("_low", "_high"))]
-    fig, ax = plt.subplots(figsize=(1.6 + 1.5 * len(rows), 3.6))
+def _grouped_bars(ax: Any, groups: Sequence[str], series: Sequence[tuple[str, Sequence[Mapping[str, Any]], str]],
+                  metric: str) -> None:
+    """Bars per group (arm), one per series side by side, 95% CI whiskers where the rows hold them, a value label
+    on every bar (zeros as a visible mark at 0, a missing value as n/a). `series`: (label, rows by group, key)."""
+    from tunelab.charts import label_bars
+
     width = 0.8 / len(series)
-    for s, key in enumerate(series):
-        xs = [i + (s - (len(series) - 1) / 2) * width for i in range(len(rows))]
-        values = [r.get(key) or 0.0 for r in rows]
-        errors = [[max(v - (r.get(f"{key}_ci_low") or v), 0) for v, r in zip(values, rows, strict=True)],
-                  [max((r.get(f"{key}_ci_high") or v) - v, 0) for v, r in zip(values, rows, strict=True)]]
-        ax.bar(xs, values, width, yerr=errors, capsize=3, label=key)
-    ax.set_xticks(range(len(rows)), [str(r["arm"]).replace("_", "\n") for r in rows], fontsize=8)
+    bars = []
+    for s, (label, rows, key) in enumerate(series):
+        xs = [i + (s - (len(series) - 1) / 2) * width for i in range(len(groups))]
+        values = [r.get(key) if r else None for r in rows]
+        lows = [r.get(f"{key}_ci_low") if r else None for r in rows]
+        highs = [r.get(f"{key}_ci_high") if r else None for r in rows]
+        drawn = [v if v is not None else 0.0 for v in values]
+        errors = [[max(v - lo, 0) if lo is not None else 0 for v, lo in zip(drawn, lows, strict=True)],
+                  [max(hi - v, 0) if hi is not None else 0 for v, hi in zip(drawn, highs, strict=True)]]
+        container = ax.bar(xs, drawn, width, yerr=errors, capsize=3, label=label)
+        bars.append((xs, values, highs, container.patches[0].get_facecolor()))
+    ends = [e for _, values, highs, _ in bars for pair in zip(values, highs, strict=True) for e in pair if e]
+    top = max([1.0, *ends])
+    ax.set_ylim(-0.012 * top, 1.12 * top)  # room for the labels above the tallest whisker; a zero mark above the axis
+    for xs, values, highs, colour in bars:
+        label_bars(ax, xs, values, [h if h is not None else v for v, h in zip(values, highs, strict=True)], width,
+                   colour, fontsize=7 if len(series) < 4 else 6)
+    ax.set_xticks(range(len(groups)), [str(g).replace("_", "\n") for g in groups], fontsize=8)
     ax.set_ylabel(metric)
-    ax.set_ylim(0, 1.05)
-    ax.set_title(title, fontsize=9)
     if len(series) > 1:
-        ax.legend(fontsize=7)
-    fig.tight_layout()
+        ax.legend(fontsize=7, loc="upper left")
+
+
+def chart_figure(rows: Sequence[Mapping[str, Any]], metric: str, title: str) -> Any:
+    """Bars of the headline metric per arm with 95% CI whiskers (and per slice, side by side), each labelled."""
+    from tunelab.charts import fit_title, pyplot
+
+    series = _series(rows, metric)
+    fig, ax = pyplot().subplots(figsize=(1.6 + 1.5 * len(rows), 3.6), layout="constrained")
+    _grouped_bars(ax, [str(r["arm"]) for r in rows], [(key, rows, key) for key in series], metric)
+    fit_title(fig, fig.suptitle(title, fontsize=9))  # centred on the figure, so it wraps to the full width
+    return fig
+
+
+def chart(rows: Sequence[Mapping[str, Any]], metric: str, title: str, path: Path) -> None:
+    """compare.png: `chart_figure` written to `path`."""
+    from tunelab.charts import pyplot
+
+    fig = chart_figure(rows, metric, title)
     fig.savefig(path, dpi=120)
-    plt.close(fig)
+    pyplot().close(fig)
+
+
+def before_after_key(before: Sequence[Mapping[str, Any]], after: Sequence[Mapping[str, Any]], metric: str) -> str:
+    """What a before/after chart compares: the headline metric on the facts that changed (the `=True` slice both
+    tables hold, e.g. `exact_match (changed=True)`), else the headline metric itself."""
+    common = set(before[0]) & set(after[0])
+    return next((k for k in _series(after, metric)[1:] if k.endswith("=True)") and k in common), metric)
+
+
+def before_after_figure(before: Sequence[Mapping[str, Any]], after: Sequence[Mapping[str, Any]], metric: str,
+                        title: str) -> Any:
+    """One chart of two comparisons (e.g. before and after a fact update): per arm, the `before_after_key` figure
+    before and after side by side with their CIs; arms in either table, in the after table's order."""
+    from tunelab.charts import fit_title, pyplot
+
+    key = before_after_key(before, after, metric)
+    by_before, by_after = {r["arm"]: r for r in before}, {r["arm"]: r for r in after}
+    arms = [*by_after, *(a for a in by_before if a not in by_after)]
+    fig, ax = pyplot().subplots(figsize=(1.6 + 1.3 * len(arms), 3.6), layout="constrained")
+    _grouped_bars(ax, arms, [("before", [by_before.get(a) for a in arms], key),
+                             ("after", [by_after.get(a) for a in arms], key)], key)
+    fit_title(fig, fig.suptitle(title, fontsize=9))  # centred on the figure, so it wraps to the full width
+    return fig
+
+
+def before_table(cfg: DictConfig, metric: str) -> list[dict[str, Any]] | None:
+    """The table of the comparison named by `before=` (None without one), checked before any arm is scored."""
+    if cfg.get("before") is None:
+        return None
+    where = Path(str(cfg.before))
+    hint = "give the directory of an earlier `tunelab compare` (outputs/compare/<id>), e.g. one before a fact update"
+    if not (where / "compare.csv").is_file():
+        raise ConfigError(f"no compare.csv in {where}", "key before", hint)
+    rows = read_table(where)
+    if not rows or metric not in rows[0]:
+        raise ConfigError(f"{where}/compare.csv holds no {metric!r} column", "key before",
+                          "compare the same metric in both: metric=<name>")
+    return rows
+
+
+def before_after_chart(before: Sequence[Mapping[str, Any]], after: Sequence[Mapping[str, Any]], metric: str,
+                       title: str, path: Path) -> None:
+    """before_after.png: `before_after_figure` written to `path`."""
+    from tunelab.charts import pyplot
+
+    fig = before_after_figure(before, after, metric, title)
+    fig.savefig(path, dpi=120)
+    pyplot().close(fig)
+
+
+def read_table(compare_dir: Path) -> list[dict[str, Any]]:
+    """A comparison's compare.csv back as table rows (numbers as floats, empty cells as None)."""
+    with (compare_dir / "compare.csv").open(newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    return [{k: (v if k == "arm" else float(v) if v not in ("", None) else None) for k, v in row.items()}
+            for row in rows]
 
 
 def reading(rows: Sequence[Mapping[str, Any]], metric: str) -> str:
@@ -311,16 +398,20 @@ def compare(cfg: DictConfig, run: RunContext) -> list[dict[str, Any]]:
     for name in (str(n) for n in cfg.arms if str(n) not in configs):
         log.warning("arm %r needs a fine-tuned run (run=<dir>); skipped", name)
     metric = headline(cfg, configs)
+    before = before_table(cfg, metric)
     results = run_arms(cfg, run, configs, shared)
     dataset = next(iter(configs.values())).dataset.get("name")
     title = f"{dataset}: {metric} per arm (base_model={cfg.base_model}" + (
         f", run={Path(str(cfg.run)).name})" if cfg.run else ")")
-    return write_report(run.run_dir, results, metric, title)
+    return write_report(run.run_dir, results, metric, title, before,
+                        f"before: {Path(str(cfg.before)).name}" if before is not None else "before")
 
 
-def write_report(out_dir: Path, results: Mapping[str, Mapping[str, float]], metric: str, title: str
+def write_report(out_dir: Path, results: Mapping[str, Mapping[str, float]], metric: str, title: str,
+                 before: Sequence[Mapping[str, Any]] | None = None, before_name: str = "before"
                  ) -> list[dict[str, Any]]:
-    """compare.csv, compare.md (table + reading), compare.png and reading.txt from the arms' metrics."""
+    """compare.csv, compare.md (table + reading), compare.png and reading.txt from the arms' metrics; with the
+    table of an earlier comparison (`before`), before_after.png: both in one chart."""
     rows = table_rows(results, metric)
     with (out_dir / "compare.csv").open("w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
@@ -332,7 +423,11 @@ def write_report(out_dir: Path, results: Mapping[str, Mapping[str, float]], metr
     (out_dir / "compare.md").write_text(f"## {title}\n\n{markdown(rows, metric)}\n{text}\n")
     print(markdown(rows, metric))
     print(text)
-    print(f"comparison: {out_dir}/compare.md, compare.csv, compare.png")
+    written = "compare.md, compare.csv, compare.png"
+    if before is not None:
+        before_after_chart(before, rows, metric, f"{title}, {before_name} and after", out_dir / "before_after.png")
+        written += ", before_after.png"
+    print(f"comparison: {out_dir}/{written}")
     return rows
 
 

@@ -181,7 +181,7 @@ def _write_outputs(pipeline_dir: Path, plan: Plan, rows: Sequence[tuple[str, dic
     forgetting.write_matrix(pipeline_dir, plan.tasks, metric_names(plan), rows, probe, summary)
     heading = (f"{name} · {strategy} · ACC {forgetting.fmt(figures['acc'])} BWT {forgetting.fmt(figures['bwt'])} "
                f"forgetting {forgetting.fmt(figures['forgetting'])}")
-    forgetting.heatmap(pipeline_dir / "heatmap.png", plan.tasks, rows, heading)
+    forgetting.heatmap(pipeline_dir / "heatmap.png", plan.tasks, rows, heading, probe)
     forgetting.print_matrix(plan.tasks, rows, probe, summary, f"{title} — {'final' if final else 'so far'}")
     return summary
 

@@ -6,9 +6,12 @@ green (or wrapped in [[...]] without a colour terminal); prompt tokens are dim.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from omegaconf import DictConfig
 from rich.console import Console
+from rich.measure import Measurement
 from rich.table import Table
 from rich.text import Text
 
@@ -58,11 +61,9 @@ def preview(cfg: DictConfig, run: RunContext, console: Console | None = None
         console.rule(f"{task} / {cfg.preview.split} #{number}: {item.origin}")
         console.print(marked(tokenizer, item, console.is_terminal))
         console.print(f"[dim]{len(item.input_ids)} tokens, {item.supervised} supervised[/]")
-    table = Table(title=f"token lengths ({task})")
     columns = ("split", "examples", "supervised", "p50", "p90", "p95", "p99", "max", "pad % padded", "pad % packed",
                "pad % dataset")
-    for column in columns:
-        table.add_column(column, justify="right")
+    cells: list[list[str]] = []
     stats = {}
     for split, examples in datamodule.splits[task].items():
         lengths = [len(e.input_ids) for e in examples]
@@ -78,9 +79,29 @@ def preview(cfg: DictConfig, run: RunContext, console: Console | None = None
             pads.append(sum(b["pad_fraction"] * b["input_ids"].numel() for b in batches)
                         / sum(b["input_ids"].numel() for b in batches))
         stats[split].update(pad_padded=pads[0], pad_packed=pads[1], pad_dataset=pads[2])
-        table.add_row(split, str(len(examples)), str(sum(e.supervised for e in examples)),
+        cells.append([split, str(len(examples)), str(sum(e.supervised for e in examples)),
                       *(f"{stats[split][k]:.0f}" for k in ("p50", "p90", "p95", "p99", "max")),
-                      *(f"{100 * pad:.1f}" for pad in pads))
-    console.print(table)
+                      *(f"{100 * pad:.1f}" for pad in pads)])
+    console.print(lengths_table(f"token lengths ({task})", columns, cells, console.width))
     return stats
+
+
+def lengths_table(title: str, columns: Sequence[str], rows: Sequence[Sequence[str]], width: int) -> Table:
+    """The statistics one split a row; where that does not fit `width` whole (11 columns need ~100 characters),
+    one split a column and one figure a row, so no header or split name is ever cut (rich would cut them to
+    `exam…`, `vali…` at 80 columns)."""
+    wide = Table(title=title)
+    for column in columns:
+        wide.add_column(column, justify="right", no_wrap=True)
+    for row in rows:
+        wide.add_row(*row)
+    if Measurement.get(Console(width=10_000), Console(width=10_000).options, wide).maximum <= width:
+        return wide
+    tall = Table(title=title)
+    tall.add_column(columns[0], no_wrap=True)
+    for row in rows:
+        tall.add_column(row[0], justify="right", no_wrap=True)
+    for i, column in enumerate(columns[1:], start=1):
+        tall.add_row(column, *(row[i] for row in rows))
+    return tall
 

@@ -157,6 +157,31 @@ def _short(text: str) -> str:
     return f"{number:.4g}" if number is not None and "." in text and len(text) > 8 else text
 
 
+def trial_label(trial: Trial, keys: list[str]) -> str:
+    """A curve's legend entry: the trial's swept values, e.g. `#3 lr=0.001, batch_size=16` (as the console table
+    names them; the trial number, as in trials.csv, keeps two trials with equal values apart)."""
+    values = dict(_split(trial.overrides))
+    parts = [f"{key.removeprefix('hyperparams.')}={_short(values[key])}" for key in keys if key in values]
+    return f"#{trial.num} " + ", ".join(parts) if parts else f"trial {trial.num}"
+
+
+def curves_figure(curves: list[tuple[Trial, list[tuple[int, float]]]], keys: list[str], metric: str) -> Any:
+    """Validation-loss curves of the top trials, each named by its swept values, on whole-step ticks."""
+    from matplotlib.ticker import MaxNLocator
+
+    from tunelab.charts import pyplot
+
+    fig, ax = pyplot().subplots(figsize=(6, 4), layout="constrained")
+    for trial, points in curves:
+        ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=trial_label(trial, keys))
+    ax.set_xlabel("optimizer step")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # steps are whole; a short run got ticks at 2.5
+    ax.set_ylabel("val/loss")
+    ax.set_title(f"validation loss, top {len(curves)} by {metric}")
+    ax.legend(fontsize=8)
+    return fig
+
+
 def plot(report_dir: Path, trials: list[Trial], keys: list[str], metric: str, ranked: list[Trial]) -> list[Path]:
     """Metric against each swept hyperparameter, and validation-loss curves of the top trials."""
     import matplotlib
@@ -191,14 +216,7 @@ def plot(report_dir: Path, trials: list[Trial], keys: list[str], metric: str, ra
     curves = [(t, val_history(t)) for t in ranked[:TOP_CURVES]]
     curves = [(t, points) for t, points in curves if points]
     if curves:
-        fig, ax = plt.subplots(figsize=(6, 4))
-        for trial, points in curves:
-            ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=f"trial {trial.num}")
-        ax.set_xlabel("optimizer step")
-        ax.set_ylabel("val/loss")
-        ax.set_title(f"validation loss, top {len(curves)} by {metric}")
-        ax.legend()
-        fig.tight_layout()
+        fig = curves_figure(curves, keys, metric)
         written.append(report_dir / "val_loss_curves.png")
         fig.savefig(written[-1], dpi=100)
         plt.close(fig)
