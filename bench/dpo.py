@@ -17,9 +17,10 @@ LoRA dropout runs on both sides). Each arm loads `--train-pairs` pairs (tunelab:
 `dataset.source.train_size`; TRL: the first rows of the same file), so the batches differ in their pairs but not in
 their length distribution: the table gives the mean tokens per step of each arm. Step time is the wall time
 between the ends of consecutive optimizer steps (data loading and logging included), median over `--steps` steps
-after `--warmup`. Memory is the process's peak resident set (VmHWM): over the whole process, and over the
-training steps alone (reset through /proc/self/clear_refs when training starts, so a pass before training is not
-counted there). TRL is a dev-extra dependency: it is imported only here, in the TRL arms.
+after `--warmup`, as process CPU time (the ratio's basis: with one thread it is the step's work, little moved by
+other jobs on the machine) and as wall time. Memory is the process's peak resident set (VmHWM): over the whole
+process, and over the training steps alone (reset through /proc/self/clear_refs when training starts, so a pass
+before training is not counted there). TRL is a dev-extra dependency: it is imported only here, in the TRL arms.
 """
 
 from __future__ import annotations
@@ -61,9 +62,14 @@ class Clock:
 
     def __init__(self) -> None:
         self.ends: list[float] = []
+        self.cpu_ends: list[float] = []  # process CPU time: one thread, so the work of a step, whatever the load
         self.tokens: list[int] = []
         self.start_rss_kb = self.before_hwm_kb = 0
         self.reset = False
+
+    def step_end(self) -> None:
+        self.ends.append(time.perf_counter())
+        self.cpu_ends.append(time.process_time())
 
     def start(self) -> None:
         self.start_rss_kb, self.before_hwm_kb = status_kb("VmRSS"), status_kb("VmHWM")
@@ -71,7 +77,9 @@ class Clock:
 
     def result(self, warmup: int) -> dict[str, Any]:
         steps = [b - a for a, b in zip(self.ends, self.ends[1:], strict=False)][warmup:]
-        return {"step_s": steps, "median_step_s": statistics.median(steps), "tokens_per_step":
+        cpu = [b - a for a, b in zip(self.cpu_ends, self.cpu_ends[1:], strict=False)][warmup:]
+        return {"step_s": steps, "median_step_s": statistics.median(steps), "cpu_step_s": cpu,
+                "median_cpu_step_s": statistics.median(cpu), "tokens_per_step":
                 statistics.mean(self.tokens[warmup + 1:]), "peak_rss_mb": status_kb("VmHWM") / 1024,
                 "whole_peak_mb": max(self.before_hwm_kb, status_kb("VmHWM")) / 1024,
                 "train_start_rss_mb": self.start_rss_kb / 1024, "peak_reset": self.reset}
@@ -89,7 +97,7 @@ def _lightning_timer() -> Any:
 
         def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
             CLOCK.tokens.append(int(batch["attention_mask"].sum()))
-            CLOCK.ends.append(time.perf_counter())
+            CLOCK.step_end()
 
     return StepTimer
 
@@ -157,7 +165,7 @@ def run_trl(method: str, precompute: bool, args: argparse.Namespace, out: Path) 
             CLOCK.start()
 
         def on_step_end(self, *a: Any, **k: Any) -> None:
-            CLOCK.ends.append(time.perf_counter())
+            CLOCK.step_end()
 
     class Counting(DPOTrainer):
         def training_step(self, model: Any, inputs: dict[str, Any], *rest: Any, **kw: Any) -> Any:
@@ -195,9 +203,10 @@ def run_arm(arm: str, method: str, args: argparse.Namespace) -> dict[str, Any]:
 
 
 def table(results: list[dict[str, Any]]) -> str:
-    lines = ["| method | arm | median step (s) | steps | tokens/step | peak RSS, whole process (MB) "
-             "| peak RSS in the steps (MB) | rise over train start (MB) | step time vs TRL | peak vs TRL |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| method | arm | median step CPU (s) | median step wall (s) | steps | tokens/step "
+             "| peak RSS, whole process (MB) | peak RSS in the steps (MB) | rise over train start (MB) "
+             "| step CPU vs TRL | peak vs TRL |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
     for r in results:
         groups.setdefault((r["method"], r["arm"]), []).append(r)
@@ -208,16 +217,17 @@ def table(results: list[dict[str, Any]]) -> str:
             continue
         steps = [s for r in ok for s in r["step_s"]]
         summary[key] = {"step": statistics.median(steps), "n": len(steps),
+                        "cpu": statistics.median(s for r in ok for s in r["cpu_step_s"]),
                         "tokens": statistics.mean(r["tokens_per_step"] for r in ok),
                         "whole": statistics.median(r["whole_peak_mb"] for r in ok),
                         "peak": statistics.median(r["peak_rss_mb"] for r in ok),
                         "rise": statistics.median(r["peak_rss_mb"] - r["train_start_rss_mb"] for r in ok)}
     for (method, arm), s in summary.items():
         base = summary.get((method, "trl"))
-        ratio = f"{s['step'] / base['step']:.2f}" if base else "-"
+        ratio = f"{s['cpu'] / base['cpu']:.2f}" if base else "-"
         mem = f"{s['peak'] / base['peak']:.2f}" if base else "-"
-        lines.append(f"| {method} | {arm} | {s['step']:.3f} | {s['n']} | {s['tokens']:.0f} | {s['whole']:.0f} "
-                     f"| {s['peak']:.0f} | {s['rise']:.0f} | {ratio} | {mem} |")
+        lines.append(f"| {method} | {arm} | {s['cpu']:.3f} | {s['step']:.3f} | {s['n']} | {s['tokens']:.0f} "
+                     f"| {s['whole']:.0f} | {s['peak']:.0f} | {s['rise']:.0f} | {ratio} | {mem} |")
     errors = [r for r in results if "error" in r]
     lines += [f"\nfailed: {r['method']} {r['arm']}: {r['error']}" for r in errors]
     return "\n".join(lines)
@@ -234,15 +244,20 @@ def main() -> None:
     parser.add_argument("--train-pairs", type=int, default=400, help="pairs of the train split each arm loads "
                         "(tokenising all 2,000 took minutes per arm on the loaded machine)")
     parser.add_argument("--out", type=Path, default=REPO / "outputs/bench-dpo")
+    parser.add_argument("--arms", nargs="+", help="only these arms (default: every arm of each method)")
+    parser.add_argument("--table", nargs="+", type=Path, help="print the table of saved results.json files and stop")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         child(args.child, args.methods[0], args)
         return
+    if args.table:
+        print(table([r for path in args.table for r in json.loads(path.read_text())]))
+        return
     results = []
     for _ in range(args.rounds):
         for method in args.methods:
-            for arm in ARMS[method]:
+            for arm in [a for a in ARMS[method] if not args.arms or a in args.arms]:
                 results.append(run_arm(arm, method, args))
                 print(json.dumps({k: v for k, v in results[-1].items() if k != "step_s"}), file=sys.stderr,
                       flush=True)

@@ -48,13 +48,18 @@ def pair_key(item: Encoded) -> bytes:
 
 
 def model_fingerprint(model: nn.Module) -> str:
-    """A digest of every parameter and buffer: reference log-probs of one starting model are no use to another."""
+    """A digest of every parameter and buffer: reference log-probs of one starting model are no use to another.
+    It reads every weight once, before training."""
     digest = hashlib.blake2b(digest_size=16)
     for name, tensor in sorted(model.state_dict().items()):
         digest.update(name.encode())
         data = tensor.detach().cpu().contiguous()
         digest.update(str(data.dtype).encode())
-        digest.update(data.flatten().view(torch.uint8).numpy().tobytes() if data.numel() else b"")
+        try:
+            raw = data.flatten().view(torch.uint8).numpy().tobytes() if data.numel() else b""
+        except (RuntimeError, TypeError):  # a dtype with no byte view: its values
+            raw = data.to(torch.float64).numpy().tobytes()
+        digest.update(raw)
     return digest.hexdigest()
 
 
@@ -163,6 +168,9 @@ def prepare(module: Any, collate: Callable[[list[Encoded]], dict], reference_pas
     the model's device."""
     trainer = module.trainer
     datamodule = trainer.datamodule
+    if datamodule is None or not getattr(datamodule, "splits", None):
+        raise RuntimeError("reference: cached scores the pairs of a TuneDataModule: pass one to trainer.fit "
+                           "(`tunelab train` does)")
     items = unique_pairs([example for splits in datamodule.splits.values()
                           for split in ("train", "validation", "test") for example in splits.get(split, [])])
     device = trainer.strategy.root_device
