@@ -1,8 +1,8 @@
 """Kill harness: real processes interrupted at 12 points, each resumed with `resume=auto` in place; each
 chain ends bitwise equal (max abs difference 0.0) to an uninterrupted run, for full fine-tuning and LoRA
 (dropout 0.05), with gradient accumulation; and two DPO chains (4 more SIGKILLs, full fine-tuning against its frozen
-reference copy; 3 more with the reference log-probs cached in the run). 10 SIGKILLs (mid-accumulation, right after a checkpoint,
-epoch boundaries, validation, inside checkpoint writes, after training) lose at most the checkpoint
+reference copy; 3 more with the reference log-probs cached in the run). 10 SIGKILLs (mid-accumulation, right after a
+checkpoint, epoch boundaries, validation, inside checkpoint writes, after training) lose at most the checkpoint
 interval; SIGTERM exits 143 and SIGINT 130 after finishing the step and writing a checkpoint (lose nothing).
 
 Runs are forked children of this test process (real processes: SIGKILL ends one with no cleanup; each
