@@ -1,8 +1,8 @@
 """Kill harness: real processes interrupted at 12 points, each resumed with `resume=auto` in place; each
 chain ends bitwise equal (max abs difference 0.0) to an uninterrupted run, for full fine-tuning and LoRA
-(dropout 0.05), with gradient accumulation; and a DPO chain (4 more SIGKILLs, full fine-tuning against its frozen
-reference copy). 10 SIGKILLs (mid-accumulation, right after a checkpoint,
-epoch boundaries, validation, inside checkpoint writes, after training) lose at most the checkpoint
+(dropout 0.05), with gradient accumulation; and two DPO chains (4 more SIGKILLs, full fine-tuning against its frozen
+reference copy; 3 more with the reference log-probs cached in the run). 10 SIGKILLs (mid-accumulation, right after a
+checkpoint, epoch boundaries, validation, inside checkpoint writes, after training) lose at most the checkpoint
 interval; SIGTERM exits 143 and SIGINT 130 after finishing the step and writing a checkpoint (lose nothing).
 
 Runs are forked children of this test process (real processes: SIGKILL ends one with no cleanup; each
@@ -38,11 +38,15 @@ COMMON = ["eval.baseline=false", "eval.test=false", "eval.generate_on_val=false"
           "hyperparams.epochs=3", f"callbacks.checkpoint.every_n_steps={EVERY}",
           "callbacks.checkpoint.every_minutes=null", "callbacks.progress.refresh_rate=0"]
 WEIGHTS = {"full": "model.safetensors", "lora": "adapter_model.safetensors",  # LoRA with its default dropout 0.05
-           "dpo": "model.safetensors"}
+           "dpo": "model.safetensors", "dpo_cached": "model.safetensors"}
 # Each chain's run: its method, and for `dpo` the preference objective on the bundled pairs (full fine-tuning, so
 # the reference is the frozen copy a resumed run must take again from the starting weights, not the restored ones).
 RUNS = {"full": ["method=full"], "lora": ["method=lora"],
-        "dpo": ["method=full", "objective=dpo", "dataset=brand_replies", "objective.beta=0.5"]}
+        "dpo": ["method=full", "objective=dpo", "dataset=brand_replies", "objective.beta=0.5"],
+        # reference log-probs cached in the run before training: a resumed run reads them back (or, killed before
+        # they were written, computes them again from the starting weights)
+        "dpo_cached": ["method=full", "objective=dpo", "dataset=brand_replies", "objective.beta=0.5",
+                       "objective.reference=cached"]}
 # Each entry interrupts one process of the chain; the next one resumes with resume=auto.
 # ("kill", where, step, epoch, micro): SIGKILL at that point (see killpoints.KillAt).
 # ("signal", signum, step, exit code): the signal in the 2nd micro-batch of `step`; the step finishes first.
@@ -63,6 +67,9 @@ CHAINS = {
             ("kill", "epoch_start", 0, 1, 0),     # epoch boundary
             ("kill", "write_tmp", 8, 0, 0),       # inside the step-8 checkpoint write
             ("kill", "batch_start", 9, 0, 1)],    # mid-accumulation in epoch 2
+    "dpo_cached": [("kill", "batch_start", 1, 0, 1),  # the cache written, no checkpoint yet
+                   ("kill", "write_tmp", 4, 0, 0),    # inside the step-4 checkpoint write
+                   ("kill", "batch_start", 9, 0, 1)],  # mid-accumulation in epoch 2
 }
 
 
@@ -147,4 +154,6 @@ def test_interrupt_anywhere_then_resume_ends_bitwise_equal(tmp_path, reference, 
     assert code == 0, log.read_text()[-3000:]
     text = "\n".join(p.read_text() for p in sorted(tmp_path.glob("*.log")))
     assert "skipping" in text and "Traceback" not in text
+    if method == "dpo_cached":  # resumed runs read the first run's log-probs; none found them stale
+        assert "reference log-probs of" in text and " read from " in text and "computing them again" not in text
     assert max_abs_difference(weights(run_dir, method), reference(method)) == 0.0

@@ -16,6 +16,9 @@ config node without its methods. It supplies three methods:
   flattened batch, `module.model` is the model itself.
 - optionally `attach(model)`, called once when the module is built, before any checkpoint is restored (DPO takes
   its frozen reference copy there for full fine-tuning; `tunelab.objectives.reference`).
+- optionally `setup(module, stage)`, called from Lightning's setup hook, after the datamodule is set up and before a
+  checkpoint is restored (GRPO takes its reference there; DPO with `reference: cached` scores every pair once
+  there, `tunelab.objectives.reference_cache`).
 
 The module keeps the normalisation (a `Loss` is a sum; the step divides by the units of the whole effective
 batch on every rank), the non-finite check and the logging; it holds no loss formula of its own.

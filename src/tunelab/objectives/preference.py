@@ -18,9 +18,9 @@ from torch import nn
 from tunelab.config.schema import Packing
 from tunelab.data.datamodule import Collator
 from tunelab.data.encode import Encoded
-from tunelab.errors import ConfigError, DataError
-from tunelab.objectives import Forward, Loss
-from tunelab.objectives.reference import Reference, reference_logprobs, sequence_logprobs
+from tunelab.errors import ConfigError, DataError, did_you_mean
+from tunelab.objectives import Forward, Loss, reference_cache
+from tunelab.objectives.reference import Reference, is_adapter_model, reference_logprobs, sequence_logprobs
 
 
 class PairCollator:
@@ -43,6 +43,9 @@ class PairCollator:
                                  "rejected")
         rejected = [Encoded(i.rejected_ids or [], i.rejected_labels or [], None, None, i.origin) for i in items]
         batch = self.rows([*items, *rejected])
+        # which pairs these are, for reference log-probs cached before training (DPO's reference: cached); hex
+        # strings, which Lightning leaves alone when it moves or measures a batch
+        batch["pair_keys"] = [reference_cache.pair_key(item).hex() for item in items]
         if self.prompts is not None:
             extra = self.prompts(items)
             batch.update({k: extra[k] for k in ("prompt_ids", "prompt_mask", "references", "task", "choices")
@@ -96,27 +99,68 @@ class _PairObjective:
         return self._loss(module, batch, "")  # the module prefixes val/, test/ or baseline/test/
 
 
+REFERENCES = ("model", "cached")  # DPO's `reference` choices (README "Preference tuning")
+
+
 class DPO(_PairObjective):
     """Direct preference optimisation (Rafailov et al. 2023), TRL's `loss_type="sigmoid"`: per pair
     -log σ(β[(log π(c) - log π_ref(c)) - (log π(r) - log π_ref(r))]), rewards β(log π - log π_ref).
-    `label_smoothing` ε > 0 gives the conservative form (cDPO) for noisy labels."""
+    `label_smoothing` ε > 0 gives the conservative form (cDPO) for noisy labels.
 
-    def __init__(self, beta: float = 0.1, label_smoothing: float = 0.0) -> None:
+    `reference`: `model` runs the reference beside the policy on every step (an adapter method's base with the
+    adapter disabled; under full fine-tuning a frozen copy of the starting model); `cached` scores every pair once
+    under the starting model before training and keeps the log-probs in the run directory
+    (`tunelab.objectives.reference_cache`): no copy in memory and one forward less per step."""
+
+    def __init__(self, beta: float = 0.1, label_smoothing: float = 0.0, reference: str = "model") -> None:
         if not beta > 0:
             raise ConfigError(f"beta must be > 0, got {beta}", "key objective.beta", "DPO's usual range is 0.01-0.5")
         if not 0 <= label_smoothing < 0.5:
             raise ConfigError(f"label_smoothing must be in [0, 0.5), got {label_smoothing}",
                               "key objective.label_smoothing", "0 for plain DPO")
+        if reference not in REFERENCES:
+            raise ConfigError(f"reference must be one of {', '.join(REFERENCES)}, got {reference!r}",
+                              "key objective.reference", did_you_mean(str(reference), REFERENCES))
         self.beta, self.label_smoothing = float(beta), float(label_smoothing)
+        self.reference_kind = reference
         self.reference = Reference()
+        self.cache: reference_cache.CachedReference | None = None
 
     def attach(self, model: nn.Module) -> None:
-        self.reference.attach(model)  # full fine-tuning: a frozen copy now; an adapter model: nothing to copy
+        if self.reference_kind == "model":
+            self.reference.attach(model)  # full fine-tuning: a frozen copy now; an adapter model: nothing to copy
+
+    def setup(self, module: Any, stage: str) -> None:
+        """`reference: cached`: read or compute the log-probs now, before Lightning restores a checkpoint (the
+        model is the starting model) and before the first batch."""
+        if self.reference_kind != "cached" or self.cache is not None:
+            return
+        model = module.model
+        starting = Reference() if is_adapter_model(model) else Reference(frozen=model)
+
+        def reference_pass(batch: dict[str, Any]) -> torch.Tensor:
+            device = next(model.parameters()).device
+            rows = {k: batch[k].to(device) for k in ("input_ids", "attention_mask", "labels")}
+            was_training = model.training
+            model.eval()  # the reference is scored without dropout, as the frozen copy is
+            try:
+                return reference_logprobs(module, rows["input_ids"], rows["attention_mask"], rows["labels"], starting)
+            finally:
+                model.train(was_training)
+
+        self.cache = reference_cache.prepare(module, self.collator(module.tokenizer.pad_token_id, False),
+                                             reference_pass)
 
     def pair_losses(self, module: Forward, batch: dict[str, Any],
                     logps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        mask = batch.get("attention_mask")
-        ref = reference_logprobs(module, batch["input_ids"], mask, batch["labels"], self.reference)
+        if self.reference_kind == "cached":
+            if self.cache is None:
+                raise RuntimeError("reference: cached needs its log-probs first: the objective's setup runs in "
+                                   "Lightning's fit, validate and test (TuneModule.setup)")
+            ref = self.cache.lookup(batch["pair_keys"], logps.device)
+        else:
+            ref = reference_logprobs(module, batch["input_ids"], batch.get("attention_mask"), batch["labels"],
+                                     self.reference)
         chosen, rejected = (self.beta * (logps - ref)).chunk(2)
         return smoothed_sigmoid_loss(chosen - rejected, self.label_smoothing), chosen, rejected
 
