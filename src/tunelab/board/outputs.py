@@ -305,7 +305,7 @@ def curves(path: Path) -> tuple[Curves, list[str]]:
 
 # ---- predictions --------------------------------------------------------------------------------------------
 # Fields of a predictions.jsonl row that are text or bookkeeping, not a metric's per-example score.
-NOT_SCORES = frozenset({"prompt_tokens", "answer_tokens", "latency_s", "gold_rank", "index", "id", "row"})
+NOT_SCORES = frozenset({"prompt_tokens", "answer_tokens", "latency_s", "gold_rank", "shots", "index", "id", "row"})
 TEXT_FIELDS = ("prompt", "reference", "answer")
 
 

@@ -391,7 +391,8 @@ body{font:14px/1.4 system-ui,sans-serif;margin:0;color:#222}
 header{background:#23395d;color:#fff;padding:8px 16px}header a{color:#fff;margin-right:14px;text-decoration:none}
 header .home{font-weight:bold}header .root{float:right;opacity:.7;font-family:monospace}
 main{padding:8px 16px}h1{font-size:20px;word-break:break-all}h2{font-size:16px;margin-top:22px}
-table{border-collapse:collapse;margin:6px 0}th,td{border:1px solid #ddd;padding:3px 8px;text-align:left;
+table{border-collapse:collapse;margin:6px 0;display:block;overflow-x:auto;max-width:100%}
+th,td{border:1px solid #ddd;padding:3px 8px;text-align:left;
 vertical-align:top}th{background:#f3f5f8}td pre{margin:0;white-space:pre-wrap;max-width:420px}
 pre.config{background:#f7f7f7;padding:8px;max-height:480px;overflow:auto}
 .state.finished{color:#1a7f37}.state.failed,.state.unreadable{color:#b42318}.state.running{color:#9a6700}
