@@ -34,6 +34,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("outputs", type=Path)
     parser.add_argument("--out", type=Path, default=REPO / "docs" / "board")
+    parser.add_argument("--views", nargs="*", default=list(VIEWS), choices=list(VIEWS), help="default: all")
     args = parser.parse_args()
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
@@ -76,7 +77,8 @@ def main() -> None:
         driver = webdriver.Chrome(service=Service("/usr/bin/chromedriver"), options=options)
         args.out.mkdir(parents=True, exist_ok=True)
         try:
-            for name, (page, kind) in VIEWS.items():
+            for name in args.views:
+                page, kind = VIEWS[name]
                 if kind is not None and kind not in first:
                     print(f"skipped {name}: no finished {kind} under {args.outputs}")
                     continue

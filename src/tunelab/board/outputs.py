@@ -212,6 +212,10 @@ def read_job(root: Path, path: Path, kind: str | None = None) -> Job:
             job.problem = next((x for x in lines if x.startswith("tunelab:")), lines[-1] if lines else "")
         elif (path / done).is_file():
             job.state = "finished"
+            if kind == "pipeline":  # summary.json is rewritten after every stage: finished when all are done
+                summary = read_json(path / done)
+                if isinstance(summary, dict) and summary.get("stages_done", 0) < summary.get("stages_total", 0):
+                    job.state = "running"
     except (Unreadable, AttributeError, TypeError, ValueError) as err:
         job.state, job.problem = "unreadable", str(err)
     return job
