@@ -88,6 +88,9 @@ VERBS: tuple[Verb, ...] = (
          "pipeline", check="tunelab.verbs.pipeline:preflight"),
     Verb("pipeline-report", "tunelab.verbs.pipeline_report:pipeline_report",
          "compare the strategies of a pipeline multirun: dir=<multirun dir>", "pipeline_report", positional="dir"),
+    Verb("board", "tunelab.verbs.board:board",
+         "a read-only local web page over outputs/: runs, curves, sweeps, compares, pipelines, predictions [port=]",
+         "board", check="tunelab.verbs.board:check_command_line", positional="dir"),
 )
 EXIT_CODES = ("exit codes: 0 ok, 1 unexpected bug, 2 config or usage error, 3 data error, 4 checkpoint error,"
               " 5 numerics, 130/143 stopped by SIGINT/SIGTERM after writing a checkpoint (resume=<run dir> continues)")

@@ -35,7 +35,8 @@ from tunelab.serving.requests import Served
 API_KEY_ENV = "TUNELAB_API_KEY"
 
 
-def _is_loopback(host: str) -> bool:
+def is_loopback(host: str) -> bool:
+    """`host` reaches only this machine (`localhost`, 127.0.0.0/8, ::1); `tunelab board` refuses others too."""
     if host == "localhost":
         return True
     try:
@@ -47,7 +48,7 @@ def _is_loopback(host: str) -> bool:
 def _api_key(cfg: DictConfig) -> str | None:
     key = cfg.api_key if cfg.api_key is not None else os.environ.get(API_KEY_ENV)
     key = str(key).strip() if key is not None else None
-    if not _is_loopback(str(cfg.host)) and not key:
+    if not is_loopback(str(cfg.host)) and not key:
         raise ConfigError(f"host={cfg.host} would expose the model beyond this machine without an API key",
                           "key host", f"set {API_KEY_ENV} (or api_key=...) so clients must authenticate, "
                                       "or keep host=127.0.0.1")

@@ -2,7 +2,8 @@
 
 Reads each trial directory (`<multirun dir>/<job num>/`): `metrics.json`, `.hydra/overrides.yaml`,
 `.hydra/config.yaml` and `.hydra/hydra.yaml`; a trial with `error.txt` is failed, one without either
-file is still running (or was killed) and is skipped with a note, so the report also works mid-sweep.
+file is still running (or was killed) and is skipped with a note, so the report also works mid-sweep
+(the reading is tracking/sweeps.py, which `tunelab board` shares).
 
 Writes into `<multirun dir>/report/`: `trials.csv`, `<metric>_vs_<hyperparameter>.png` per swept
 value, `val_loss_curves.png` (top trials), and `conf/experiment/best.yaml`, an experiment that reruns
@@ -12,10 +13,6 @@ the best trial with `tunelab train --config-dir <multirun dir>/report/conf exper
 from __future__ import annotations
 
 import csv
-import json
-import math
-import re
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -24,113 +21,18 @@ from omegaconf import DictConfig
 
 from tunelab.errors import ConfigError, TunelabError
 from tunelab.job import RunContext, verb
-from tunelab.tracking import wandb_log
+from tunelab.tracking.sweeps import (
+    NOT_CONFIG,
+    Trial,
+    rank,
+    read_trials,
+    split_overrides,
+    sweep_direction,
+    swept_keys,
+    val_history,
+)
 
-# Overrides that say where or how a sweep ran, not what it trained: left out of the best config.
-NOT_CONFIG = ("run_id", "paths.", "hydra.", "hydra/", "hparams_search")
 TOP_CURVES = 5  # validation-loss curves drawn for the best trials
-
-
-@dataclass
-class Trial:
-    """One job of a multirun: its overrides, choices, metrics, and state (ok, failed, running)."""
-
-    num: int
-    path: Path
-    state: str
-    overrides: list[str] = field(default_factory=list)
-    metrics: dict[str, float] = field(default_factory=dict)
-    choices: dict[str, str] = field(default_factory=dict)
-    optimized_metric: str | None = None
-    error: str = ""
-
-
-# ---- reading the multirun directory ---------------------------------------------------------
-def _read_yaml(path: Path) -> Any:
-    if not path.is_file():
-        return None
-    text = path.read_text()
-    try:
-        return yaml.safe_load(text)
-    except yaml.YAMLError:  # a bare *** left by secret masking reads as a YAML alias; read it as a string
-        return yaml.safe_load(re.sub(r":[ \t]*\*\*\*[ \t]*$", ": '***'", text, flags=re.M))
-
-
-def read_trials(sweep_dir: Path) -> list[Trial]:
-    """Every numbered job directory under `sweep_dir`, in job order."""
-    trials = []
-    for path in sorted((p for p in sweep_dir.iterdir() if p.is_dir() and p.name.isdigit()), key=lambda p: int(p.name)):
-        hydra_dir = path / ".hydra"
-        overrides = _read_yaml(hydra_dir / "overrides.yaml") or []
-        config = _read_yaml(hydra_dir / "config.yaml") or {}
-        hydra_cfg = (_read_yaml(hydra_dir / "hydra.yaml") or {}).get("hydra", {})
-        trial = Trial(int(path.name), path, "running", [str(o) for o in overrides],
-                      choices={k: str(v) for k, v in (hydra_cfg.get("runtime", {}).get("choices") or {}).items()},
-                      optimized_metric=config.get("optimized_metric"))
-        if (path / "error.txt").is_file():
-            trial.state = "failed"
-            lines = (path / "error.txt").read_text().strip().splitlines()
-            # a tunelab error's first line says what went wrong; a traceback's last line does
-            trial.error = next((x for x in lines if x.startswith("tunelab:")), lines[-1] if lines else "")
-        elif (path / "metrics.json").is_file():
-            trial.state = "ok"
-            trial.metrics = {k: float(v) for k, v in json.loads((path / "metrics.json").read_text()).items()
-                             if isinstance(v, (int, float))}
-        trials.append(trial)
-    return trials
-
-
-def sweep_direction(sweep_dir: Path, metric: str) -> str:
-    """`min` or `max`: Optuna's direction when the sweep used it, else from the metric's name."""
-    sweeper = (_read_yaml(sweep_dir / "multirun.yaml") or {}).get("hydra", {}).get("sweeper", {})
-    direction = sweeper.get("direction")
-    if "optuna" in str(sweeper.get("_target_", "")) and isinstance(direction, str):
-        return "max" if direction.lower().startswith("max") else "min"
-    lowered = metric.lower()
-    if any(word in lowered for word in ("loss", "ppl", "perplexity", "error", "mem", "time")):
-        return "min"
-    return "max"  # accuracy, f1, exact match, rouge, bleu, tokens_per_s: more is better
-
-
-def swept_keys(trials: list[Trial]) -> list[str]:
-    """Override keys whose value differs between trials (what the sweep searched), in command-line order."""
-    values: dict[str, set[str]] = {}
-    for trial in trials:
-        for key, value in _split(trial.overrides):
-            values.setdefault(key, set()).add(value)
-    return [k for k, v in values.items() if len(v) > 1 and not k.startswith(NOT_CONFIG)]
-
-
-def _split(overrides: list[str]) -> list[tuple[str, str]]:
-    pairs = []
-    for override in overrides:
-        key, _, value = override.partition("=")
-        pairs.append((key.lstrip("+~"), value))
-    return pairs
-
-
-def rank(trials: list[Trial], metric: str, mode: str) -> list[Trial]:
-    """Finished trials with a finite `metric`, best first."""
-    scored = [t for t in trials if t.state == "ok" and math.isfinite(t.metrics.get(metric, math.nan))]
-    return sorted(scored, key=lambda t: t.metrics[metric], reverse=mode == "max")
-
-
-# ---- validation-loss history ----------------------------------------------------------------
-def val_history(trial: Trial, metric: str = "val/loss") -> list[tuple[int, float]]:
-    """(step, value) at each validation: history.jsonl, else the CSV logger, else W&B's offline file."""
-    history = trial.path / "history.jsonl"
-    if history.is_file():
-        rows = [json.loads(line) for line in history.read_text().splitlines() if line.strip()]
-        return [(int(r["step"]), float(r[metric])) for r in rows if metric in r]
-    for csv_file in trial.path.glob("csv/**/metrics.csv"):
-        with csv_file.open() as file:
-            return [(int(r["step"]), float(r[metric])) for r in csv.DictReader(file) if r.get(metric)]
-    for wandb_file in trial.path.glob("wandb/*run-*/*.wandb"):
-        points = [(int(h.get("trainer/global_step", h.get("_step", 0))), float(h[metric]))
-                  for h in wandb_log.history(wandb_file) if metric in h]
-        if points:
-            return points
-    return []
 
 
 # ---- outputs --------------------------------------------------------------------------------
@@ -139,7 +41,7 @@ def write_csv(path: Path, trials: list[Trial], keys: list[str], metric_names: li
         writer = csv.writer(file)
         writer.writerow(["trial", "state", *keys, *metric_names, "error"])
         for trial in trials:
-            values = dict(_split(trial.overrides))
+            values = dict(split_overrides(trial.overrides))
             writer.writerow([trial.num, trial.state, *[values.get(k, "") for k in keys],
                              *[trial.metrics.get(m, "") for m in metric_names], trial.error])
 
@@ -193,7 +95,7 @@ def plot(report_dir: Path, trials: list[Trial], keys: list[str], metric: str, ra
     done = [t for t in trials if t.state == "ok" and metric in t.metrics]
     slug = metric.replace("/", "_")
     for key in keys:
-        xs = [dict(_split(t.overrides)).get(key, "") for t in done]
+        xs = [dict(split_overrides(t.overrides)).get(key, "") for t in done]
         ys = [t.metrics[metric] for t in done]
         numbers = [_number(x) for x in xs]
         fig, ax = plt.subplots(figsize=(5, 3.5))
@@ -272,7 +174,7 @@ def _console_table(trials: list[Trial], ranked: list[Trial], keys: list[str], me
     order = {t.num: i for i, t in enumerate(ranked, start=1)}
     rest = [t for t in trials if t.num not in order]
     for trial in [*ranked, *rest]:
-        values = dict(_split(trial.overrides))
+        values = dict(split_overrides(trial.overrides))
         cells = [str(order.get(trial.num, "-")), str(trial.num), *[_short(values.get(k, "")) for k in keys]]
         if trial.state == "failed":
             cells += ["failed"] + [""] * (len(metric_names) - 1)
@@ -306,7 +208,7 @@ def report(sweep_dir: Path, metric: str | None = None, mode: str | None = None) 
     plots = plot(report_dir, trials, keys, metric, ranked)
     notes = [f"trial {t.num}: no metrics.json yet (still running or killed); skipped"
              for t in trials if t.state == "running"]
-    notes += [f"trial {t.num}: failed: {t.error}" for t in trials if t.state == "failed"]
+    notes += [f"trial {t.num}: {t.state}: {t.error}" for t in trials if t.state in ("failed", "unreadable")]
     if ranked and not (report_dir / "val_loss_curves.png").is_file():
         notes.append("no validation history found (history.jsonl, csv logger, W&B file): curves skipped")
     best_file = None
