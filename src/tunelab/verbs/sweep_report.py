@@ -62,7 +62,7 @@ def _short(text: str) -> str:
 def trial_label(trial: Trial, keys: list[str]) -> str:
     """A curve's legend entry: the trial's swept values, e.g. `#3 lr=0.001, batch_size=16` (as the console table
     names them; the trial number, as in trials.csv, keeps two trials with equal values apart)."""
-    values = dict(_split(trial.overrides))
+    values = dict(split_overrides(trial.overrides))
     parts = [f"{key.removeprefix('hyperparams.')}={_short(values[key])}" for key in keys if key in values]
     return f"#{trial.num} " + ", ".join(parts) if parts else f"trial {trial.num}"
 
