@@ -34,6 +34,7 @@ import torch
 
 from tunelab.evaluation.evaluate import generate_tokens, left_pad
 from tunelab.serving.generation import Cancelled, finish_reason, seeded
+from tunelab.serving.logprobs import Logprobs, with_logprobs
 from tunelab.serving.requests import Served
 
 
@@ -45,6 +46,7 @@ class Job:
     settings: dict[str, Any]
     streamer: Any = None
     cancelled: Cancelled | None = None
+    logprobs: Logprobs | None = None  # filled as the batch generates; logprobs do not split batches
     future: Future = field(default_factory=Future)
 
     def key(self) -> Any:
@@ -121,9 +123,9 @@ class Batcher:
         threading.Thread(target=self._loop, name="tunelab-batcher", daemon=True).start()
 
     def submit(self, ids: list[int], settings: Mapping[str, Any], streamer: Any = None,
-               cancelled: Cancelled | None = None) -> Future:
-        """Queue one request; the future's result is (new token ids, finish reason)."""
-        job = Job(list(ids), dict(settings), streamer, cancelled)
+               cancelled: Cancelled | None = None, logprobs: Logprobs | None = None) -> Future:
+        """Queue one request; the future's result is (new token ids, finish reason); `logprobs` fills meanwhile."""
+        job = Job(list(ids), dict(settings), streamer, cancelled, logprobs)
         with self.ready:
             self.pending.append(job)
             self.ready.notify_all()
@@ -163,9 +165,10 @@ class Batcher:
         rows = _Rows(batch, ids.shape[1], tokenizer.eos_token_id)
         settings = dict(batch[0].settings)
         settings["max_new_tokens"] = max(int(job.settings["max_new_tokens"]) for job in batch)
+        criteria = with_logprobs(self.served.model, settings, [job.logprobs for job in batch], [rows])
         with seeded(settings):
             new = generate_tokens(self.served.model, tokenizer, ids, mask, settings,
-                                  rows if rows.streaming else None, StoppingCriteriaList([rows]))
+                                  rows if rows.streaming else None, StoppingCriteriaList(criteria))
         for row in range(len(batch)):  # rows the criterion did not see end (none, unless generate stopped early)
             if not rows.done[row]:
                 rows.finish(row, new[row].tolist())
