@@ -100,7 +100,7 @@ def _wait_healthy(base: str) -> None:
             with urllib.request.urlopen(base.removesuffix("/v1") + "/health", timeout=2) as response:
                 if json.load(response)["status"] == "ok":
                     return
-        except (urllib.error.URLError, ConnectionError):
+        except (urllib.error.URLError, OSError):  # OSError: refused, reset, or timed out on a busy machine
             time.sleep(0.2)
 
 
