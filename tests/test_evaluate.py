@@ -33,7 +33,10 @@ def test_left_pad_puts_real_tokens_last():
 def test_evaluate_rows_and_aggregates_per_task():
     model, tokenizer = _tiny()
     model.train()
-    prompts = [prompt_ids(tokenizer, [{"role": "user", "content": f"question {i}"}]) for i in range(5)]
+    # longest first: batches take a task's items shortest first, and the rows still come back in the items' order
+    prompts = [prompt_ids(tokenizer, [{"role": "user", "content": f"question {i}" + " and more" * (5 - i)}])
+               for i in range(5)]
+    assert len(prompts[0]) > len(prompts[1]) > len(prompts[2])
     items = [EvalItem(p, reference="x", task="a" if i < 3 else "b", meta={"i": i}) for i, p in enumerate(prompts)]
     length = {"length": lambda answer, reference: float(len(answer) > 0), "one": lambda a, r: 1.0}
     result = evaluate(model, tokenizer, items, {"a": length, "b": {"one": length["one"]}},

@@ -100,7 +100,7 @@ def _wait_healthy(base: str) -> None:
             with urllib.request.urlopen(base.removesuffix("/v1") + "/health", timeout=2) as response:
                 if json.load(response)["status"] == "ok":
                     return
-        except (urllib.error.URLError, ConnectionError):
+        except (urllib.error.URLError, OSError):  # OSError: refused, reset, or timed out on a busy machine
             time.sleep(0.2)
 
 
@@ -168,6 +168,61 @@ def test_concurrent_clients_share_batches_and_get_the_sequential_greedy_answers(
         assert json.load(response)["largest_batch"] > 1
 
 
+def test_logprobs_usage_and_unsupported_fields_through_the_openai_client(server, run):
+    """Issue 23: logprobs/top_logprobs (chat) and logprobs (completions), streamed and not, agree with each other;
+    `stream_options.include_usage` ends a stream with the usage; a field not honoured is a 400 naming it."""
+    base, model_id, _ = server
+    client = _client(base)
+    ask = {"model": model_id, "messages": [{"role": "user", "content": PROMPT}], "temperature": 0,
+           "max_tokens": MAX_TOKENS}
+    reply = client.chat.completions.create(**ask, logprobs=True, top_logprobs=3)
+    content = reply.choices[0].logprobs.content
+    assert content and "".join(t.token for t in content).strip() == reply.choices[0].message.content.strip()
+    for token in content:  # greedy: the chosen token is the most likely one, and its logprob is the top one
+        assert len(token.top_logprobs) == 3 and token.top_logprobs[0].token == token.token
+        assert token.logprob == token.top_logprobs[0].logprob <= 0 and bytes(token.bytes).decode() == token.token
+        assert token.top_logprobs[0].logprob >= token.top_logprobs[1].logprob >= token.top_logprobs[2].logprob
+    chunks = list(client.chat.completions.create(**ask, logprobs=True, top_logprobs=3, stream=True,
+                                                 stream_options={"include_usage": True}))
+    streamed = [t for c in chunks if c.choices and c.choices[0].logprobs for t in c.choices[0].logprobs.content]
+    assert [(t.token, round(t.logprob, 4)) for t in streamed] == [(t.token, round(t.logprob, 4)) for t in content]
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == reply.usage.completion_tokens
+    assert chunks[-1].usage.prompt_tokens == reply.usage.prompt_tokens
+    assert all(c.usage is None for c in chunks[:-1])
+    plain = client.chat.completions.create(**ask)
+    assert plain.choices[0].logprobs is None and plain.choices[0].message.content == reply.choices[0].message.content
+    # /v1/completions: the legacy shape, the chosen token among each step's top ones, offsets from the prompt
+    from tunelab.models.load import load_tokenizer
+
+    raw = load_tokenizer(str(run / "model")).apply_chat_template(
+        [{"role": "user", "content": PROMPT}], tokenize=False, add_generation_prompt=True)  # the chat prompt as text
+    text = client.completions.create(model=model_id, prompt=raw, temperature=0, max_tokens=4, logprobs=2)
+    logprobs = text.choices[0].logprobs
+    assert "".join(logprobs.tokens) == text.choices[0].text and len(logprobs.token_logprobs) == len(logprobs.tokens)
+    assert logprobs.tokens and logprobs.text_offset[0] == len(raw)
+    for token, logprob, top in zip(logprobs.tokens, logprobs.token_logprobs, logprobs.top_logprobs, strict=True):
+        assert len(top) == 2 and top[token] == logprob == max(top.values())
+    pieces = list(client.completions.create(model=model_id, prompt=raw, temperature=0, max_tokens=4, logprobs=2,
+                                            stream=True))
+    assert [t for p in pieces if p.choices[0].logprobs for t in p.choices[0].logprobs.tokens] == logprobs.tokens
+    # refused: a field not honoured, a value out of range or of the wrong type, top_logprobs without logprobs
+    refusals = (({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
+                ({"response_format": {"type": "json_object"}}, "response_format"), ({"n": 2}, "n"),
+                ({"logit_bias": {"5": 10}}, "logit_bias"), ({"top_logprobs": 21, "logprobs": True}, "top_logprobs"),
+                ({"top_logprobs": -1, "logprobs": True}, "top_logprobs"), ({"logprobs": "yes"}, "logprobs"),
+                ({"top_logprobs": 2}, "top_logprobs"), ({"extra_body": {"frobnicate": 1}}, "frobnicate"),
+                ({"stream_options": {"include_usage": True}}, "stream_options"))
+    for extra, field in refusals:
+        with pytest.raises(openai.BadRequestError) as refused:
+            client.chat.completions.create(**ask, **extra)
+        assert refused.value.status_code == 400 and field in refused.value.message, (extra, refused.value.message)
+    with pytest.raises(openai.BadRequestError, match="logprobs"):
+        client.completions.create(model=model_id, prompt="Title:", max_tokens=2, logprobs=6)
+    # a no-op at the value that asks for nothing is accepted: the answer is the plain one
+    same = client.chat.completions.create(**ask, frequency_penalty=0, tool_choice="none", user="u1")
+    assert same.choices[0].message.content == plain.choices[0].message.content
+
+
 def test_errors_are_openai_json_with_status(server):
     base, model_id, _ = server
     client = _client(base)
@@ -179,7 +234,7 @@ def test_errors_are_openai_json_with_status(server):
     assert too_long.value.code == "max_tokens_exceeded" and "over this server's limit" in too_long.value.message
     with pytest.raises(openai.BadRequestError, match="fields: 'text' is undefined"):
         client.chat.completions.create(model=model_id, messages=[], extra_body={"fields": {"title": "x"}})
-    for body, status in ((b"{not json", 400), (b'{"messages": []}', 422), (b'{"model": 1, "messages": "x"}', 422)):
+    for body, status in ((b"{not json", 400), (b'{"messages": []}', 400), (b'{"model": 1, "messages": "x"}', 400)):
         request = urllib.request.Request(base + "/chat/completions", data=body,
                                          headers={"Content-Type": "application/json"})
         with pytest.raises(urllib.error.HTTPError) as err:

@@ -58,6 +58,50 @@ def test_concurrent_greedy_requests_share_batches_and_equal_the_sequential_answe
     assert all(len(new) <= n for (new, _), n in zip(together, limits, strict=True))
 
 
+def _forward_logprobs(served: Served, prompt: list[int], new: list[int], temperature: float = 1.0) -> torch.Tensor:
+    """Each new token's log-softmax over one plain forward pass of prompt + answer (no generate, no cache)."""
+    with torch.no_grad():
+        logits = served.model(torch.tensor([prompt + new])).logits[0, len(prompt) - 1:-1]
+    return torch.log_softmax(logits / temperature, -1)
+
+
+def test_logprobs_are_the_log_softmax_sampled_from_and_equal_batched_or_alone(served):
+    """Issue 23: a token's logprob is the log-softmax of its step's logits (greedy: raw; sampled: at the request's
+    temperature), its top alternatives the largest of them, and a batch gives the logprobs a request gets alone."""
+    from tunelab.serving.logprobs import Logprobs
+
+    greedy = {"max_new_tokens": 6, "do_sample": False}
+    prompts = [_ids(served, q) for q in QUESTIONS[:4]]
+    alone = []
+    for prompt in prompts:
+        sink = Logprobs(top=3)
+        alone.append((run_generate(served, prompt, greedy, logprobs=sink), sink))
+    (new, _), sink = alone[0]
+    expected = _forward_logprobs(served, prompts[0], new)
+    chosen = expected.gather(1, torch.tensor(new)[:, None]).squeeze(1)
+    assert torch.allclose(torch.tensor([lp for lp, _ in sink.tokens]), chosen, atol=1e-4)
+    top = expected[0].topk(3)
+    assert [t for t, _ in sink.tokens[0][1]] == top.indices.tolist() and sink.tokens[0][1][0][0] == new[0]  # greedy
+    batcher = Batcher(served, max_batch_size=4, window_s=0.5)
+    sinks = [Logprobs(top=2), None, Logprobs(top=0), Logprobs(top=3)]  # rows with and without logprobs share it
+    futures = [batcher.submit(p, greedy, logprobs=s) for p, s in zip(prompts, sinks, strict=True)]
+    results = [f.result(timeout=300) for f in futures]
+    assert results == [result for result, _ in alone] and batcher.largest > 1
+    for ((new, _), one), batched in zip(alone, sinks, strict=True):
+        if batched is None:
+            continue
+        assert len(batched.tokens) >= len(new)  # rows past their end get padding entries, trimmed by the length
+        for (lp, top), (lp_b, top_b) in zip(one.tokens, batched.tokens[:len(new)], strict=True):
+            assert abs(lp - lp_b) < 1e-4 and [t for t, _ in top[:batched.top]] == [t for t, _ in top_b]
+            assert all(abs(a - b) < 1e-4 for (_, a), (_, b) in zip(top, top_b, strict=False))
+    # sampled at temperature 0.7: the log-softmax of logits / 0.7, before top-p cuts the tail
+    sampled = {"max_new_tokens": 5, "do_sample": True, "temperature": 0.7, "top_k": 0, "top_p": 0.9, "seed": 3}
+    sink = Logprobs(top=1)
+    new, _ = run_generate(served, prompts[1], sampled, logprobs=sink)
+    expected = _forward_logprobs(served, prompts[1], new, 0.7).gather(1, torch.tensor(new)[:, None]).squeeze(1)
+    assert torch.allclose(torch.tensor([lp for lp, _ in sink.tokens]), expected, atol=1e-4)
+
+
 def test_streams_seeds_and_cancellation_in_a_batch(served):
     from transformers import TextIteratorStreamer
 

@@ -219,27 +219,35 @@ def evaluate(
 ) -> EvalResult:
     """Answer every item (batched, greedy unless decoding samples) and score it with its task's scorers.
 
-    Batches group items of one task in their given order, so results do not depend on how tasks interleave.
+    Each batch holds items of one task of similar prompt lengths: a task's items sorted by prompt length (stably,
+    so the batches depend only on the task's items, not on how tasks interleave) cut into `batch_size` rows. A
+    left-padded batch pays for its longest prompt in every row; sorted, it pays little padding (bench/serve.py's
+    eval rows). The rows come back in the items' order.
     """
     was_training = model.training
     model.eval()
-    rows: list[dict[str, Any]] = []
+    by_task: dict[str, list[int]] = {}
+    for i, item in enumerate(items):
+        by_task.setdefault(item.task, []).append(i)
+    batches = []
+    for indices in by_task.values():
+        indices.sort(key=lambda i: len(items[i].prompt_ids))  # stable: equal lengths keep the items' order
+        batches += [indices[start:start + batch_size] for start in range(0, len(indices), batch_size)]
+    placed: list[dict[str, Any] | None] = [None] * len(items)
     try:
-        for start in range(0, len(items), batch_size):
-            batch = items[start:start + batch_size]
-            for task in dict.fromkeys(item.task for item in batch):
-                group = [item for item in batch if item.task == task]
-                ids, mask = left_pad([item.prompt_ids for item in group], tokenizer.pad_token_id)
-                began = time.perf_counter()
-                answers, lengths = answer_with_lengths(model, tokenizer, ids, mask, decoding,
-                                                       (choices or {}).get(task))
-                latency = (time.perf_counter() - began) / len(group)  # per answer, batched
-                scores = score_answers(answers, [item.reference for item in group], scorers.get(task, {}))
-                for i, (item, text) in enumerate(zip(group, answers, strict=True)):
-                    rows.append({**item.meta, "task": item.task, "reference": item.reference, "answer": text,
-                                 "prompt_tokens": len(item.prompt_ids), "answer_tokens": lengths[i],
-                                 "latency_s": latency,
-                                 **{name: values[i] for name, values in scores.items()}})
+        for batch in batches:
+            group = [items[i] for i in batch]
+            task = group[0].task
+            ids, mask = left_pad([item.prompt_ids for item in group], tokenizer.pad_token_id)
+            began = time.perf_counter()
+            answers, lengths = answer_with_lengths(model, tokenizer, ids, mask, decoding, (choices or {}).get(task))
+            latency = (time.perf_counter() - began) / len(group)  # per answer, batched
+            scores = score_answers(answers, [item.reference for item in group], scorers.get(task, {}))
+            for row, (i, item, text) in enumerate(zip(batch, group, answers, strict=True)):
+                placed[i] = {**item.meta, "task": item.task, "reference": item.reference, "answer": text,
+                             "prompt_tokens": len(item.prompt_ids), "answer_tokens": lengths[row],
+                             "latency_s": latency, **{name: values[row] for name, values in scores.items()}}
     finally:
         model.train(was_training)
+    rows = [row for row in placed if row is not None]
     return EvalResult(rows, aggregate(rows, {task: list(s) for task, s in scorers.items()}))

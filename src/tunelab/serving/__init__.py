@@ -2,6 +2,8 @@
 
     requests.py    what the server holds (`Served`), request bodies, their validation, prompt rendering
     generation.py  one request's generation (through `evaluation.evaluate.generate_tokens`), stop strings
+    batching.py    concurrent requests share one left-padded generate call
+    logprobs.py    per-token log-probabilities recorded while generating, shaped as OpenAI answers them
     app.py         the FastAPI app: limits, errors, endpoints, server-sent events
     limits.py      the request body limit, whatever the framing (pure ASGI)
 """

@@ -12,8 +12,9 @@ import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
-from tunelab.serving.generation import Cancelled, Sequential, cut_at_stop
+from tunelab.serving.generation import Cancelled, Sequential, counted_streamer, cut_at_stop
 from tunelab.serving.limits import BodyLimit
+from tunelab.serving.logprobs import Logprobs, answer_length, chat_logprobs, completion_logprobs
 from tunelab.serving.requests import (
     APIError,
     ChatRequest,
@@ -21,8 +22,10 @@ from tunelab.serving.requests import (
     Served,
     chat_messages,
     chat_prompt_ids,
+    check_fields,
     check_length,
     generation_kwargs,
+    logprobs_top,
     stop_strings,
 )
 
@@ -60,7 +63,10 @@ def build_app(served: Served) -> Any:
         if first.get("type") == "json_invalid":
             return JSONResponse(APIError(400, "the request body is not valid JSON", None, "invalid_json").body(), 400)
         message = f"{where}: {first.get('msg', 'invalid')}" if where else str(first.get("msg", "invalid request"))
-        return JSONResponse(APIError(422, message, where or None, "invalid_request").body(), 422)
+        if first.get("type") == "extra_forbidden":
+            message = f"{where}: not a field tunelab serve knows"
+        # 400, as OpenAI answers a missing, mistyped or out-of-range field (FastAPI's default is 422)
+        return JSONResponse(APIError(400, message, where or None, "invalid_request").body(), 400)
 
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, err: HTTPException) -> JSONResponse:
@@ -105,37 +111,46 @@ def build_app(served: Served) -> Any:
                            headers={"Retry-After": "1"})
         admitted["n"] += 1 if count else 0
 
-    async def complete(ids: list[int], settings: dict[str, Any], stops: list[str]) -> tuple[str, str, int]:
-        """Non-streamed generation in a worker thread: (text, finish reason, completion tokens)."""
+    async def complete(ids: list[int], settings: dict[str, Any], stops: list[str],
+                       top: int | None) -> tuple[str, str, list[int], int, Logprobs | None]:
+        """Non-streamed generation in a worker thread: (text, finish reason, new tokens, how many of them the
+        logprobs cover, the logprobs if asked for)."""
         admit()
+        sink = None if top is None else Logprobs(top)
         try:
             async with slots:
-                new, finish = await asyncio.wrap_future(engine.submit(ids, settings))
+                new, finish = await asyncio.wrap_future(engine.submit(ids, settings, logprobs=sink))
         finally:
             admitted["n"] -= 1
         text, hit = cut_at_stop(served.tokenizer.decode(new, skip_special_tokens=True), stops)
-        return text, "stop" if hit else finish, len(new)
+        covered = answer_length(served.tokenizer, new, text, hit) if sink is not None else 0
+        return text, "stop" if hit else finish, new, covered, sink
 
-    async def stream(ids: list[int], settings: dict[str, Any], stops: list[str],
-                     chunk: Any) -> AsyncIterator[str]:
-        """Server-sent events: one chunk per piece of text from transformers' TextIteratorStreamer."""
-        from transformers import TextIteratorStreamer
-
+    async def stream(ids: list[int], settings: dict[str, Any], stops: list[str], chunk: Any,
+                     top: int | None = None, usage: Any = None) -> AsyncIterator[str]:
+        """Server-sent events: one chunk per piece of text from transformers' TextIteratorStreamer, carrying the
+        logprobs of the tokens generated since the last chunk (`chunk(text, finish, ids, logprobs, start, end)`);
+        `usage(completion tokens)`, if given, makes the last chunk before [DONE] (`stream_options.include_usage`)."""
         admitted["n"] += 1
         try:
             async with slots:
-                streamer = TextIteratorStreamer(served.tokenizer, skip_prompt=True, skip_special_tokens=True,
-                                                timeout=600)
+                streamer = counted_streamer(served.tokenizer)
                 cancelled = Cancelled()
-                future = engine.submit(ids, settings, streamer, cancelled)
-                text, hit = "", False
+                sink = None if top is None else Logprobs(top)
+                future = engine.submit(ids, settings, streamer, cancelled, sink)
+                text, hit, sent = "", False, 0  # sent: tokens whose logprobs went out
                 try:
-                    async for piece in iterate_in_threadpool(streamer):
+                    async for piece, count in iterate_in_threadpool(streamer):
                         if hit or not piece:
                             continue
                         emitted, (text, hit) = len(text), cut_at_stop(text + piece, stops)
                         if len(text) > emitted:
-                            yield f"data: {json.dumps(chunk(text[emitted:], None))}\n\n"
+                            upto = sent  # the tokens of the text so far, or the first of the next word with it
+                            if sink is not None:
+                                upto = max(sent, answer_length(served.tokenizer, streamer.ids[:count], text, hit))
+                            body = chunk(text[emitted:], None, streamer.ids, sink, sent, upto)
+                            sent = upto
+                            yield f"data: {json.dumps(body)}\n\n"
                         if hit:
                             cancelled.event.set()
                 finally:
@@ -150,7 +165,10 @@ def build_app(served: Served) -> Any:
                     body = APIError(500, "internal server error", kind="server_error").body()
                     yield f"data: {json.dumps(body)}\n\n"
                     return
-                yield f"data: {json.dumps(chunk(None, 'stop' if hit else finish))}\n\n"
+                end = max(sent, answer_length(served.tokenizer, new, text, hit)) if sink is not None else sent
+                yield f"data: {json.dumps(chunk(None, 'stop' if hit else finish, new, sink, sent, end))}\n\n"
+                if usage is not None:
+                    yield f"data: {json.dumps(usage(len(new)))}\n\n"
                 yield "data: [DONE]\n\n"
         finally:
             admitted["n"] -= 1
@@ -173,34 +191,53 @@ def build_app(served: Served) -> Any:
         check_model(name)
         return {"id": served.model_id, "object": "model", "created": served.created, "owned_by": "tunelab"}
 
+    def usage(prompt: int, completion: int) -> dict[str, int]:
+        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+    def usage_chunk(request: Any, rid: str, created: int, kind: str, prompt: int) -> Any:
+        """The last chunk of a stream that asked for `stream_options.include_usage` (empty choices, the usage),
+        or None; every chunk before it carries `"usage": null`, as OpenAI's do."""
+        if not (request.stream_options and request.stream_options.include_usage):
+            return None
+        return lambda used: {"id": rid, "object": kind, "created": created, "model": served.model_id,
+                             "choices": [], "usage": usage(prompt, used)}
+
     @app.post("/v1/chat/completions")
     async def chat_completions(request: ChatRequest) -> Any:
         check_model(request.model)
+        check_fields(request)
         settings = generation_kwargs(served, request)
         ids = chat_prompt_ids(served.tokenizer, chat_messages(served, request))
         check_length(served, ids, settings)
         rid, created, stops = f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), stop_strings(request)
+        top, tokenizer = logprobs_top(request), served.tokenizer
         if request.stream:
             admit(count=False)
             first = [True]
+            last = usage_chunk(request, rid, created, "chat.completion.chunk", len(ids))
 
-            def chunk(text: str | None, finish: str | None) -> dict[str, Any]:
+            def chunk(text: str | None, finish: str | None, new: list[int], sink: Logprobs | None, start: int,
+                      end: int) -> dict[str, Any]:
                 delta: dict[str, Any] = {} if text is None else {"content": text}
                 if first[0]:
                     delta["role"], first[0] = "assistant", False
-                return {"id": rid, "object": "chat.completion.chunk", "created": created, "model": served.model_id,
-                        "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
+                logprobs = None if sink is None else chat_logprobs(tokenizer, new, sink, start, end)
+                body = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": served.model_id,
+                        "choices": [{"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish}]}
+                return body if last is None else {**body, "usage": None}
 
-            return sse(stream(ids, settings, stops, chunk))
-        text, finish, used = await complete(ids, settings, stops)
+            return sse(stream(ids, settings, stops, chunk, top, last))
+        text, finish, new, covered, sink = await complete(ids, settings, stops, top)
+        logprobs = None if sink is None else chat_logprobs(tokenizer, new, sink, 0, covered)
         return {"id": rid, "object": "chat.completion", "created": created, "model": served.model_id,
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": logprobs,
                              "finish_reason": finish}],
-                "usage": {"prompt_tokens": len(ids), "completion_tokens": used, "total_tokens": len(ids) + used}}
+                "usage": usage(len(ids), len(new))}
 
     @app.post("/v1/completions")
     async def completions(request: CompletionRequest) -> Any:
         check_model(request.model)
+        check_fields(request)
         prompts = [request.prompt] if isinstance(request.prompt, str) else request.prompt
         if len(prompts) != 1:
             raise APIError(400, "give one prompt per request", "prompt")
@@ -210,17 +247,23 @@ def build_app(served: Served) -> Any:
             raise APIError(400, "the prompt is empty", "prompt")
         check_length(served, ids, settings)
         rid, created, stops = f"cmpl-{uuid.uuid4().hex}", int(time.time()), stop_strings(request)
+        top, tokenizer, chars = logprobs_top(request), served.tokenizer, len(prompts[0])
         if request.stream:
             admit(count=False)
+            last = usage_chunk(request, rid, created, "text_completion", len(ids))
 
-            def chunk(text: str | None, finish: str | None) -> dict[str, Any]:
-                return {"id": rid, "object": "text_completion", "created": created, "model": served.model_id,
-                        "choices": [{"index": 0, "text": text or "", "finish_reason": finish, "logprobs": None}]}
+            def chunk(text: str | None, finish: str | None, new: list[int], sink: Logprobs | None, start: int,
+                      end: int) -> dict[str, Any]:
+                logprobs = None if sink is None else completion_logprobs(tokenizer, new, sink, start, end, chars)
+                body = {"id": rid, "object": "text_completion", "created": created, "model": served.model_id,
+                        "choices": [{"index": 0, "text": text or "", "finish_reason": finish, "logprobs": logprobs}]}
+                return body if last is None else {**body, "usage": None}
 
-            return sse(stream(ids, settings, stops, chunk))
-        text, finish, used = await complete(ids, settings, stops)
+            return sse(stream(ids, settings, stops, chunk, top, last))
+        text, finish, new, covered, sink = await complete(ids, settings, stops, top)
+        logprobs = None if sink is None else completion_logprobs(tokenizer, new, sink, 0, covered, chars)
         return {"id": rid, "object": "text_completion", "created": created, "model": served.model_id,
-                "choices": [{"index": 0, "text": text, "finish_reason": finish, "logprobs": None}],
-                "usage": {"prompt_tokens": len(ids), "completion_tokens": used, "total_tokens": len(ids) + used}}
+                "choices": [{"index": 0, "text": text, "finish_reason": finish, "logprobs": logprobs}],
+                "usage": usage(len(ids), len(new))}
 
     return app

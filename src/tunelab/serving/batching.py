@@ -34,6 +34,7 @@ import torch
 
 from tunelab.evaluation.evaluate import generate_tokens, left_pad
 from tunelab.serving.generation import Cancelled, finish_reason, seeded
+from tunelab.serving.logprobs import Logprobs, with_logprobs
 from tunelab.serving.requests import Served
 
 
@@ -45,6 +46,7 @@ class Job:
     settings: dict[str, Any]
     streamer: Any = None
     cancelled: Cancelled | None = None
+    logprobs: Logprobs | None = None  # filled as the batch generates; logprobs do not split batches
     future: Future = field(default_factory=Future)
 
     def key(self) -> Any:
@@ -118,24 +120,31 @@ class Batcher:
         self.pending: list[Job] = []
         self.ready = threading.Condition()
         self.largest = 0  # the largest batch generated so far (/health reports it)
+        self.expected = 1  # how many requests the next batch waits for (see `_take`)
         threading.Thread(target=self._loop, name="tunelab-batcher", daemon=True).start()
 
     def submit(self, ids: list[int], settings: Mapping[str, Any], streamer: Any = None,
-               cancelled: Cancelled | None = None) -> Future:
-        """Queue one request; the future's result is (new token ids, finish reason)."""
-        job = Job(list(ids), dict(settings), streamer, cancelled)
+               cancelled: Cancelled | None = None, logprobs: Logprobs | None = None) -> Future:
+        """Queue one request; the future's result is (new token ids, finish reason); `logprobs` fills meanwhile."""
+        job = Job(list(ids), dict(settings), streamer, cancelled, logprobs)
         with self.ready:
             self.pending.append(job)
             self.ready.notify_all()
         return job.future
 
     def _take(self) -> list[Job]:
-        """The next batch: the oldest request and those that may share its batch, after the window."""
+        """The next batch: the oldest request and those that may share its batch, after waiting up to the window
+        for as many requests as the last batch answered (clients that were answered tend to come back).
+
+        A lone client is not kept waiting for company that is not coming (its last batch was itself: no wait; the
+        window cost a single client 5 ms of its 17 ms), and a batch starts as soon as the clients of the last one
+        are back instead of waiting out the window for `max_batch_size` requests that are not there.
+        """
         with self.ready:
             while not self.pending:
                 self.ready.wait()
-            deadline = time.monotonic() + self.window_s
-            while len(self.pending) < self.max_batch_size and (left := deadline - time.monotonic()) > 0:
+            deadline, wanted = time.monotonic() + self.window_s, min(self.expected, self.max_batch_size)
+            while len(self.pending) < wanted and (left := deadline - time.monotonic()) > 0:
                 self.ready.wait(left)
             key = self.pending[0].key()
             batch = [job for job in self.pending if job.key() == key][:self.max_batch_size]
@@ -145,6 +154,8 @@ class Batcher:
     def _loop(self) -> None:
         while True:
             batch = self._take()
+            with self.ready:  # the clients answered now are the company the next batch waits for
+                self.expected = len(batch)
             try:
                 self._generate(batch)
             except BaseException as err:  # noqa: BLE001 - every request of the batch gets the error
@@ -163,9 +174,10 @@ class Batcher:
         rows = _Rows(batch, ids.shape[1], tokenizer.eos_token_id)
         settings = dict(batch[0].settings)
         settings["max_new_tokens"] = max(int(job.settings["max_new_tokens"]) for job in batch)
+        criteria = with_logprobs(self.served.model, settings, [job.logprobs for job in batch], [rows])
         with seeded(settings):
             new = generate_tokens(self.served.model, tokenizer, ids, mask, settings,
-                                  rows if rows.streaming else None, StoppingCriteriaList([rows]))
+                                  rows if rows.streaming else None, StoppingCriteriaList(criteria))
         for row in range(len(batch)):  # rows the criterion did not see end (none, unless generate stopped early)
             if not rows.done[row]:
                 rows.finish(row, new[row].tolist())

@@ -10,7 +10,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt
 
 
 @dataclass
@@ -48,9 +48,18 @@ class APIError(Exception):
 
 
 # ---- requests ------------------------------------------------------------------------------------
-# Unknown OpenAI fields (user, logit_bias, ...) are accepted and ignored, as clients send them routinely.
+# Each field of OpenAI's request bodies is honoured (declared below, with its type and range), accepted as a no-op
+# at the values that ask for nothing (`NO_OPS`, each with why that is honest), or refused with a 400 naming it
+# (`REFUSED`, and any field OpenAI does not document): a client that asks for tools or JSON mode learns it did not
+# get them. Types are checked strictly for the fields added with logprobs (`"5"` is not 5).
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    include_usage: StrictBool | None = None  # a last chunk with empty choices and the usage, as OpenAI sends
+    include_obfuscation: Literal[False] | None = None  # no obfuscation padding is sent; asking for it is refused
+
+
 class _Sampling(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow")  # extras are judged by `check_fields`, which names the field
     model: str
     max_tokens: int | None = Field(default=None, ge=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
@@ -60,22 +69,106 @@ class _Sampling(BaseModel):
     n: int = Field(default=1, ge=1)
     stop: str | list[str] | None = None
     stream: bool = False
+    stream_options: StreamOptions | None = None
 
 
 class Message(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow")  # extras are refused by `check_fields`, naming the message
     role: Literal["system", "developer", "user", "assistant"]
     content: str | list[dict[str, Any]] | None = None
 
 
 class ChatRequest(_Sampling):
     messages: list[Message] = Field(default_factory=list)
+    logprobs: StrictBool | None = None
+    top_logprobs: StrictInt | None = Field(default=None, ge=0, le=20)  # OpenAI's range; needs logprobs: true
     fields: dict[str, Any] | None = None  # tunelab: the training template's fields, rendered as the user turn
     template: int = 0  # which template of the run's library renders `fields`
 
 
 class CompletionRequest(_Sampling):
     prompt: str | list[str]
+    logprobs: StrictInt | None = Field(default=None, ge=0, le=5)  # OpenAI's legacy range: the top 0..5
+
+
+ANY = object()  # a no-op field accepted with any value
+# field: (the values that ask for nothing, why accepting them changes nothing); null is accepted for every one
+NO_OPS: dict[str, tuple[Any, str]] = {
+    "frequency_penalty": ((0,), "a penalty of 0 is no penalty"),
+    "presence_penalty": ((0,), "a penalty of 0 is no penalty"),
+    "logit_bias": (({},), "an empty bias changes no logit"),
+    "tools": (([],), "an empty tool list offers no tool"),
+    "tool_choice": (("none",), "'none' calls no tool"),
+    "parallel_tool_calls": ((True, False), "it only matters with tools, which are refused"),
+    "response_format": (({"type": "text"},), "plain text is what the model writes"),
+    "store": ((False,), "nothing is stored"),
+    "modalities": ((["text"],), "text is the one modality"),
+    "service_tier": (("auto", "default"), "there is one tier"),
+    "user": (ANY, "an end-user id for OpenAI's abuse monitoring; nothing is logged per user here"),
+    "safety_identifier": (ANY, "an end-user id for OpenAI's abuse monitoring; nothing is logged per user here"),
+    "prompt_cache_key": (ANY, "a cache-routing hint; there is one process and no prompt cache to route to"),
+    "metadata": (ANY, "tags for stored completions; nothing is stored"),
+    "best_of": ((1,), "one candidate is the best of one"),
+    "echo": ((False,), "the prompt is not echoed"),
+}
+REFUSED = {  # OpenAI fields refused whatever their value, and why
+    "audio": "audio output is not supported",
+    "functions": "function calling is not supported",
+    "function_call": "function calling is not supported",
+    "prediction": "predicted outputs are not supported",
+    "web_search_options": "web search is not supported",
+    "verbosity": "the model has no verbosity setting",
+    "reasoning_effort": "the model is not a reasoning model",
+    "suffix": "insertion (text after the completion) is not supported",
+}
+_CHAT_ONLY = {"tools", "tool_choice", "parallel_tool_calls", "response_format", "store", "modalities",
+              "service_tier", "safety_identifier", "prompt_cache_key", "metadata", "audio", "functions",
+              "function_call", "prediction", "web_search_options", "verbosity", "reasoning_effort"}
+_COMPLETIONS_ONLY = {"best_of", "echo", "suffix"}
+
+
+def check_fields(request: _Sampling) -> None:
+    """A 400 naming the first field this server does not honour (see `NO_OPS`, `REFUSED`), or a value out of the
+    documented rules that the types alone do not express."""
+    chat = isinstance(request, ChatRequest)
+    elsewhere = _COMPLETIONS_ONLY if chat else _CHAT_ONLY
+    for name, value in (request.model_extra or {}).items():
+        if name in elsewhere or (name not in NO_OPS and name not in REFUSED):
+            endpoint = "/v1/chat/completions" if chat else "/v1/completions"
+            raise APIError(400, f"{name}: not a field of {endpoint} that tunelab serve knows", name,
+                           "unsupported_parameter")
+        if name in REFUSED:
+            raise APIError(400, f"{name}: {REFUSED[name]} by tunelab serve", name, "unsupported_parameter")
+        allowed, why = NO_OPS[name]
+        if value is not None and allowed is not ANY and not any(_same(value, a) for a in allowed):
+            shown = " or ".join(repr(a) for a in allowed)
+            raise APIError(400, f"{name}={value!r} is not supported by tunelab serve (only {shown} or null: {why})",
+                           name, "unsupported_parameter")
+    if chat:
+        for i, message in enumerate(request.messages):
+            for name in message.model_extra or {}:
+                raise APIError(400, f"messages[{i}].{name}: not supported (the chat template renders role and "
+                                    "content only)", f"messages[{i}].{name}", "unsupported_parameter")
+        if request.top_logprobs is not None and not request.logprobs:
+            raise APIError(400, "top_logprobs needs logprobs: true", "top_logprobs")
+    if request.stream_options is not None and not request.stream:
+        raise APIError(400, "stream_options is only allowed with stream: true", "stream_options")
+
+
+def _same(value: Any, allowed: Any) -> bool:
+    """`value == allowed` with the type kept apart (False is not 0 here, nor 1 True)."""
+    if isinstance(allowed, bool) or isinstance(value, bool):
+        return value is allowed
+    if isinstance(allowed, int | float):
+        return isinstance(value, int | float) and value == allowed
+    return type(value) is type(allowed) and value == allowed
+
+
+def logprobs_top(request: _Sampling) -> int | None:
+    """How many top alternatives each token's logprobs carry, or None when the request asks for no logprobs."""
+    if isinstance(request, ChatRequest):
+        return (request.top_logprobs or 0) if request.logprobs else None
+    return request.logprobs  # type: ignore[attr-defined]
 
 
 def _text(content: Any) -> str:
