@@ -232,3 +232,13 @@ def test_board_refuses_an_exposed_host_unless_allowed(tmp_path):
     assert "Traceback" not in out.stderr and time.monotonic() - start < budget(15)
     missing = run_child([sys.executable, "-m", "tunelab.cli", "board", f"dir={tmp_path / 'none'}"], 60, env=ENV)
     assert missing.returncode == 2 and "no outputs folder" in missing.stderr, missing.stderr
+
+
+@pytest.mark.parametrize(("points", "ticks"), [([(20, 0.49)], ["19", "20", "21"]),
+                                               ([(1, 2.0), (7, 1.0)], ["1", "2", "4", "6", "7"])])
+def test_curve_ticks_are_whole_steps(points, ticks):
+    from tunelab.board.pages import chart
+
+    svg = chart({"val/loss": points}, "loss")
+    x_ticks = re.findall(r'y="\d+" text-anchor="middle" class="tick">(\d[^<]*)<', svg)
+    assert x_ticks == ticks  # a one-point run drew 19.5 and 20.5 before

@@ -133,11 +133,12 @@ def chart(series: Mapping[str, Sequence[tuple[float, float]]], title: str, xlabe
             f'<line x1="{left}" x2="{width - right}" y1="{sy(y):.1f}" y2="{sy(y):.1f}" stroke="#eee"/>'
             f'<text x="{left - 6}" y="{sy(y) + 4:.1f}" text-anchor="end" class="tick">{e(f"{y:.4g}")}</text>'
         )
-        x = x0 + (x1 - x0) * i / 4
-        label = f"{x:.0f}" if abs(x1 - x0) >= 4 else f"{x:.3g}"
-        out.append(
-            f'<text x="{sx(x):.1f}" y="{height - bottom + 16}" text-anchor="middle" class="tick">{e(label)}</text>'
-        )
+    # Steps are whole: ticks at distinct whole steps (a one-point run got ticks at 19.5 and 20.5 before)
+    for x in sorted({round(x0 + (x1 - x0) * i / 4) for i in range(5)}):
+        if x0 <= x <= x1:
+            out.append(
+                f'<text x="{sx(x):.1f}" y="{height - bottom + 16}" text-anchor="middle" class="tick">{x}</text>'
+            )
     out.append(
         f'<text x="{(left + width - right) / 2}" y="{height - 6}" text-anchor="middle" class="tick">{e(xlabel)}</text>'
     )
