@@ -43,8 +43,10 @@ def main() -> None:
 
     jobs = find_jobs(args.outputs.resolve())
     first = {}
-    # the first of each kind by path, a finished one where there is one (a pipeline shows its matrix mid-way)
-    for job in sorted(jobs, key=lambda j: (j.state != "finished", not j.rel.startswith("runs/"), j.rel)):
+    # the first of each kind by path, a finished one where there is one (a pipeline shows its matrix mid-way), a
+    # top-level run before a pipeline's stage (runs/demo has curves; a 20-step stage has one validation point)
+    order = sorted(jobs, key=lambda j: (j.state != "finished", not j.rel.startswith("runs/"), j.rel.count("/"), j.rel))
+    for job in order:
         if job.kind != "eval" or job.rel.startswith("evals/"):
             first.setdefault(job.kind, job.rel)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
