@@ -73,8 +73,9 @@ def _compare(ours, pairs: int, loss: torch.Tensor, theirs: dict[str, float], pre
     assert 0 < theirs["rewards/accuracies"] or theirs["rewards/margins"] != 0  # the check is not on zeros
 
 
-@pytest.mark.parametrize("method", ["full", "lora"])
-def test_dpo_loss_and_rewards_equal_trl(tmp_path, rows, tokenizer, batch, method):
+@pytest.mark.parametrize("method,sft_weight", [("full", 0.0), ("lora", 0.0), ("lora", 0.7)])
+def test_dpo_loss_and_rewards_equal_trl(tmp_path, rows, tokenizer, batch, method, sft_weight):
+    """sft_weight > 0 is RPO: TRL's loss_type=["sigmoid", "sft"] with loss_weights=[1, sft_weight]."""
     from trl import DPOConfig, DPOTrainer
 
     torch.manual_seed(0)
@@ -83,12 +84,14 @@ def test_dpo_loss_and_rewards_equal_trl(tmp_path, rows, tokenizer, batch, method
         "peft_config": LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False)}
     # Full fine-tuning: tunelab's frozen copy is taken first, from the unpatched model (TRL's forward patch closes
     # over the original model, so a deep copy of a patched model would still run the original's weights).
-    module = TuneModule(model, tokenizer, torch.optim.SGD, objective=DPO(beta=0.2)) if method == "full" else None
-    trainer = DPOTrainer(model=model, args=_args(tmp_path, DPOConfig, beta=0.2), train_dataset=Dataset.from_list(rows),
-                         processing_class=tokenizer, **extra)
+    objective = DPO(beta=0.2, sft_weight=sft_weight)
+    module = TuneModule(model, tokenizer, torch.optim.SGD, objective=objective) if method == "full" else None
+    losses = {"loss_type": ["sigmoid", "sft"], "loss_weights": [1.0, sft_weight]} if sft_weight else {}
+    trainer = DPOTrainer(model=model, args=_args(tmp_path, DPOConfig, beta=0.2, **losses),
+                         train_dataset=Dataset.from_list(rows), processing_class=tokenizer, **extra)
     policy = trainer.model  # the same object for both: TRL's forward patch falls back to the original without its flag
     if module is None:  # LoRA: TRL wrapped the model in its adapter; the reference is that model, adapter disabled
-        module = TuneModule(policy, tokenizer, torch.optim.SGD, objective=DPO(beta=0.2))
+        module = TuneModule(policy, tokenizer, torch.optim.SGD, objective=objective)
     assert module.model is policy and module.objective.reference.copied == (method == "full")
     if method == "full":
         _perturb(policy)

@@ -17,7 +17,7 @@ from torch import nn
 
 from tunelab.config.schema import Packing
 from tunelab.data.datamodule import Collator
-from tunelab.data.encode import Encoded
+from tunelab.data.encode import IGNORE, Encoded
 from tunelab.errors import ConfigError, DataError, did_you_mean
 from tunelab.objectives import Forward, Loss, reference_cache
 from tunelab.objectives.reference import Reference, is_adapter_model, reference_logprobs, sequence_logprobs
@@ -110,18 +110,27 @@ class DPO(_PairObjective):
     `reference`: `model` runs the reference beside the policy on every step (an adapter method's base with the
     adapter disabled; under full fine-tuning a frozen copy of the starting model); `cached` scores every pair once
     under the starting model before training and keeps the log-probs in the run directory
-    (`tunelab.objectives.reference_cache`): no copy in memory and one forward less per step."""
+    (`tunelab.objectives.reference_cache`): no copy in memory and one forward less per step.
 
-    def __init__(self, beta: float = 0.1, label_smoothing: float = 0.0, reference: str = "model") -> None:
+    `sft_weight` w > 0 adds w times the chosen replies' token-mean NLL over the batch to each pair's loss (RPO, Pang
+    et al. 2024; TRL's `loss_type=["sigmoid", "sft"]`, `loss_weights=[1, w]`, formerly `rpo_alpha`): when chosen
+    and rejected differ in a few tokens, plain DPO lowers both replies' likelihood while it widens the margin, and
+    the NLL term holds the chosen one up."""
+
+    def __init__(self, beta: float = 0.1, label_smoothing: float = 0.0, reference: str = "model",
+                 sft_weight: float = 0.0) -> None:
         if not beta > 0:
             raise ConfigError(f"beta must be > 0, got {beta}", "key objective.beta", "DPO's usual range is 0.01-0.5")
         if not 0 <= label_smoothing < 0.5:
             raise ConfigError(f"label_smoothing must be in [0, 0.5), got {label_smoothing}",
                               "key objective.label_smoothing", "0 for plain DPO")
+        if not 0 <= sft_weight < float("inf"):
+            raise ConfigError(f"sft_weight must be >= 0 and finite, got {sft_weight}", "key objective.sft_weight",
+                              "0 for plain DPO; RPO's paper uses 1.0")
         if reference not in REFERENCES:
             raise ConfigError(f"reference must be one of {', '.join(REFERENCES)}, got {reference!r}",
                               "key objective.reference", did_you_mean(str(reference), REFERENCES))
-        self.beta, self.label_smoothing = float(beta), float(label_smoothing)
+        self.beta, self.label_smoothing, self.sft_weight = float(beta), float(label_smoothing), float(sft_weight)
         self.reference_kind = reference
         self.reference = Reference()
         self.cache: reference_cache.CachedReference | None = None
@@ -162,7 +171,12 @@ class DPO(_PairObjective):
             ref = reference_logprobs(module, batch["input_ids"], batch.get("attention_mask"), batch["labels"],
                                      self.reference)
         chosen, rejected = (self.beta * (logps - ref)).chunk(2)
-        return smoothed_sigmoid_loss(chosen - rejected, self.label_smoothing), chosen, rejected
+        losses = smoothed_sigmoid_loss(chosen - rejected, self.label_smoothing)
+        if self.sft_weight:
+            # TRL's "sft" term: one token mean over all chosen replies of the micro-batch, added to every pair
+            tokens = (batch["labels"][: len(losses), 1:] != IGNORE).sum().clamp(min=1)
+            losses = losses + self.sft_weight * -logps[: len(losses)].sum() / tokens
+        return losses, chosen, rejected
 
 
 class SimPO(_PairObjective):
