@@ -109,10 +109,12 @@ def load(host: str, port: int, model: str, texts: list[str], clients: int, max_t
             "ttft_ms": 1000 * statistics.median(r[3] for r in results) if stream else None}
 
 
-def in_process(run: Path, texts: list[str], max_tokens: int) -> dict[str, Any]:
-    """The baseline: the same greedy answers from tunelab's one generate loop in this process, one after the other."""
+def in_process(run: Path, texts: list[str], max_tokens: int, threads: int) -> dict[str, Any]:
+    """The baseline: the same greedy answers from tunelab's one generate loop in this process, one after the other,
+    with as many torch threads as the servers get."""
     import torch
 
+    torch.set_num_threads(threads)
     from tunelab.evaluation.evaluate import generate_tokens
     from tunelab.models.load import load_run
 
@@ -162,6 +164,9 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 8, 32])
     parser.add_argument("--stream-concurrency", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--no-eval", action="store_true", help="skip the `tunelab eval` rows")
+    parser.add_argument("--threads", type=int, default=os.cpu_count(),
+                        help="torch threads of each server and of the in-process baseline (serve's threads=); "
+                             "default: every core")
     args = parser.parse_args()
     run = args.run or train_run(args.out / "run")
     texts = prompts(args.requests)
@@ -169,14 +174,15 @@ def main() -> None:
     labels = [r["sentiment"] for r in (rows_data * (args.requests // len(rows_data) + 1))[:args.requests]]
     began = time.strftime("%Y-%m-%d %H:%M:%S")
     load_before = os.getloadavg()
-    rows = [("in-process generate (baseline)", "-", 1, "float32", in_process(run, texts, args.max_tokens))]
+    rows = [("in-process generate (baseline)", "-", 1, "float32",
+             in_process(run, texts, args.max_tokens, args.threads))]
     on = ["batching=true", "max_concurrent=32", "max_batch_size=32"]
     servers = [("batching on", on, "float32", True),
                ("batching off (2 threads)", ["batching=false", "max_concurrent=2"], "float32", True),
                ("batching on", [*on, "inference.dtype=bfloat16"], "bfloat16", False),
                ("batching on", [*on, "inference.quantize=int8"], "int8", False)]
     for name, extra, dtype, sweep in servers:
-        proc, host, port, model = start_server(run, [*extra, "max_waiting=64"])
+        proc, host, port, model = start_server(run, [*extra, "max_waiting=64", f"threads={args.threads}"])
         try:
             load(host, port, model, texts[:4], 1, args.max_tokens)  # warm-up, not counted
             for clients in args.concurrency if sweep else [8]:
@@ -190,7 +196,8 @@ def main() -> None:
     evals = [] if args.no_eval else eval_rows(run, args.out)
     threads = os.environ.get("OMP_NUM_THREADS", "unset")
     print(f"\n{args.requests} greedy chat completions per row, max_tokens {args.max_tokens}, "
-          f"OMP_NUM_THREADS={threads}, {os.cpu_count()} CPUs, nice {os.nice(0)}, run {run}; started {began}, "
+          f"OMP_NUM_THREADS={threads}, torch threads {args.threads}, {os.cpu_count()} CPUs, nice {os.nice(0)}, "
+          f"run {run}; started {began}, "
           f"load average {load_before[0]:.1f} before, {os.getloadavg()[0]:.1f} after\n")
     print("| path | response | clients | weights | requests/s | p50 latency (ms) | p95 latency (ms) "
           "| first token p50 (ms) | completion tokens/s | accuracy | answers = baseline |")

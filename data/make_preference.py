@@ -8,7 +8,9 @@ every run.
 
 The rules (checked by ``tunelab.evaluation.judges.BrandVoice``):
 1. thanks: the reply thanks the customer ("Thank you ...").
-2. product: the reply names the product, as "your <product>" followed by punctuation.
+2. product: the reply names the product, as "your <product>" followed by punctuation (a rejected reply says
+   "your review" only, or, for half of the rows that break this rule, names another product of the same brand:
+   the near miss a model that copies the product badly writes).
 3. apology: on a negative review the reply apologises ("sorry") and offers a fix (a replacement or a refund).
 4. signature: the reply ends with the sign-off "Best wishes, the Larkspur team."
 
@@ -52,11 +54,25 @@ OTHER_SIGN = ["Best wishes, the support desk.", "Kind regards, customer service.
 # fmt: on
 
 
-def reply(rng: random.Random, product: str, negative: bool, broken: str | None) -> str:
-    """One reply; `broken` names the one rule it breaks (None: keeps them all). Banks are drawn in the same order
-    whatever is broken, so a pair's replies differ only where the rule is."""
+def near_miss(product: str, catalog: list[str], seed: str) -> str | None:
+    """Another product of the catalog, of the same brand where there is one, for half of the rows (by `seed`, a
+    string, so the other rows' draws do not move); None for the other half."""
+    rng = random.Random(seed)
+    if rng.random() < 0.5:
+        return None
+    others = [p for p in catalog if p != product and product not in p and p not in product]
+    same_brand = [p for p in others if p.split()[0] == product.split()[0]]
+    return rng.choice(same_brand or others)
+
+
+def reply(rng: random.Random, product: str, negative: bool, broken: str | None, other: str | None = None) -> str:
+    """One reply; `broken` names the one rule it breaks (None: keeps them all); `other`, with `broken="product"`,
+    a wrong product to name instead of none. Banks are drawn in the same order whatever is broken, so a pair's
+    replies differ only where the rule is."""
     picks = [rng.randrange(4) for _ in range(5)]
     opening = {"thanks": NO_THANKS, "product": NO_PRODUCT}.get(broken or "", THANKS)[picks[0]]
+    if broken == "product" and other:
+        opening, product = THANKS[picks[0]], other
     if negative:
         body = [SORRY[picks[1]], FIX[picks[2]]]
         if broken == "apology":  # either half of the rule missing breaks it
@@ -67,14 +83,15 @@ def reply(rng: random.Random, product: str, negative: bool, broken: str | None) 
     return " ".join(part for part in [opening.format(product=product), *body, sign] if part)
 
 
-def row(review: dict, rng: random.Random) -> dict:
+def row(review: dict, rng: random.Random, catalog: list[str], seed: int) -> dict:
     negative = review["sentiment"] == "negative"
     rules = ["thanks", "product", "signature"] + (["apology"] if negative else [])
     broken = rules[rng.randrange(len(rules))]
     state = rng.getstate()
     chosen = reply(rng, review["product"], negative, None)
     rng.setstate(state)  # the same draws: the rejected reply is the chosen one with one rule broken
-    rejected = reply(rng, review["product"], negative, broken)
+    other = near_miss(review["product"], catalog, f"{seed}-{review['id']}") if broken == "product" else None
+    rejected = reply(rng, review["product"], negative, broken, other)
     prompt = f"{INSTRUCTION}\n\nProduct: {review['product']}\nReview: {review['text']}"
     return {"id": review["id"].replace("rev", "pref"), "prompt": prompt, "chosen": chosen, "rejected": rejected,
             "broken": broken, "sentiment": review["sentiment"], "product": review["product"]}
@@ -88,10 +105,12 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=here / "preference")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
-    for index, split in enumerate(("train", "validation", "test")):
+    splits = {split: [json.loads(line) for line in (args.reviews / f"{split}.jsonl").read_text().splitlines() if line]
+              for split in ("train", "validation", "test")}
+    catalog = sorted({review["product"] for reviews in splits.values() for review in reviews})
+    for index, (split, reviews) in enumerate(splits.items()):
         rng = random.Random(args.seed * 1000 + index)
-        reviews = [json.loads(line) for line in (args.reviews / f"{split}.jsonl").read_text().splitlines() if line]
-        rows = [row(review, rng) for review in reviews]
+        rows = [row(review, rng, catalog, args.seed) for review in reviews]
         with (args.out / f"{split}.jsonl").open("w") as handle:
             handle.writelines(json.dumps(r) + "\n" for r in rows)
         print(f"{split}: {len(rows)} rows, broken rules {dict(sorted(Counter(r['broken'] for r in rows).items()))}")

@@ -205,7 +205,7 @@ def test_bundled_task_is_reproducible_and_the_judge_agrees_with_it(tmp_path):
 
 FAST = ["model=tiny_instruct", "method=lora", "hyperparams.max_steps=2", "hyperparams.batch_size=4",
         "hyperparams.eval_batch_size=8", "eval.max_eval_samples=8", "eval.generate_on_val=false", "logger=none",
-        "dataset=brand_replies", "decoding.max_new_tokens=8"]
+        "dataset=brand_replies", "dataset.max_new_tokens=8"]
 
 
 @pytest.mark.slow
@@ -246,7 +246,7 @@ def test_sft_then_dpo_pipeline_runs_end_to_end_and_scores_each_stage(tmp_path):
     assert cfg.adapter_carry._target_.endswith("merge_adapter")  # DPO's reference is then the SFT model
     with open_dict(cfg):
         cfg.stage_overrides = ["logger=none", "hyperparams.max_steps=2", "hyperparams.batch_size=4",
-                               "hyperparams.eval_batch_size=8", "eval.max_eval_samples=4", "decoding.max_new_tokens=8",
+                               "hyperparams.eval_batch_size=8", "eval.max_eval_samples=4", "dataset.max_new_tokens=8",
                                "callbacks.progress.refresh_rate=0"]
     out = tmp_path / "p"
     summary = run_pipeline(cfg, RunContext.local(out))

@@ -115,3 +115,24 @@ def test_one_generation_loop_one_row_loop_one_perplexity():
 def test_pipeline_scoring_config_composes_with_its_prompting_default(tmp_path):
     cfg = compose(["logger=none", f"paths.output_dir={tmp_path}"], "pipeline")
     assert OmegaConf.select(cfg, "prompting._target_") == "tunelab.evaluation.prompting.ZeroShot"
+
+
+def test_a_tasks_own_answer_budget_wins_over_the_decodings(tmp_path, monkeypatch):
+    """dataset.max_new_tokens (brand_replies sets 96: its replies outrun decoding's 64) bounds the answers of the
+    task in `tunelab eval` and pipelines (score_task) and in training's generation-scored metrics (the module)."""
+    from tunelab.training.module import TuneModule
+
+    calls = _recording(monkeypatch)
+    ecfg = compose(["model=tiny_instruct", "dataset=brand_replies", f"paths.output_dir={tmp_path}", "max_samples=3",
+                    "logger=none", "decoding.max_new_tokens=64", "dataset.max_new_tokens=4"], "eval")
+    with open_dict(ecfg):
+        ecfg.paths.run_dir = str(tmp_path / "eval")
+    evaluate_cfg(ecfg)
+    (_, _, answers, _), = calls
+    tokenizer = build(ecfg.tokenizer)
+    lengths = [len(tokenizer(a, add_special_tokens=False)["input_ids"]) for a in answers]
+    assert lengths and max(lengths) <= 4 + 1, answers  # the untrained model rambles to the limit (+1: re-tokenising)
+    assert compose(["dataset=brand_replies"], "eval").dataset.max_new_tokens == 96
+    module = TuneModule(build(ecfg.model), tokenizer, None, generation={"max_new_tokens": 64, "do_sample": False},
+                        tasks={"brand_replies": {}}, answer_tokens={"brand_replies": 7})
+    assert module.task_generation == {"brand_replies": {"max_new_tokens": 7, "do_sample": False}}

@@ -160,7 +160,8 @@ def test_batching_keys_and_engine_are_checked_before_serving(tmp_path):
         return cfg
 
     for override, message in (("max_batch_size=0", "max_batch_size"), ("batch_window_ms=-1", "batch_window_ms"),
-                               ("engine=vlm", "did you mean 'vllm'")):
+                               ("engine=vlm", "did you mean 'vllm'"), ("threads=0", "threads"),
+                               ("threads=true", "threads"), ("threads=two", "threads")):
         with pytest.raises(ConfigError, match=message):
             check_command_line(_serve_cfg(["model=tiny", override]))
     if torch.cuda.is_available():

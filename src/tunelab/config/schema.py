@@ -100,6 +100,10 @@ class DatasetSchema:
     corpus_metrics: dict[str, Any] = field(default_factory=dict)  # (answers, references) -> float, e.g. macro-F1
     # The answer options of a classification task, for rank classification (decoding=choices).
     choices: Optional[list[str]] = None
+    # The longest answer generated when this task is scored (null: decoding.max_new_tokens); a task whose
+    # references run past the decoding default sets it, so its answers are not cut short (brand_replies: 96).
+    max_new_tokens: Optional[int] = _ranged(None, Range(low=1, integer=True, nullable=True,
+                                                        note="null: decoding.max_new_tokens"))
     # A mixture names tasks (each a dataset config like this one) and their sampling weights.
     tasks: dict[str, Any] = field(default_factory=dict, metadata={"each_like_parent": True})
     weights: dict[str, float] = field(default_factory=dict, metadata={"ranges": {"*": NON_NEGATIVE}})

@@ -162,6 +162,11 @@ class TuneDataModule(pl.LightningDataModule):
         """Each task's metric configs (`_target_` nodes), for the module to instantiate."""
         return {name: dict(task.metrics) for name, task in self.tasks.items()}
 
+    @property
+    def answer_tokens(self) -> dict[str, int]:
+        """The tasks that set their own answer budget (`dataset.max_new_tokens`): task -> max_new_tokens."""
+        return {name: int(task.max_new_tokens) for name, task in self.tasks.items() if task.max_new_tokens}
+
     def setup(self, stage: str | None = None) -> None:
         if self.splits:
             return

@@ -47,6 +47,8 @@ def score_task(model: Any, tokenizer: Any, name: str, task: Mapping[str, Any], s
     if split not in samples:
         raise ConfigError(f"dataset {name!r} has no {split} split", "key split", f"splits: {', '.join(samples)}")
     held_out = samples[split][: max_samples or None]
+    if task.get("max_new_tokens"):  # the task's own answer budget (dataset.max_new_tokens)
+        decoding = {**decoding, "max_new_tokens": int(task["max_new_tokens"])}
     budget = budget if budget is not None else prompt_budget(model, decoding)
     setting = Setting(tokenizer, samples.get("train", []), budget, Path(cache_dir) if cache_dir else None, seed,
                       prompt_ids)

@@ -44,6 +44,7 @@ class TuneModule(pl.LightningModule):
         on_nonfinite: str = "stop",
         generate_on_val: bool = True,
         objective: Objective | None = None,
+        answer_tokens: Mapping[str, int] | None = None,
     ) -> None:
         super().__init__()
         self.model, self.tokenizer = model, tokenizer
@@ -58,6 +59,9 @@ class TuneModule(pl.LightningModule):
         self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
         self.warmup_ratio = warmup_ratio
         self.generation = dict(generation or {})
+        # task -> its own max_new_tokens (dataset.max_new_tokens), for tasks whose answers outrun the decoding's
+        self.task_generation = {task: {**self.generation, "max_new_tokens": n} for task, n in
+                                (answer_tokens or {}).items()}
         # task -> metric name -> scorer(answer, reference); one task unless the dataset is a mixture
         self.tasks = {name: dict(scorers) for name, scorers in (tasks or {"data": {}}).items()}
         self.scorers = {n: s for scorers in self.tasks.values() for n, s in scorers.items()}
@@ -225,7 +229,7 @@ class TuneModule(pl.LightningModule):
         if score and scorers and "prompt_ids" in batch:
             # The one scoring path (tunelab eval, pipelines and the server use the same two calls).
             answers = answer(self.model, self.tokenizer, batch["prompt_ids"], batch["prompt_mask"],
-                             self.generation, batch.get("choices"))
+                             self.task_generation.get(task, self.generation), batch.get("choices"))
             for name, values in score_answers(answers, batch["references"], scorers).items():
                 for running in groups:
                     running[name].update(torch.tensor(values, device=self.device))

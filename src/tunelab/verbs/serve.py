@@ -81,6 +81,8 @@ def load_served(cfg: DictConfig) -> Served:
     from tunelab.tracking.artifacts import resolve_run
 
     torch.manual_seed(int(cfg.seed))  # a random-init model option is the same model every launch
+    if cfg.get("threads") is not None:  # a batch's matrix products split over the cores (BENCHMARKS.md, "Serving")
+        torch.set_num_threads(int(cfg.threads))
     if (cfg.run is None) == (cfg.get("model") is None):
         raise ConfigError("give exactly one of run= and model=", "command line",
                           "tunelab serve run=<run dir>, or tunelab serve model=<option>")
@@ -127,6 +129,10 @@ def _check_limits(cfg: DictConfig) -> None:
     if not isinstance(cfg.max_batch_size, int) or not 1 <= cfg.max_batch_size <= 256:
         raise ConfigError(f"max_batch_size must be a whole number in 1..256, got {cfg.max_batch_size!r}",
                           "key max_batch_size")
+    threads = cfg.get("threads")
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or not 1 <= threads <= 1024):
+        raise ConfigError(f"threads must be null or a whole number of at least 1, got {threads!r}", "key threads",
+                          "null lets torch choose (OMP_NUM_THREADS, else every core)")
     window = cfg.batch_window_ms
     if isinstance(window, bool) or not isinstance(window, (int, float)) or not 0 <= window <= 1000:
         raise ConfigError(f"batch_window_ms must be a number of milliseconds in 0..1000, got {window!r}",

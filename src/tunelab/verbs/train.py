@@ -64,7 +64,8 @@ def train(cfg: DictConfig, run: RunContext) -> dict[str, float]:
     trainable, total = count_parameters(model)
     report.parameters(trainable, total, model)
     tasks = build(datamodule.task_metrics, _convert_="all")  # task -> metric name -> scorer
-    module = build(cfg.module, model=model, tokenizer=tokenizer, tasks=tasks, objective=objective, _convert_="all")
+    module = build(cfg.module, model=model, tokenizer=tokenizer, tasks=tasks, objective=objective,
+                   answer_tokens=datamodule.answer_tokens, _convert_="all")
 
     resume.continue_logger_runs(cfg.logger)  # resumed in place: the same W&B run
     loggers = [build_with(node, run=run) for node in cfg.logger.values()]
