@@ -5,9 +5,9 @@ reference copy; 3 more with the reference log-probs cached in the run). 10 SIGKI
 checkpoint, epoch boundaries, validation, inside checkpoint writes, after training) lose at most the checkpoint
 interval; SIGTERM exits 143 and SIGINT 130 after finishing the step and writing a checkpoint (lose nothing).
 
-Runs are forked children of this test process (real processes: SIGKILL ends one with no cleanup; each
-exits with its own status), so torch and Lightning are not imported again per run; the SIGTERM run goes
-through the installed `tunelab` console script, so its exit status is the interpreter's own.
+Runs are real processes (SIGKILL ends one with no cleanup; each exits with its own status) forked from a fork
+server that imported torch and Lightning once (tests/forkrun.py), so they are not imported again per run; the
+SIGTERM run goes through the installed `tunelab` console script, so its exit status is the interpreter's own.
 """
 
 from __future__ import annotations
