@@ -20,6 +20,7 @@ import multiprocessing.forkserver
 import os
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import procs
@@ -47,15 +48,16 @@ def _server() -> multiprocessing.context.ForkServerContext:
     return _SERVER
 
 
-def _child(verb: str, argv: list[str], log: str, cwd: str, env: dict[str, str]) -> None:
-    """In the forked child: the caller's directory and environment, output to `log`, then the console script."""
+def _child(verb: str, argv: list[str], log: str, cwd: str, env: dict[str, str], errors: str | None = None) -> None:
+    """In the forked child: the caller's directory and environment, output to `log` (stderr to `errors` when
+    given), then the console script."""
     os.chdir(cwd)
     os.environ.clear()
     os.environ.update(env)
-    fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
-    os.dup2(fd, 1)
-    os.dup2(fd, 2)
-    os.close(fd)
+    for target, path in ((1, log), (2, errors or log)):
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        os.dup2(fd, target)
+        os.close(fd)
     sys.stdout = open(1, "w", buffering=1, closefd=False)  # noqa: SIM115 - the fds the server gave may be others
     sys.stderr = open(2, "w", buffering=1, closefd=False)  # noqa: SIM115
     from tunelab.cli import main
@@ -64,19 +66,51 @@ def _child(verb: str, argv: list[str], log: str, cwd: str, env: dict[str, str]) 
     main()  # SystemExit(code) becomes the process's exit status (multiprocessing's bootstrap)
 
 
+def _join(child: multiprocessing.process.BaseProcess, argv: list[str], seconds: float) -> int:
+    child.join(procs.budget(seconds))
+    if child.exitcode is None:  # a hang, not a busy machine (procs.budget): end it and say so
+        child.kill()
+        child.join()
+        raise subprocess.TimeoutExpired(argv, procs.budget(seconds))
+    return child.exitcode
+
+
+def _env() -> dict[str, str]:
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (TESTS, os.environ.get("PYTHONPATH", "")) if p)}
+
+
+def run_forked(verb: str, argv: list[str], cwd: Path, env: dict[str, str], seconds: float = 120,
+               ) -> subprocess.CompletedProcess:
+    """`tunelab <verb> argv` run in a child forked from the fork server, in `cwd` with `env` (plus this folder on
+    PYTHONPATH); its exit status and its stdout and stderr apart, as `subprocess.run(capture_output=True)` gives."""
+    out, err = Path(cwd) / ".forkrun.out", Path(cwd) / ".forkrun.err"
+    env = {**env, "PYTHONPATH": os.pathsep.join(p for p in (TESTS, env.get("PYTHONPATH", "")) if p)}
+    child = _server().Process(target=_child, args=(verb, list(argv), str(out), str(cwd), env, str(err)))
+    child.start()
+    code = _join(child, ["tunelab", verb, *argv], seconds)
+    texts = [path.read_text() if path.exists() else "" for path in (out, err)]
+    for path in (out, err):
+        path.unlink(missing_ok=True)
+    return subprocess.CompletedProcess(["tunelab", verb, *argv], code, *texts)
+
+
+def run_all_forked(commands: dict[str, tuple[str, list[str], Path, dict[str, str]]], seconds: float = 120,
+                   ) -> dict[str, subprocess.CompletedProcess]:
+    """`run_forked` of `name -> (verb, argv, cwd, env)`, procs.WORKERS at a time."""
+    _server()  # made here, before the threads
+    with ThreadPoolExecutor(max_workers=procs.WORKERS) as pool:
+        futures = {name: pool.submit(run_forked, *command, seconds) for name, command in commands.items()}
+        return {name: future.result() for name, future in futures.items()}
+
+
 def fork_tunelab(argv: list[str], log: Path, verb: str = "train", wait: bool = True) -> int:
     """Run `tunelab <verb> argv` in a child process; its exit status (-N if signal N killed it), or with
     `wait=False` its pid (then `wait_for(pid)`)."""
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (TESTS, os.environ.get("PYTHONPATH", "")) if p)}
+    env = _env()
     if wait:
         child = _server().Process(target=_child, args=(verb, list(argv), str(log), os.getcwd(), env))
         child.start()
-        child.join(procs.budget(600))
-        if child.exitcode is None:  # a hang, not a busy machine (procs.budget): end it and say so
-            child.kill()
-            child.join()
-            raise subprocess.TimeoutExpired(["tunelab", verb, *argv], procs.budget(600))
-        return child.exitcode
+        return _join(child, ["tunelab", verb, *argv], 600)
     with open(log, "a") as out:  # the child keeps its own copy of the descriptor
         child = subprocess.Popen([sys.executable, "-m", "tunelab.cli", *verb.split(), *argv], stdout=out,
                                  stderr=subprocess.STDOUT, env=env)
