@@ -25,14 +25,31 @@ os.environ.setdefault("WANDB_SILENT", "true")
 REPO = Path(__file__).resolve().parents[1]
 
 
+# The tokenised-data cache the configs of make_cfg share in a test session (set by `shared_data_cache`). Its
+# entries are keyed by the data's content hash, tokenizer, template and lengths, so sharing it changes no run;
+# it spares each in-process run encoding its dataset again (reviews_sentiment: 3.4 s of CPU, brand_replies 6.9 s).
+SHARED_CACHE: Path | None = None
+
+
 def make_cfg(tmp_path: Path, overrides: list[str] | None = None) -> DictConfig:
-    """A composed train config whose run directory is `tmp_path`, ready for `train(cfg)` (no Hydra globals)."""
+    """A composed train config whose run directory is `tmp_path`, ready for `train(cfg)` (no Hydra globals).
+    Its `paths.cache_dir` is the session's SHARED_CACHE unless `overrides` name one (the last one given wins)."""
     from tunelab.config.compose import compose
 
-    cfg = compose(list(overrides or []) + [f"paths.output_dir={tmp_path}"])
+    shared = [f"paths.cache_dir={SHARED_CACHE}"] if SHARED_CACHE else []
+    cfg = compose(shared + list(overrides or []) + [f"paths.output_dir={tmp_path}"])
     with open_dict(cfg):
         cfg.paths.run_dir = str(tmp_path)
     return cfg
+
+
+@pytest.fixture(scope="session", autouse=True)
+def shared_data_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """One tokenised-data cache for the session's make_cfg runs (one per xdist worker: its own base temp dir)."""
+    global SHARED_CACHE
+    SHARED_CACHE = tmp_path_factory.getbasetemp() / "data-cache"
+    yield SHARED_CACHE
+    SHARED_CACHE = None
 
 
 @pytest.fixture

@@ -4,12 +4,14 @@ before any training."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from forkrun import run_forked
 from procs import budget
 
 GOOD = {"title": "Fine", "text": "It works.", "sentiment": "positive", "category": "kettle", "product": "K1",
@@ -35,15 +37,21 @@ CASES = {
 }
 
 
+# One case through a new interpreter; the others are real processes forked from tests/forkrun.py's fork server,
+# which has imported torch and Lightning once (each fresh start paid about 10 s of CPU for those imports).
+FRESH = "invalid_json"
+
+
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_bad_row_exits_3_with_file_line_and_field(tmp_path, case):
     bad_line, expected = CASES[case]
     folder = _dataset(tmp_path / "data", bad_line)
-    out = subprocess.run(
-        [sys.executable, "-m", "tunelab.cli", "train", f"dataset.source.path={folder}", "logger=none",
-         f"paths.output_dir={tmp_path / 'out'}"],
-        capture_output=True, text=True, timeout=budget(300),
-    )
+    argv = [f"dataset.source.path={folder}", "logger=none", f"paths.output_dir={tmp_path / 'out'}"]
+    if case == FRESH:
+        out = subprocess.run([sys.executable, "-m", "tunelab.cli", "train", *argv], capture_output=True, text=True,
+                             timeout=budget(300))
+    else:
+        out = run_forked("train", argv, tmp_path, dict(os.environ), seconds=300)
     text = out.stdout + out.stderr
     assert out.returncode == 3, text[-2000:]
     assert "tunelab: data error: " in text

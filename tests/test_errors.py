@@ -1,8 +1,11 @@
 """User mistakes through the real console script: one `tunelab: <kind> error:` message, exit code, no traceback.
 
-Every case runs `python -m tunelab.cli train ...` in a subprocess. One module fixture runs them all, a few at a
-time (tests/procs.py: a pool as wide as the cores, each case's timeout counted from its own start), because each
-pays the start-up imports; the tests then read their results.
+Every case runs `tunelab train ...` in a process of its own. One module fixture runs them all, a few at a time
+(tests/procs.py: a pool as wide as the cores, each case's timeout counted from its own start); the tests then read
+their results. One case of each kind of refusal (FRESH: refused in pre-flight, when the job builds its objects,
+and a data error) starts a new interpreter (`python -m tunelab.cli`); the others are forked from the fork server
+of tests/forkrun.py, which has imported torch, transformers and Lightning once (each fresh start paid those
+imports: the fixture took about a minute on the 2-core machine).
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from forkrun import run_all_forked
 from procs import run_all
 from tunelab import paths
 from tunelab.config.schema import Overlength
@@ -103,6 +107,10 @@ CASES: dict[str, tuple[list[str], int, list[str]]] = {
 }
 
 
+# One case of each kind through a new interpreter: refused in pre-flight, when the job builds its objects, bad data.
+FRESH = {"unknown_key", "missing_local_model", "missing_data_file"}
+
+
 def _skip_where_not_a_mistake(name: str) -> None:
     if name == "deepspeed_not_installed" and importlib.util.find_spec("deepspeed") is not None:
         pytest.skip("deepspeed is installed here: the refusal cannot happen")
@@ -112,14 +120,17 @@ def _skip_where_not_a_mistake(name: str) -> None:
 def results(tmp_path_factory) -> dict[str, tuple[subprocess.CompletedProcess, Path, Path]]:
     root = tmp_path_factory.mktemp("errors")
     conf = _bad_user_conf(root)
-    commands = {}
+    commands, forked = {}, {}
     for name, (args, _, _) in CASES.items():
         out_dir = root / name
         out_dir.mkdir()
         argv = [a.format(conf=conf) for a in args] + [f"paths.output_dir={out_dir}"]
-        commands[name] = ([sys.executable, "-m", "tunelab.cli", "train", *argv], {"cwd": out_dir, "env": ENV})
+        if name in FRESH:
+            commands[name] = ([sys.executable, "-m", "tunelab.cli", "train", *argv], {"cwd": out_dir, "env": ENV})
+        else:
+            forked[name] = ("train", argv, out_dir, ENV)
     # 120 s: one CLI's imports, composition and (for the runtime cases) building the tiny model, with room to spare.
-    done = run_all(commands, seconds=120)
+    done = {**run_all(commands, seconds=120), **run_all_forked(forked, seconds=120)}
     return {name: (done[name], root / name, conf) for name in CASES}
 
 
