@@ -12,7 +12,9 @@ requests that can share its settings in one batch:
 - sampled requests with the same settings share a batch; a request with a `seed` runs alone, seeded, so the
   same seed gives the same answer whatever else is being served;
 - streams get their own tokens through a per-row streamer, and each row's answer is handed back as soon as
-  that row is done, not when the whole batch is.
+  that row is done, not when the whole batch is;
+- a prompt prefix the rows share is prefilled once and cached (`prefix_cache`), unless the batch is seeded: a
+  seed promises one answer whatever was served before, and the cache's contents depend on that.
 
 Why not transformers' own continuous batching (`generate_batch`, `ContinuousBatchingManager`): it takes one
 generation config for all requests (no per-request seed; per-request sampling only through its logits processor
@@ -35,6 +37,7 @@ import torch
 from tunelab.evaluation.evaluate import generate_tokens, left_pad
 from tunelab.serving.generation import Cancelled, finish_reason, seeded
 from tunelab.serving.logprobs import Logprobs, with_logprobs
+from tunelab.serving.prefix_cache import PrefixCache
 from tunelab.serving.requests import Served
 
 
@@ -115,8 +118,10 @@ class _Rows:
 class Batcher:
     """The queue and the one worker thread that generates its batches. `submit` is safe from any thread."""
 
-    def __init__(self, served: Served, max_batch_size: int, window_s: float) -> None:
+    def __init__(self, served: Served, max_batch_size: int, window_s: float,
+                 prefixes: PrefixCache | None = None) -> None:
         self.served, self.max_batch_size, self.window_s = served, max_batch_size, window_s
+        self.prefixes = prefixes
         self.pending: list[Job] = []
         self.ready = threading.Condition()
         self.largest = 0  # the largest batch generated so far (/health reports it)
@@ -170,14 +175,20 @@ class Batcher:
 
         tokenizer = self.served.tokenizer
         self.largest = max(self.largest, len(batch))
-        ids, mask = left_pad([job.ids for job in batch], tokenizer.pad_token_id)
-        rows = _Rows(batch, ids.shape[1], tokenizer.eos_token_id)
         settings = dict(batch[0].settings)
+        prompts = [job.ids for job in batch]
+        prefix = self.prefixes.lookup(prompts) if self.prefixes is not None and "seed" not in settings else None
+        if prefix is None:
+            ids, mask = left_pad(prompts, tokenizer.pad_token_id)
+            cache = None
+        else:
+            ids, mask, cache = prefix.inputs(prompts, tokenizer.pad_token_id)
+        rows = _Rows(batch, ids.shape[1], tokenizer.eos_token_id)
         settings["max_new_tokens"] = max(int(job.settings["max_new_tokens"]) for job in batch)
         criteria = with_logprobs(self.served.model, settings, [job.logprobs for job in batch], [rows])
         with seeded(settings):
             new = generate_tokens(self.served.model, tokenizer, ids, mask, settings,
-                                  rows if rows.streaming else None, StoppingCriteriaList(criteria))
+                                  rows if rows.streaming else None, StoppingCriteriaList(criteria), cache)
         for row in range(len(batch)):  # rows the criterion did not see end (none, unless generate stopped early)
             if not rows.done[row]:
                 rows.finish(row, new[row].tolist())
