@@ -178,6 +178,7 @@ def main() -> None:
              in_process(run, texts, args.max_tokens, args.threads))]
     on = ["batching=true", "max_concurrent=32", "max_batch_size=32"]
     servers = [("batching on", on, "float32", True),
+               ("batching on, prefix_cache off", [*on, "prefix_cache=false"], "float32", True),
                ("batching off (2 threads)", ["batching=false", "max_concurrent=2"], "float32", True),
                ("batching on", [*on, "inference.dtype=bfloat16"], "bfloat16", False),
                ("batching on", [*on, "inference.quantize=int8"], "int8", False)]

@@ -143,9 +143,17 @@ def test_streamed_chat_and_fields_match_the_plain_answer(server):
     assert [m.id for m in client.models.list().data] == [model_id]
 
 
-def test_concurrent_clients_share_batches_and_get_the_sequential_greedy_answers(server):
+def test_concurrent_clients_share_batches_and_get_the_sequential_greedy_answers(server, run):
     """Issue 22: eight clients at once (streams, stop strings and max_tokens of their own among them) share batches
-    and each gets the answer it gets alone."""
+    and each gets the answer it gets alone, and the answer plain generate gives in process without any prefix cache
+    (the server caches the shared prompt prefix, and says so on /health)."""
+    import torch
+
+    from tunelab.data.encode import prompt_ids
+    from tunelab.evaluation.evaluate import generate_tokens
+    from tunelab.models.load import load_run
+    from tunelab.serving.generation import cut_at_stop
+
     base, model_id, _ = server
     client = _client(base)
     rows = [json.loads(x) for x in (REPO / "data/reviews/test.jsonl").read_text().splitlines()[:8]]
@@ -165,7 +173,18 @@ def test_concurrent_clients_share_batches_and_get_the_sequential_greedy_answers(
         together = list(pool.map(ask, range(8)))
     assert together == alone and all(alone)
     with urllib.request.urlopen(base.removesuffix("/v1") + "/health", timeout=30) as response:
-        assert json.load(response)["largest_batch"] > 1
+        health = json.load(response)
+    assert health["largest_batch"] > 1 and health["prefix_cache"]["hits"] >= 1
+    model, tokenizer, recipe = load_run(run)
+    system = [{"role": "system", "content": recipe["system_prompt"]}] if recipe.get("system_prompt") else []
+    for i in range(8):
+        user = {"role": "user", "content": f"Is the following review positive or negative?\n\n"
+                                           f"Title: {rows[i]['title']}\nReview: {rows[i]['text']}"}
+        ids = torch.tensor([prompt_ids(tokenizer, [*system, user])])
+        new = generate_tokens(model, tokenizer, ids, torch.ones_like(ids),
+                              {"max_new_tokens": MAX_TOKENS - i % 3, "do_sample": False})[0]
+        plain = cut_at_stop(tokenizer.decode(new, skip_special_tokens=True), ["ega"] if i % 4 else [])[0]
+        assert alone[i] == plain, i
 
 
 def test_logprobs_usage_and_unsupported_fields_through_the_openai_client(server, run):

@@ -161,7 +161,8 @@ def test_batching_keys_and_engine_are_checked_before_serving(tmp_path):
 
     for override, message in (("max_batch_size=0", "max_batch_size"), ("batch_window_ms=-1", "batch_window_ms"),
                                ("engine=vlm", "did you mean 'vllm'"), ("threads=0", "threads"),
-                               ("threads=true", "threads"), ("threads=two", "threads")):
+                               ("threads=true", "threads"), ("threads=two", "threads"),
+                               ("prefix_cache=maybe", "prefix_cache")):
         with pytest.raises(ConfigError, match=message):
             check_command_line(_serve_cfg(["model=tiny", override]))
     if torch.cuda.is_available():
@@ -213,3 +214,151 @@ def test_vllm_engine_serves_a_run_on_a_gpu(tmp_path):
     finally:
         proc.terminate()
         proc.wait(timeout=120)
+
+
+SYSTEM = "You are a careful assistant. Read the question, think, and answer it in one short sentence."
+
+
+def _with_system(served: Served, text: str) -> list[int]:
+    """A prompt whose first ~30 tokens (template header and system prompt) every other one shares."""
+    messages = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": text}]
+    return list(prompt_ids(served.tokenizer, messages))
+
+
+def test_prefix_cache_batched_streamed_and_alone_answers_equal_plain_generate(served):
+    """With prefix caching, eight concurrent greedy requests (their own max_tokens, a stream, logprobs) and then
+    lone requests get the tokens, finish reasons and logprobs (within 1e-4) that plain generate gives without any
+    cache; the cache was used (a prefix computed, then hit)."""
+    from transformers import TextIteratorStreamer
+
+    from tunelab.serving.logprobs import Logprobs
+    from tunelab.serving.prefix_cache import PrefixCache, unsupported
+
+    assert unsupported(served.model) is None
+    limits = [3, 24, 8, 16, 24, 1, 12, 20]
+    prompts = [_with_system(served, q) for q in QUESTIONS]
+    plain_sinks = [Logprobs(top=2) for _ in prompts]
+    plain = [run_generate(served, p, {"max_new_tokens": n, "do_sample": False}, logprobs=s)
+             for p, n, s in zip(prompts, limits, plain_sinks, strict=True)]
+    prefixes = PrefixCache(served.model)
+    batcher = Batcher(served, max_batch_size=8, window_s=0.5, prefixes=prefixes)
+    streamer = TextIteratorStreamer(served.tokenizer, skip_prompt=True, skip_special_tokens=True, timeout=300)
+    sinks = [Logprobs(top=2) if i % 3 == 0 else None for i in range(len(prompts))]
+    futures = [batcher.submit(p, {"max_new_tokens": n, "do_sample": False}, streamer if i == 1 else None,
+                              logprobs=sinks[i]) for i, (p, n) in enumerate(zip(prompts, limits, strict=True))]
+    text = "".join(streamer)
+    together = [f.result(timeout=300) for f in futures]
+    assert together == plain and batcher.largest > 1
+    assert text == served.tokenizer.decode(together[1][0], skip_special_tokens=True)
+    assert prefixes.computed >= 1 and len(next(iter(prefixes.store))) >= 8
+    for (new, _), batched, alone in zip(plain, sinks, plain_sinks, strict=True):
+        for (lp, top), (lp_b, top_b) in zip(alone.tokens, (batched or alone).tokens[:len(new)], strict=True):
+            assert abs(lp - lp_b) < 1e-4 and [t for t, _ in top] == [t for t, _ in top_b]
+    # lone requests, one after the other: the cached prefix serves them (and the sequential path, batching=false)
+    lone = PrefixCache(served.model)
+    alone = [run_generate(served, p, {"max_new_tokens": n, "do_sample": False}, prefixes=lone)
+             for p, n in zip(prompts, limits, strict=True)]
+    assert alone == plain and lone.computed >= 1 and lone.hits >= 5
+    sink = Logprobs(top=3)
+    assert run_generate(served, prompts[2], {"max_new_tokens": 8, "do_sample": False}, logprobs=sink,
+                        prefixes=lone) == plain[2]
+    assert all(abs(a - b) < 1e-4 for (a, _), (b, _) in zip(sink.tokens, plain_sinks[2].tokens, strict=True))
+    # a seeded request never reads the cache (its answer must not depend on what was served before it)
+    sampled = {"max_new_tokens": 8, "do_sample": True, "temperature": 1.0, "top_k": 0, "seed": 5}
+    hits = lone.hits
+    assert run_generate(served, prompts[0], sampled, prefixes=lone) == run_generate(served, prompts[0], sampled)
+    assert lone.hits == hits
+
+
+def test_prefix_cache_lookup_rules(served):
+    """Bounded LRU; a prefix shorter than the minimum is not cached; every row keeps a token of its own."""
+    from tunelab.serving.prefix_cache import PrefixCache, common_prefix
+
+    assert common_prefix([[1, 2, 3], [1, 2, 4], [1, 2]]) == 2 and common_prefix([[5], [6]]) == 0
+    cache = PrefixCache(served.model, entries=2, min_tokens=4)
+    base = list(range(10, 30))
+    assert cache.lookup([base + [1], [9] + base]) is None  # nothing shared
+    assert cache.lookup([base[:3] + [1], base[:3] + [2]]) is None  # 3 < min_tokens
+    hit = cache.lookup([base + [1], base + [2]])
+    assert hit is not None and hit.ids == tuple(base) and cache.computed == 1
+    assert cache.lookup([base + [7]]).ids == tuple(base) and cache.hits == 1
+    # the cached 20 tokens are this whole prompt (a row keeps a token of its own to prefill), so the 19 it shares
+    # with the previous lone prompt are cached
+    assert cache.lookup([base]).ids == tuple(base[:-1]) and cache.computed == 2
+    for first in (1, 2, 3):
+        cache.lookup([[first] * 9 + [4], [first] * 9 + [5]])
+    assert len(cache.store) == 2 and tuple(base) not in cache.store  # the least recently used went first
+
+
+def test_models_that_cannot_use_a_prefix_cache_fall_back_and_answer_right(served):
+    """bfloat16, int8, routed experts (tiny_moe, tiny_mot) and prompt tuning get no prefix cache (a capability
+    check names why) and their batched answers are still their sequential ones."""
+    from peft import PromptTuningConfig, get_peft_model
+
+    from tunelab.serving.prefix_cache import prefix_cache_for, unsupported
+
+    assets = REPO / "src" / "tunelab" / "assets"
+    moe = load_causal_lm(str(assets / "tiny-moe"), str(assets / "tiny-llama"), random_init=True).eval()
+    mot = load_causal_lm(str(assets / "tiny-mot"), str(assets / "tiny-llama"), random_init=True).eval()
+    bf16 = for_inference(load_causal_lm(INSTRUCT).eval(), {"dtype": "bfloat16", "quantize": "none"})
+    int8 = for_inference(load_causal_lm(INSTRUCT).eval(), {"dtype": "auto", "quantize": "int8"})
+    prompt = get_peft_model(load_causal_lm(INSTRUCT), PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4))
+    for model, why in ((moe, "routed experts"), (mot, "routed experts"), (bf16, "float32"), (int8, "int8"),
+                       (prompt, "prompt learning")):
+        assert why in (unsupported(model) or ""), type(model).__name__
+        assert prefix_cache_for(model, True)[0] is None
+    assert prefix_cache_for(served.model, False) == (None, None)
+    lean = Served(model=bf16, tokenizer=served.tokenizer, model_id="bf16")
+    greedy = {"max_new_tokens": 6, "do_sample": False}
+    prompts = [_with_system(served, q) for q in QUESTIONS[:4]]
+    alone = [run_generate(lean, p, greedy) for p in prompts]
+    batcher = Batcher(lean, max_batch_size=4, window_s=0.5, prefixes=prefix_cache_for(bf16, True)[0])
+    assert [f.result(timeout=300) for f in [batcher.submit(p, greedy) for p in prompts]] == alone
+
+
+def test_prompt_ids_take_the_fast_tokenizer_path_with_the_same_ids():
+    """`data.encode._ids` calls the Rust tokenizer directly: the ids `tokenizer(...)` gives, for every bundled
+    tokenizer, special tokens in the text included; a backend left truncating falls back to `tokenizer(...)`."""
+    from tunelab.data import encode
+
+    texts = ["<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n", "Title: Café ünïcode — ok?\n\n  spaces  ",
+             "", "Is the following review positive or negative?\n\nTitle: x\nReview: y</s><s>"]
+    for name in ("tiny-instruct", "tiny-llama"):
+        tokenizer = load_tokenizer(str(REPO / "src" / "tunelab" / "assets" / name))
+        for text in texts:
+            assert encode._ids(tokenizer, text) == tokenizer(text, add_special_tokens=False)["input_ids"]
+        tokenizer.backend_tokenizer.enable_truncation(max_length=3)
+        assert encode._ids(tokenizer, texts[1]) == tokenizer(texts[1], add_special_tokens=False)["input_ids"]
+        assert len(encode._ids(tokenizer, texts[1])) > 3
+
+
+def test_api_key_and_draining_answers_are_unchanged_by_the_pure_asgi_guard(served):
+    """401 without the key and 503 with Retry-After while draining: the status, headers and body bytes that the
+    former BaseHTTPMiddleware's JSONResponse sent; /health passes both; the body limit still answers 413."""
+    from fastapi.responses import JSONResponse
+    from fastapi.testclient import TestClient
+
+    from tunelab.serving.app import build_app
+    from tunelab.serving.requests import APIError
+
+    keyed = Served(model=served.model, tokenizer=served.tokenizer, model_id="tiny-instruct", api_key="s3cret",
+                   max_request_bytes=1000)
+    app = build_app(keyed)
+    client = TestClient(app)
+    body = {"model": "tiny-instruct", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+    missing = client.post("/v1/chat/completions", json=body)
+    expected = JSONResponse(APIError(401, "missing or wrong API key (send Authorization: Bearer <key>)",
+                                     code="invalid_api_key", kind="authentication_error").body(), 401)
+    assert missing.status_code == 401 and missing.content == expected.body
+    assert missing.headers["content-type"] == "application/json"
+    assert client.post("/v1/chat/completions", json=body, headers={"Authorization": "Bearer nope"}).status_code == 401
+    good = client.post("/v1/chat/completions", json=body, headers={"Authorization": "bearer  s3cret"})
+    assert good.status_code == 200 and good.json()["usage"]["completion_tokens"] >= 1
+    assert client.post("/v1/chat/completions", content=b"x" * 2000,
+                       headers={"Authorization": "Bearer s3cret"}).status_code == 413
+    assert client.get("/health").status_code == 200
+    app.state.draining = True
+    gone = client.post("/v1/chat/completions", json=body, headers={"Authorization": "Bearer s3cret"})
+    expected = JSONResponse(APIError(503, "the server is shutting down", kind="server_error").body(), 503)
+    assert gone.status_code == 503 and gone.content == expected.body and gone.headers["retry-after"] == "5"
+    assert client.get("/health").json()["status"] == "draining"

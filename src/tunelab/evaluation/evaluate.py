@@ -74,19 +74,23 @@ def left_pad(prompts: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tenso
 
 @torch.no_grad()
 def generate_tokens(model: Any, tokenizer: Any, ids: torch.Tensor, mask: torch.Tensor, settings: Mapping[str, Any],
-                    streamer: Any = None, stopping_criteria: Any = None) -> torch.Tensor:
+                    streamer: Any = None, stopping_criteria: Any = None, cache: Any = None) -> torch.Tensor:
     """The one generation loop: new token ids (rows, new) continuing left-padded prompts.
 
     `settings` are `model.generate` keyword arguments (`decoding_settings` of a decoding group, or the server's
     per-request ones). Eval, the module's validation, `tunelab generate` and the server (blocking and streamed:
     `streamer` receives the tokens as they come; `stopping_criteria` lets a client that went away stop it)
-    all call this, so one prompt with one setting gives one answer everywhere.
+    all call this, so one prompt with one setting gives one answer everywhere. `cache`, if given, is a KV cache
+    already holding the keys and values of the first `cache.get_seq_length()` columns of `ids` (the server's
+    cached prefix, `serving.prefix_cache`): generation computes only the rest.
     """
     device = next(model.parameters()).device
     if getattr(getattr(model, "config", None), "output_router_logits", False):
         # A router's auxiliary loss is a training figure: Mixtral computes it in every decode step when the config
         # asks for router logits, over the whole attention mask but the step's one token, and fails for batches > 1.
         settings = {**settings, "output_router_logits": False}
+    if cache is not None:  # transformers 5.25 names it `cache` (`past_key_values` is its deprecated alias)
+        settings = {**settings, "cache": cache}
     out = model.generate(
         input_ids=ids.to(device), attention_mask=mask.to(device), pad_token_id=tokenizer.pad_token_id,
         eos_token_id=tokenizer.eos_token_id, streamer=streamer, stopping_criteria=stopping_criteria, **settings,

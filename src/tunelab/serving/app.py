@@ -6,15 +6,15 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import secrets
 import time
 import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
 from tunelab.serving.generation import Cancelled, Sequential, counted_streamer, cut_at_stop
-from tunelab.serving.limits import BodyLimit
+from tunelab.serving.limits import BodyLimit, Guard
 from tunelab.serving.logprobs import Logprobs, answer_length, chat_logprobs, completion_logprobs
+from tunelab.serving.prefix_cache import prefix_cache_for
 from tunelab.serving.requests import (
     APIError,
     ChatRequest,
@@ -42,12 +42,15 @@ def build_app(served: Served) -> Any:
     app = FastAPI(title="tunelab serve", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.draining = False  # set on SIGTERM: new requests get 503 while the ones in flight finish
     slots = asyncio.Semaphore(served.max_concurrent)
+    prefixes, why = prefix_cache_for(served.model, served.prefix_cache)
+    if why:
+        log.info("prefix_cache: off for this model (%s)", why)
     if served.batching:
         from tunelab.serving.batching import Batcher
 
-        engine: Any = Batcher(served, served.max_batch_size, served.batch_window_ms / 1000)
+        engine: Any = Batcher(served, served.max_batch_size, served.batch_window_ms / 1000, prefixes)
     else:
-        engine = Sequential(served)
+        engine = Sequential(served, prefixes)
     app.state.engine = engine
     admitted = {"n": 0}  # requests generating or waiting for a slot
 
@@ -78,24 +81,9 @@ def build_app(served: Served) -> Any:
         log.exception("request %s %s failed", request.method, request.url.path)  # the traceback stays here
         return JSONResponse(APIError(500, "internal server error", kind="server_error").body(), 500)
 
-    # Added before `guard`, so it runs inside it: the API key is checked first, as before.
+    # The last added runs first: the API key and draining are checked before the body's size, as before.
     app.add_middleware(BodyLimit, limit=served.max_request_bytes)
-
-    @app.middleware("http")
-    async def guard(request: Request, call_next: Any) -> Any:
-        """API key and draining, before any body is parsed (the body size: `BodyLimit`, inside this)."""
-        try:
-            if served.api_key and request.url.path != "/health":
-                scheme, _, key = request.headers.get("authorization", "").partition(" ")
-                if scheme.lower() != "bearer" or not secrets.compare_digest(key.strip(), served.api_key):
-                    raise APIError(401, "missing or wrong API key (send Authorization: Bearer <key>)",
-                                   code="invalid_api_key", kind="authentication_error")
-            if app.state.draining and request.url.path != "/health":
-                raise APIError(503, "the server is shutting down", kind="server_error",
-                               headers={"Retry-After": "5"})
-        except APIError as err:
-            return JSONResponse(err.body(), status_code=err.status, headers=err.headers)
-        return await call_next(request)
+    app.add_middleware(Guard, api_key=served.api_key, draining=lambda: app.state.draining)
 
     def check_model(name: str) -> None:
         if name != served.model_id:
@@ -179,7 +167,9 @@ def build_app(served: Served) -> Any:
     @app.get("/health")
     async def health() -> dict[str, Any]:
         return {"status": "draining" if app.state.draining else "ok", "model": served.model_id,
-                "in_flight": admitted["n"], "largest_batch": getattr(engine, "largest", 1)}
+                "in_flight": admitted["n"], "largest_batch": getattr(engine, "largest", 1),
+                "prefix_cache": None if prefixes is None else {"prefixes": len(prefixes.store), "hits": prefixes.hits,
+                                                               "computed": prefixes.computed}}
 
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:

@@ -14,6 +14,7 @@ import torch
 
 from tunelab.evaluation.evaluate import generate_tokens
 from tunelab.serving.logprobs import Logprobs, with_logprobs
+from tunelab.serving.prefix_cache import PrefixCache
 from tunelab.serving.requests import Served
 
 _SEED_LOCK = threading.Lock()  # torch's global RNG is one per process: one seeded generation at a time
@@ -49,16 +50,21 @@ def finish_reason(new: list[int], eos: int, max_new_tokens: int) -> str:
 
 
 def run_generate(served: Served, ids: list[int], settings: Mapping[str, Any], streamer: Any = None,
-                 cancelled: Cancelled | None = None, logprobs: Logprobs | None = None) -> tuple[list[int], str]:
-    """Generate from `ids` (one sequence); returns (new token ids, finish reason); fills `logprobs` if given."""
+                 cancelled: Cancelled | None = None, logprobs: Logprobs | None = None,
+                 prefixes: PrefixCache | None = None) -> tuple[list[int], str]:
+    """Generate from `ids` (one sequence); returns (new token ids, finish reason); fills `logprobs` if given.
+    With `prefixes`, a cached prefix of `ids` is not prefilled again (never for a seeded request: see batching)."""
     from transformers import StoppingCriteriaList
 
-    input_ids = torch.tensor([ids])
+    input_ids, cache = torch.tensor([ids]), None
     settings = dict(settings)
+    prefix = prefixes.lookup([ids]) if prefixes is not None and "seed" not in settings else None
+    if prefix is not None:
+        input_ids, _, cache = prefix.inputs([ids], served.tokenizer.pad_token_id)  # one row: no pads, same ids
     criteria = with_logprobs(served.model, settings, [logprobs], [cancelled] if cancelled is not None else [])
     with seeded(settings):
         new = generate_tokens(served.model, served.tokenizer, input_ids, torch.ones_like(input_ids), settings,
-                              streamer, StoppingCriteriaList(criteria) if criteria else None)[0].tolist()
+                              streamer, StoppingCriteriaList(criteria) if criteria else None, cache)[0].tolist()
     return new, finish_reason(new, served.tokenizer.eos_token_id, int(settings["max_new_tokens"]))
 
 
@@ -66,8 +72,8 @@ class Sequential:
     """Each request generates in a thread of its own (`serve.batching=false`): concurrent requests share the
     cores, not the forward passes."""
 
-    def __init__(self, served: Served) -> None:
-        self.served = served
+    def __init__(self, served: Served, prefixes: PrefixCache | None = None) -> None:
+        self.served, self.prefixes = served, prefixes
 
     def submit(self, ids: list[int], settings: Mapping[str, Any], streamer: Any = None,
                cancelled: Cancelled | None = None, logprobs: Logprobs | None = None) -> Future:
@@ -75,7 +81,7 @@ class Sequential:
 
         def work() -> None:
             try:
-                result = run_generate(self.served, ids, settings, streamer, cancelled, logprobs)
+                result = run_generate(self.served, ids, settings, streamer, cancelled, logprobs, self.prefixes)
             except BaseException as err:  # noqa: BLE001 - handed to whoever awaits the future
                 if streamer is not None:
                     streamer.end()

@@ -28,6 +28,7 @@ class Served:
     batching: bool = True  # concurrent requests share forward passes (serving/batching.py)
     max_batch_size: int = 8
     batch_window_ms: float = 5.0
+    prefix_cache: bool = True  # shared prompt prefixes' keys and values computed once (serving/prefix_cache.py)
     max_waiting: int = 16
     max_request_bytes: int = 1 << 20
     api_key: str | None = None

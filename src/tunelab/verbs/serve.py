@@ -112,7 +112,8 @@ def load_served(cfg: DictConfig) -> Served:
                   system_prompt=system_prompt, max_tokens=int(cfg.max_tokens), max_concurrent=int(cfg.max_concurrent),
                   max_waiting=int(cfg.max_waiting), max_request_bytes=int(cfg.max_request_bytes),
                   batching=bool(cfg.batching), max_batch_size=int(cfg.max_batch_size),
-                  batch_window_ms=float(cfg.batch_window_ms), api_key=_api_key(cfg))
+                  batch_window_ms=float(cfg.batch_window_ms), prefix_cache=bool(cfg.get("prefix_cache", True)),
+                  api_key=_api_key(cfg))
 
 
 def _check_limits(cfg: DictConfig) -> None:
@@ -126,6 +127,8 @@ def _check_limits(cfg: DictConfig) -> None:
         raise ConfigError(f"port must be 0..65535, got {cfg.port!r}", "key port", "port=0 takes any free port")
     if not isinstance(cfg.batching, bool):
         raise ConfigError(f"batching must be true or false, got {cfg.batching!r}", "key batching")
+    if not isinstance(cfg.get("prefix_cache", True), bool):
+        raise ConfigError(f"prefix_cache must be true or false, got {cfg.prefix_cache!r}", "key prefix_cache")
     if not isinstance(cfg.max_batch_size, int) or not 1 <= cfg.max_batch_size <= 256:
         raise ConfigError(f"max_batch_size must be a whole number in 1..256, got {cfg.max_batch_size!r}",
                           "key max_batch_size")
