@@ -23,6 +23,7 @@ from urllib.parse import quote
 
 import pytest
 
+from forkrun import run_forked
 from procs import budget
 from procs import run as run_child
 
@@ -45,8 +46,10 @@ EVIL = '<img src=x onerror="document.title=1">'  # a run name: a directory name 
 EVIL_TEXT = "</pre><script>document.title='pwned'</script><b>bold</b>"
 
 
-def _tunelab(*args: str) -> subprocess.CompletedProcess:
-    out = run_child([sys.executable, "-m", "tunelab.cli", *args], 300, env=ENV)
+def _tunelab(verb: str, *args: str, cwd: Path) -> subprocess.CompletedProcess:
+    """`tunelab <verb>` forked from the fork server (forkrun: a real child, no fresh imports of torch and
+    Lightning); the board itself, and its refusals, run as new interpreters below."""
+    out = run_forked(verb, list(args), cwd, ENV, seconds=300)
     assert out.returncode == 0, out.stderr[-3000:]
     return out
 
@@ -54,8 +57,8 @@ def _tunelab(*args: str) -> subprocess.CompletedProcess:
 @pytest.fixture(scope="module")
 def outputs(tmp_path_factory) -> Path:
     """An outputs folder as the verbs write it: a trained run, an eval of it, and two damaged directories."""
-    root = tmp_path_factory.mktemp("outputs")
-    _tunelab("train", *TRAIN, f"paths.output_dir={root}", "run_id=demo")
+    root, cwd = tmp_path_factory.mktemp("outputs"), tmp_path_factory.mktemp("cwd")
+    _tunelab("train", *TRAIN, f"paths.output_dir={root}", "run_id=demo", cwd=cwd)
     _tunelab(
         "eval",
         f"run={root / 'runs' / 'demo'}",
@@ -64,6 +67,7 @@ def outputs(tmp_path_factory) -> Path:
         "max_samples=3",
         "decoding.max_new_tokens=3",
         "logger=none",
+        cwd=cwd,
     )
     evil = root / "runs" / EVIL  # a run whose name and predictions are markup: they must show as text
     evil.mkdir()
