@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+import conftest
 from procs import budget
 from tunelab import cli
 from tunelab.config.compose import compose
@@ -30,6 +31,13 @@ FOUR = {"hyperparams.lr", "hyperparams.batch_size", "hyperparams.epochs", "hyper
 # A trial small enough for a test: 2 optimizer steps per epoch, 8 validation examples, no generation.
 TINY = ["+trainer.limit_train_batches=2", "hyperparams.epochs=1", "eval.max_eval_samples=8", "eval.baseline=false",
         "eval.test=false", "eval.generate_on_val=false"]
+
+
+def shared_cache() -> str:
+    """Every trial's tokenised-data cache: the session's (conftest SHARED_CACHE, keyed by content hash), so a sweep
+    reads the encoding an earlier sweep or test wrote instead of encoding it again on each worker."""
+    assert conftest.SHARED_CACHE is not None, "conftest's shared_data_cache fixture sets it for the session"
+    return f"paths.cache_dir={conftest.SHARED_CACHE}"
 
 
 def _compose_ok(overrides: list[str]) -> None:
@@ -160,7 +168,7 @@ def test_optuna_search_runs_and_best_trial_is_reported(tmp_path):
     result = subprocess.run(
         [TUNELAB, "train", "hparams_search=optuna_val_loss", "hydra.sweeper.n_trials=6", "hydra.sweeper.n_jobs=2",
          "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "logger=none",
-         *[o for o in TINY if not o.startswith("hyperparams.epochs")], f"paths.output_dir={tmp_path}"],
+         *[o for o in TINY if not o.startswith("hyperparams.epochs")], f"paths.output_dir={tmp_path}", shared_cache()],
         capture_output=True, text=True, cwd=tmp_path, timeout=budget(900))
     assert result.returncode == 0, result.stderr[-3000:]
     (sweep,) = (tmp_path / "multiruns").iterdir()
@@ -179,7 +187,7 @@ def joblib_sweep(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("sweep")
     result = subprocess.run(
         [TUNELAB, "train", "-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "hyperparams.max_seq_len=8,256",
-         "hyperparams.lr=1e-3,3e-3", *TINY, f"paths.output_dir={out}"],
+         "hyperparams.lr=1e-3,3e-3", *TINY, f"paths.output_dir={out}", shared_cache()],
         capture_output=True, text=True, cwd=out, timeout=budget(900))
     assert result.returncode == 0, result.stderr[-3000:]
     (sweep,) = (out / "multiruns").iterdir()
@@ -257,7 +265,7 @@ def test_best_config_reruns_in_parallel_processes_with_same_metric(joblib_sweep,
     report(joblib_sweep)
     conf = joblib_sweep / "report" / "conf"
     command = [TUNELAB, "train", "--config-dir", str(conf), "experiment=best", "logger=none",
-               f"paths.output_dir={tmp_path}"]
+               f"paths.output_dir={tmp_path}", shared_cache()]
     procs = [subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for _ in range(2)]
     for proc in procs:
@@ -342,7 +350,8 @@ def test_grid_of_sixteen_on_two_workers(tmp_path):
         [TUNELAB, "train", "-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "logger=csv",
          "hyperparams.lr=1e-3,3e-3", "hyperparams.batch_size=8,16", "hyperparams.epochs=1,2",
          "hyperparams.weight_decay=0,0.01", *[o for o in TINY if not o.startswith("hyperparams.epochs")],
-         f"paths.output_dir={tmp_path}"], capture_output=True, text=True, cwd=tmp_path, timeout=budget(1200))
+         f"paths.output_dir={tmp_path}", shared_cache()], capture_output=True, text=True, cwd=tmp_path,
+        timeout=budget(1200))
     assert result.returncode == 0, result.stderr[-3000:]
     (sweep,) = (tmp_path / "multiruns").iterdir()
     found = report(sweep)
