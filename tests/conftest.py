@@ -43,6 +43,13 @@ def make_cfg(tmp_path: Path, overrides: list[str] | None = None) -> DictConfig:
     return cfg
 
 
+def shared_cache() -> str:
+    """`paths.cache_dir=` the session's SHARED_CACHE, for a `tunelab` child process (a sweep's trials, a DDP rank): it
+    reads the encoding an earlier run of the session wrote instead of encoding again in each new process."""
+    assert SHARED_CACHE is not None, "set for the session by the shared_data_cache fixture"
+    return f"paths.cache_dir={SHARED_CACHE}"
+
+
 @pytest.fixture(scope="session", autouse=True)
 def shared_data_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     """One tokenised-data cache for the session's make_cfg runs (one per xdist worker: its own base temp dir)."""

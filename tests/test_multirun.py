@@ -11,6 +11,7 @@ import pytest
 import yaml
 from wandb.proto import wandb_internal_pb2 as pb
 
+from conftest import shared_cache
 from procs import budget
 
 SECRET = "hf_abcdefghijklmnopqrstuvwxyz123456"
@@ -23,7 +24,7 @@ def test_sweep_makes_one_dir_and_one_wandb_run_per_job(tmp_path):
     args = ["-m", "hyperparams.lr=1e-3,3e-3", "hyperparams.batch_size=4,8", "hyperparams.max_steps=3",
             "eval.baseline=false", "eval.max_eval_samples=8", "eval.generate_on_val=false",
             "decoding.max_new_tokens=4", "hyperparams.eval_batch_size=8", "logger=wandb",
-            f"tags=[{SECRET}]", f"paths.output_dir={tmp_path}"]
+            f"tags=[{SECRET}]", f"paths.output_dir={tmp_path}", shared_cache()]
     out = subprocess.run([sys.executable, "-m", "tunelab.cli", "train", *args], cwd=tmp_path, env=env,
                          capture_output=True, text=True, timeout=budget(600))
     assert out.returncode == 0, out.stderr[-3000:]

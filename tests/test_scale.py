@@ -22,7 +22,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import REPO, make_cfg
+from conftest import REPO, make_cfg, shared_cache
 from procs import budget
 from tunelab import paths
 from tunelab.checkpoint.callback import AtomicCheckpointIO, Checkpointing
@@ -293,7 +293,7 @@ def identity_of(overrides: list[str]) -> dict:
 def test_ray_sweep_runs_each_trial_as_a_ray_task(tmp_path):
     pytest.importorskip("hydra_plugins.hydra_ray_launcher", reason="needs the `ray` extra (pip install -e '.[ray]')")
     args = ["-m", "hydra/launcher=ray", "hydra.launcher.ray.init.num_cpus=2", "experiment=sweep_smoke",
-            "hyperparams.lr=1e-3,3e-3", "logger=none", f"paths.output_dir={tmp_path}"]
+            "hyperparams.lr=1e-3,3e-3", "logger=none", f"paths.output_dir={tmp_path}", shared_cache()]
     out = subprocess.run([sys.executable, "-m", "tunelab.cli", "train", *args], cwd=tmp_path, env=ENV,
                          capture_output=True, text=True, timeout=budget(600))
     assert out.returncode == 0, out.stderr[-3000:]

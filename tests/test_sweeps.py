@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-import conftest
+from conftest import shared_cache
 from procs import budget
 from tunelab import cli
 from tunelab.config.compose import compose
@@ -31,13 +31,6 @@ FOUR = {"hyperparams.lr", "hyperparams.batch_size", "hyperparams.epochs", "hyper
 # A trial small enough for a test: 2 optimizer steps per epoch, 8 validation examples, no generation.
 TINY = ["+trainer.limit_train_batches=2", "hyperparams.epochs=1", "eval.max_eval_samples=8", "eval.baseline=false",
         "eval.test=false", "eval.generate_on_val=false"]
-
-
-def shared_cache() -> str:
-    """Every trial's tokenised-data cache: the session's (conftest SHARED_CACHE, keyed by content hash), so a sweep
-    reads the encoding an earlier sweep or test wrote instead of encoding it again on each worker."""
-    assert conftest.SHARED_CACHE is not None, "conftest's shared_data_cache fixture sets it for the session"
-    return f"paths.cache_dir={conftest.SHARED_CACHE}"
 
 
 def _compose_ok(overrides: list[str]) -> None:

@@ -16,7 +16,7 @@ import torch
 import yaml
 from omegaconf import open_dict
 
-from conftest import make_cfg
+from conftest import make_cfg, shared_cache
 from tunelab import paths
 from tunelab.models.method import count_parameters
 from tunelab.verbs.train import train
@@ -121,7 +121,7 @@ def test_lora_trains_only_adapters_with_the_hand_counted_size(tmp_path):
 def test_cli_run_writes_hydra_dir(tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline"}
     args = ["method=full", "logger=none", "hyperparams.max_steps=2", "eval.baseline=false", "eval.test=false",
-            *FAST, f"paths.output_dir={tmp_path}"]
+            *FAST, f"paths.output_dir={tmp_path}", shared_cache()]
     out = subprocess.run([sys.executable, "-m", "tunelab.cli", "train", *args], cwd=tmp_path, env=env,
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
@@ -146,7 +146,8 @@ def test_ddp_on_two_cpu_processes_is_one_job_with_one_run_directory(tmp_path, en
     starts rank 1 by re-running the command line, which under `python -m tunelab.cli` once lost the verb."""
     out = subprocess.run(
         [*entry, "train", "trainer=ddp_cpu", "hyperparams.max_steps=3",
-         "eval.baseline=false", "eval.max_eval_samples=8", "logger=none", f"paths.output_dir={tmp_path}"],
+         "eval.baseline=false", "eval.max_eval_samples=8", "logger=none", f"paths.output_dir={tmp_path}",
+         shared_cache()],
         capture_output=True, text=True, timeout=600,
     )
     assert out.returncode == 0, out.stderr[-3000:]
