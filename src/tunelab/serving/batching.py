@@ -34,10 +34,10 @@ from typing import Any
 
 import torch
 
-from tunelab.evaluation.evaluate import generate_tokens, left_pad
+from tunelab.evaluation.evaluate import generate_tokens
 from tunelab.serving.generation import Cancelled, finish_reason, seeded
 from tunelab.serving.logprobs import Logprobs, with_logprobs
-from tunelab.serving.prefix_cache import PrefixCache
+from tunelab.serving.prefix_cache import PrefixCache, generation_inputs
 from tunelab.serving.requests import Served
 
 
@@ -184,13 +184,8 @@ class Batcher:
         tokenizer = self.served.tokenizer
         self.largest = max(self.largest, len(batch))
         settings = dict(batch[0].settings)
-        prompts = [job.ids for job in batch]
-        prefix = self.prefixes.lookup(prompts) if self.prefixes is not None and "seed" not in settings else None
-        if prefix is None:
-            ids, mask = left_pad(prompts, tokenizer.pad_token_id)
-            cache = None
-        else:
-            ids, mask, cache = prefix.inputs(prompts, tokenizer.pad_token_id)
+        ids, mask, cache = generation_inputs(self.prefixes, [job.ids for job in batch], settings,
+                                             tokenizer.pad_token_id)
         rows = _Rows(batch, ids.shape[1], tokenizer.eos_token_id)
         settings["max_new_tokens"] = max(int(job.settings["max_new_tokens"]) for job in batch)
         criteria = with_logprobs(self.served.model, settings, [job.logprobs for job in batch], [rows])

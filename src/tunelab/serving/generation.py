@@ -14,7 +14,7 @@ import torch
 
 from tunelab.evaluation.evaluate import generate_tokens
 from tunelab.serving.logprobs import Logprobs, with_logprobs
-from tunelab.serving.prefix_cache import PrefixCache
+from tunelab.serving.prefix_cache import PrefixCache, generation_inputs
 from tunelab.serving.requests import Served
 
 _SEED_LOCK = threading.Lock()  # torch's global RNG is one per process: one seeded generation at a time
@@ -56,11 +56,8 @@ def run_generate(served: Served, ids: list[int], settings: Mapping[str, Any], st
     With `prefixes`, a cached prefix of `ids` is not prefilled again (never for a seeded request: see batching)."""
     from transformers import StoppingCriteriaList
 
-    input_ids, cache = torch.tensor([ids]), None
     settings = dict(settings)
-    prefix = prefixes.lookup([ids]) if prefixes is not None and "seed" not in settings else None
-    if prefix is not None:
-        input_ids, _, cache = prefix.inputs([ids], served.tokenizer.pad_token_id)  # one row: no pads, same ids
+    input_ids, _, cache = generation_inputs(prefixes, [ids], settings, served.tokenizer.pad_token_id)  # one row
     criteria = with_logprobs(served.model, settings, [logprobs], [cancelled] if cancelled is not None else [])
     with seeded(settings):
         new = generate_tokens(served.model, served.tokenizer, input_ids, torch.ones_like(input_ids), settings,

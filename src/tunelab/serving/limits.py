@@ -107,7 +107,4 @@ class BodyLimit:
     @staticmethod
     async def refuse(send: Send, text: str) -> None:
         """The 413, written as raw ASGI messages (the app's exception handlers are inside this middleware)."""
-        body = json.dumps(APIError(413, text).body()).encode()
-        await send({"type": "http.response.start", "status": 413,
-                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
-        await send({"type": "http.response.body", "body": body})
+        await send_error(send, APIError(413, text))

@@ -143,6 +143,19 @@ class PrefixCache:
         return [(layer.keys, layer.values) for layer in cache.layers]
 
 
+def generation_inputs(prefixes: PrefixCache | None, prompts: Sequence[Sequence[int]], settings: dict[str, Any],
+                      pad_id: int) -> tuple[torch.Tensor, torch.Tensor, Any]:
+    """(ids, attention mask, cache) for `generate_tokens`: from a cached prefix where there is one, else plain left
+    padding and no cache. A seeded request never reads the cache: a seed promises one answer whatever was served
+    before, and the cache's contents depend on that."""
+    from tunelab.evaluation.evaluate import left_pad
+
+    prefix = prefixes.lookup(prompts) if prefixes is not None and "seed" not in settings else None
+    if prefix is None:
+        return (*left_pad(prompts, pad_id), None)
+    return prefix.inputs(prompts, pad_id)
+
+
 def prefix_cache_for(model: Any, enabled: bool) -> tuple[PrefixCache | None, str | None]:
     """The server's prefix cache and, when it has none though asked for one, why (the server logs it once)."""
     if not enabled:
