@@ -390,6 +390,36 @@ def test_a_chunked_body_over_the_limit_is_refused_without_holding_it():
         proc.wait()
 
 
+def test_accepted_connections_turn_nagle_off():
+    """The listening socket says it is TCP, so asyncio (which uvicorn serves it with) sets TCP_NODELAY on every
+    accepted connection. Without it a keep-alive client (the OpenAI SDK) waited ~40 ms per request for its own
+    delayed ACK before the response's body left the server (42 ms vs 0.6 ms for GET /health, BENCHMARKS.md)."""
+    import asyncio
+
+    from tunelab.verbs.serve import _bind
+
+    async def accept_one() -> int:
+        flags: asyncio.Future = asyncio.get_running_loop().create_future()
+
+        class Probe(asyncio.Protocol):
+            def connection_made(self, transport: asyncio.BaseTransport) -> None:
+                conn = transport.get_extra_info("socket")
+                flags.set_result(conn.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
+                transport.close()
+
+        listening = _bind("127.0.0.1", 0)
+        server = await asyncio.get_running_loop().create_server(Probe, sock=listening)
+        try:
+            _, writer = await asyncio.open_connection(*listening.getsockname()[:2])
+            nodelay = await asyncio.wait_for(flags, 30)
+            writer.close()
+            return nodelay
+        finally:
+            server.close()
+
+    assert asyncio.run(accept_one()) != 0
+
+
 def _serve_cfg(overrides: list[str]):
     cfg = compose(overrides, config_name="serve", return_hydra_config=False)
     GlobalHydra.instance().clear()

@@ -7,6 +7,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import threading
+import time
 
 import pytest
 import torch
@@ -56,6 +57,32 @@ def test_concurrent_greedy_requests_share_batches_and_equal_the_sequential_answe
     assert together == alone  # the same tokens and finish reasons
     assert batcher.largest > 1  # they did share a batch
     assert all(len(new) <= n for (new, _), n in zip(together, limits, strict=True))
+
+
+def test_requests_that_trickle_in_still_share_one_batch(served):
+    """The window runs from the latest arrival: clients that come back one by one, each within the window of the
+    last but together over it, share one batch instead of being cut into a batch and a straggler (8 HTTP clients
+    came back over ~6 ms; a 5 ms window from the first cut 16 of 68 batches short)."""
+    sizes: list[int] = []
+
+    class Counting(Batcher):
+        def _generate(self, batch: list) -> None:
+            sizes.append(len(batch))
+            super()._generate(batch)
+
+    batcher = Counting(served, max_batch_size=8, window_s=0.5)
+    settings = {"max_new_tokens": 2, "do_sample": False}
+    first = [batcher.submit(_ids(served, q), settings) for q in QUESTIONS[:4]]  # four clients at once
+    for future in first:
+        future.result(timeout=300)
+    sizes.clear()
+    trickled = []
+    for question in QUESTIONS[4:8]:  # the same four clients back, 0.2 s apart: 0.6 s in all, over the window
+        trickled.append(batcher.submit(_ids(served, question), settings))
+        time.sleep(0.2)
+    for future in trickled:
+        future.result(timeout=300)
+    assert sizes == [4]
 
 
 def _forward_logprobs(served: Served, prompt: list[int], new: list[int], temperature: float = 1.0) -> torch.Tensor:
