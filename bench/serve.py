@@ -3,7 +3,11 @@ concurrent clients with batching on and off; bfloat16 and int8 servers; `tunelab
 
 Starts the real server (a subprocess, as a user would) on the tiny run, sends greedy chat completions
 of the bundled test prompts from client threads over plain HTTP, and reports per configuration:
-requests/s, latency percentiles, completion tokens/s, and how many answers equal the baseline's. The baseline,
+requests/s, latency percentiles, completion tokens/s, and how many answers equal the baseline's. Each client
+thread keeps its connection open between requests, as the OpenAI SDK's connection pool does (`--new-connections`:
+one connection per request). The json rows of a server are measured `--rounds` times, the concurrencies
+interleaved (1, 4, 8, 32, 1, 4, ...), so that a slow minute of a shared machine does not land on one row: a row's
+requests/s is the median round's (the range is shown), its latencies pool every round's. The baseline,
 in the same invocation, is the same prompts answered in-process by `model.generate` one at a time (no HTTP, no
 server): the server's overhead. The inference rows add accuracy on the test labels; the eval rows run
 `tunelab eval` on the whole test split (answers/s from its per-answer latency, test/accuracy).
@@ -23,6 +27,7 @@ import re
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -66,12 +71,20 @@ def start_server(run: Path, extra: list[str]) -> tuple[subprocess.Popen, str, in
     return proc, host, port, match.group(1)
 
 
-def chat(host: str, port: int, body: dict) -> tuple[float, int, str, float]:
-    """One request on its own connection: (seconds, completion tokens, answer, seconds to the first token).
+_local = threading.local()  # each client thread's open connection per server (keep-alive)
+
+
+def chat(host: str, port: int, body: dict, keep_alive: bool = True) -> tuple[float, int, str, float]:
+    """One request: (seconds, completion tokens, answer, seconds to the first token), on the calling thread's
+    open connection to this server (a new one if it has none, or with `keep_alive=False`).
     A streamed request counts its content chunks as tokens (one chunk per decoded piece: near enough)."""
     data = json.dumps(body).encode()
     start = time.perf_counter()
-    conn = http.client.HTTPConnection(host, port, timeout=600)
+    conn = _local.__dict__.get((host, port)) if keep_alive else None
+    if conn is None:
+        conn = http.client.HTTPConnection(host, port, timeout=600)
+        if keep_alive:
+            _local.__dict__[(host, port)] = conn
     conn.request("POST", "/v1/chat/completions", body=data, headers={"Content-Type": "application/json"})
     response = conn.getresponse()
     if body.get("stream"):
@@ -94,19 +107,32 @@ def chat(host: str, port: int, body: dict) -> tuple[float, int, str, float]:
 
 
 def load(host: str, port: int, model: str, texts: list[str], clients: int, max_tokens: int,
-         stream: bool = False) -> dict[str, Any]:
+         stream: bool = False, keep_alive: bool = True) -> dict[str, Any]:
     bodies = [{"model": model, "messages": [{"role": "user", "content": t}], "temperature": 0,
                "max_tokens": max_tokens, "stream": stream} for t in texts]
     start = time.perf_counter()
-    with ThreadPoolExecutor(clients) as pool:
-        results = list(pool.map(lambda b: chat(host, port, b), bodies))
+    with ThreadPoolExecutor(clients) as pool:  # new threads: each client opens its connection in the timed part
+        results = list(pool.map(lambda b: chat(host, port, b, keep_alive), bodies))
     wall = time.perf_counter() - start
     latencies = sorted(r[0] for r in results)
     tokens = sum(r[1] for r in results)
     return {"requests_per_s": len(results) / wall, "p50_ms": 1000 * statistics.median(latencies),
             "p95_ms": 1000 * latencies[min(len(latencies) - 1, int(0.95 * len(latencies)))],
             "tokens_per_s": tokens / wall, "mean_tokens": tokens / len(results), "answers": [r[2] for r in results],
-            "ttft_ms": 1000 * statistics.median(r[3] for r in results) if stream else None}
+            "ttft_ms": 1000 * statistics.median(r[3] for r in results) if stream else None,
+            "latencies": latencies, "rounds": [len(results) / wall]}
+
+
+def pooled(rounds: list[dict[str, Any]]) -> dict[str, Any]:
+    """One row from repeated rounds: the median round's requests/s and tokens/s, every round's latencies and
+    answers, the range of requests/s."""
+    if len(rounds) == 1:
+        return rounds[0]
+    middle = sorted(rounds, key=lambda r: r["requests_per_s"])[len(rounds) // 2]
+    latencies = sorted(x for r in rounds for x in r["latencies"])
+    return {**middle, "p50_ms": 1000 * statistics.median(latencies),
+            "p95_ms": 1000 * latencies[min(len(latencies) - 1, int(0.95 * len(latencies)))],
+            "answers": [a for r in rounds for a in r["answers"]], "rounds": [r["requests_per_s"] for r in rounds]}
 
 
 def in_process(run: Path, texts: list[str], max_tokens: int, threads: int) -> dict[str, Any]:
@@ -164,6 +190,9 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 8, 32])
     parser.add_argument("--stream-concurrency", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--no-eval", action="store_true", help="skip the `tunelab eval` rows")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds of each server's json rows (median shown)")
+    parser.add_argument("--new-connections", action="store_true",
+                        help="one connection per request instead of one per client thread")
     parser.add_argument("--threads", type=int, default=os.cpu_count(),
                         help="torch threads of each server and of the in-process baseline (serve's threads=); "
                              "default: every core")
@@ -184,32 +213,48 @@ def main() -> None:
                ("batching on", [*on, "inference.quantize=int8"], "int8", False)]
     for name, extra, dtype, sweep in servers:
         proc, host, port, model = start_server(run, [*extra, "max_waiting=64", f"threads={args.threads}"])
+        keep = not args.new_connections
         try:
             load(host, port, model, texts[:4], 1, args.max_tokens)  # warm-up, not counted
-            for clients in args.concurrency if sweep else [8]:
-                rows.append((name, "json", clients, dtype, load(host, port, model, texts, clients, args.max_tokens)))
+            sizes = args.concurrency if sweep else [8]
+            rounds: dict[int, list[dict[str, Any]]] = {clients: [] for clients in sizes}
+            for _ in range(args.rounds if sweep else 1):
+                for clients in sizes:
+                    rounds[clients].append(load(host, port, model, texts, clients, args.max_tokens, keep_alive=keep))
+            rows.extend((name, "json", clients, dtype, pooled(rounds[clients])) for clients in sizes)
             for clients in args.stream_concurrency if sweep else []:
                 rows.append((name, "stream", clients, dtype,
-                             load(host, port, model, texts, clients, args.max_tokens, stream=True)))
+                             load(host, port, model, texts, clients, args.max_tokens, stream=True, keep_alive=keep)))
         finally:
             proc.terminate()
             proc.wait(timeout=60)
     evals = [] if args.no_eval else eval_rows(run, args.out)
     threads = os.environ.get("OMP_NUM_THREADS", "unset")
-    print(f"\n{args.requests} greedy chat completions per row, max_tokens {args.max_tokens}, "
+    connections = "one per request" if args.new_connections else "kept open by each client thread"
+    print(f"\n{args.requests} greedy chat completions per row and round ({args.rounds} rounds of the json rows of "
+          f"the float32 servers, interleaved), connections {connections}, max_tokens {args.max_tokens}, "
           f"OMP_NUM_THREADS={threads}, torch threads {args.threads}, {os.cpu_count()} CPUs, nice {os.nice(0)}, "
           f"run {run}; started {began}, "
           f"load average {load_before[0]:.1f} before, {os.getloadavg()[0]:.1f} after\n")
-    print("| path | response | clients | weights | requests/s | p50 latency (ms) | p95 latency (ms) "
-          "| first token p50 (ms) | completion tokens/s | accuracy | answers = baseline |")
-    print("|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|")
+    print("| path | response | clients | weights | requests/s | range over rounds | p50 latency (ms) "
+          "| p95 latency (ms) | first token p50 (ms) | completion tokens/s | accuracy | answers = baseline |")
+    print("|---|---|---:|---|---:|---|---:|---:|---:|---:|---:|---:|")
     expected = rows[0][4]["answers"]  # concurrent generations must not change a greedy answer
     for name, kind, clients, dtype, r in rows:
-        same = sum(a == b for a, b in zip(r["answers"], expected, strict=True))
+        wanted = expected * (len(r["answers"]) // len(expected))
+        same = sum(a == b for a, b in zip(r["answers"], wanted, strict=True))
         ttft = "-" if r.get("ttft_ms") is None else f"{r['ttft_ms']:.0f}"
-        print(f"| {name} | {kind} | {clients} | {dtype} | {r['requests_per_s']:.1f} | {r['p50_ms']:.0f} "
-              f"| {r['p95_ms']:.0f} | {ttft} | {r['tokens_per_s']:.0f} | {accuracy(r['answers'], labels):.3f} "
-              f"| {same}/{len(expected)} |")
+        spread = "-" if len(r.get("rounds", [])) < 2 else f"{min(r['rounds']):.1f}-{max(r['rounds']):.1f}"
+        print(f"| {name} | {kind} | {clients} | {dtype} | {r['requests_per_s']:.1f} | {spread} | {r['p50_ms']:.0f} "
+              f"| {r['p95_ms']:.0f} | {ttft} | {r['tokens_per_s']:.0f} "
+              f"| {accuracy(r['answers'], labels * (len(r['answers']) // len(labels))):.3f} | {same}/{len(wanted)} |")
+    json_rows = {(name, clients): r for name, kind, clients, dtype, r in rows if kind == "json" and dtype == "float32"}
+    for name in dict.fromkeys(name for name, _ in json_rows):
+        if (name, 1) in json_rows and (name, 8) in json_rows:
+            one, eight = json_rows[(name, 1)], json_rows[(name, 8)]
+            print(f"\n{name}: 8 clients / 1 client = {eight['requests_per_s']:.1f} / {one['requests_per_s']:.1f} "
+                  f"= {eight['requests_per_s'] / one['requests_per_s']:.2f}x", end="")
+    print()
     if evals:
         print("\n| `tunelab eval` (test split, batch 32) | weights | answers/s | test/accuracy | examples |")
         print("|---|---|---:|---:|---:|")
