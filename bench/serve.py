@@ -128,7 +128,7 @@ def pooled(rounds: list[dict[str, Any]]) -> dict[str, Any]:
     answers, the range of requests/s."""
     if len(rounds) == 1:
         return rounds[0]
-    middle = sorted(rounds, key=lambda r: r["requests_per_s"])[len(rounds) // 2]
+    middle = sorted(rounds, key=lambda r: r["requests_per_s"])[(len(rounds) - 1) // 2]  # the lower of two middles
     latencies = sorted(x for r in rounds for x in r["latencies"])
     return {**middle, "p50_ms": 1000 * statistics.median(latencies),
             "p95_ms": 1000 * latencies[min(len(latencies) - 1, int(0.95 * len(latencies)))],
@@ -160,6 +160,50 @@ def in_process(run: Path, texts: list[str], max_tokens: int, threads: int) -> di
     return {"requests_per_s": len(texts) / wall, "p50_ms": 1000 * statistics.median(latencies),
             "p95_ms": 1000 * latencies[min(len(latencies) - 1, int(0.95 * len(latencies)))],
             "tokens_per_s": tokens / wall, "mean_tokens": tokens / len(texts), "answers": answers}
+
+
+def in_process_batcher(run: Path, texts: list[str], max_tokens: int, threads: int, sizes: list[int],
+                       rounds: int) -> dict[int, dict[str, Any]]:
+    """The server without HTTP: the same prompts submitted to the server's batcher (prefix cache on, as served) from
+    1 or 8 threads in this process. Its 8-vs-1 ratio is what batching can give on this model and machine; the
+    server's ratio can only be lower (every request also passes one event loop)."""
+    import torch
+
+    torch.set_num_threads(threads)
+    from tunelab.data.encode import prompt_ids
+    from tunelab.models.load import load_run
+    from tunelab.serving.batching import Batcher
+    from tunelab.serving.prefix_cache import PrefixCache
+    from tunelab.serving.requests import Served
+
+    model, tokenizer, _ = load_run(run)
+    served = Served(model=model.eval(), tokenizer=tokenizer, model_id=run.name)
+    batcher = Batcher(served, max_batch_size=32, window_s=0.005, prefixes=PrefixCache(served.model))
+    prompts = [prompt_ids(tokenizer, [{"role": "user", "content": t}]) for t in texts]
+    settings = {"max_new_tokens": max_tokens, "do_sample": False}
+
+    def one(ids: list[int]) -> tuple[float, str]:
+        start = time.perf_counter()
+        new, _ = batcher.submit(ids, settings).result()
+        return time.perf_counter() - start, tokenizer.decode(new, skip_special_tokens=True)
+
+    def measure(clients: int) -> dict[str, Any]:
+        start = time.perf_counter()
+        with ThreadPoolExecutor(clients) as pool:
+            results = list(pool.map(one, prompts))
+        wall = time.perf_counter() - start
+        latencies = sorted(r[0] for r in results)
+        return {"requests_per_s": len(results) / wall, "p50_ms": 1000 * statistics.median(latencies),
+                "p95_ms": 1000 * latencies[min(len(latencies) - 1, int(0.95 * len(latencies)))],
+                "tokens_per_s": None, "answers": [r[1] for r in results], "latencies": latencies,
+                "rounds": [len(results) / wall]}
+
+    measure(1)  # warm-up: learns the prefix, as the servers' warm-up does
+    collected: dict[int, list[dict[str, Any]]] = {clients: [] for clients in sizes}
+    for _ in range(rounds):
+        for clients in sizes:
+            collected[clients].append(measure(clients))
+    return {clients: pooled(collected[clients]) for clients in sizes}
 
 
 def accuracy(answers: list[str], labels: list[str]) -> float:
@@ -205,6 +249,8 @@ def main() -> None:
     load_before = os.getloadavg()
     rows = [("in-process generate (baseline)", "-", 1, "float32",
              in_process(run, texts, args.max_tokens, args.threads))]
+    batched = in_process_batcher(run, texts, args.max_tokens, args.threads, [1, 8], args.rounds)
+    rows.extend(("in-process batcher, no HTTP", "-", clients, "float32", r) for clients, r in batched.items())
     on = ["batching=true", "max_concurrent=32", "max_batch_size=32"]
     servers = [("batching on", on, "float32", True),
                ("batching on, prefix_cache off", [*on, "prefix_cache=false"], "float32", True),
@@ -245,10 +291,12 @@ def main() -> None:
         same = sum(a == b for a, b in zip(r["answers"], wanted, strict=True))
         ttft = "-" if r.get("ttft_ms") is None else f"{r['ttft_ms']:.0f}"
         spread = "-" if len(r.get("rounds", [])) < 2 else f"{min(r['rounds']):.1f}-{max(r['rounds']):.1f}"
+        tokens = "-" if r["tokens_per_s"] is None else f"{r['tokens_per_s']:.0f}"
         print(f"| {name} | {kind} | {clients} | {dtype} | {r['requests_per_s']:.1f} | {spread} | {r['p50_ms']:.0f} "
-              f"| {r['p95_ms']:.0f} | {ttft} | {r['tokens_per_s']:.0f} "
+              f"| {r['p95_ms']:.0f} | {ttft} | {tokens} "
               f"| {accuracy(r['answers'], labels * (len(r['answers']) // len(labels))):.3f} | {same}/{len(wanted)} |")
-    json_rows = {(name, clients): r for name, kind, clients, dtype, r in rows if kind == "json" and dtype == "float32"}
+    json_rows = {(name, clients): r for name, kind, clients, dtype, r in rows
+                 if kind in ("json", "-") and dtype == "float32"}
     for name in dict.fromkeys(name for name, _ in json_rows):
         if (name, 1) in json_rows and (name, 8) in json_rows:
             one, eight = json_rows[(name, 1)], json_rows[(name, 8)]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -219,6 +220,59 @@ def test_adapter_run_equals_its_merged_export(tmp_path):
     merged = run_eval(tmp_path / "m", [*common, f"model.name_or_path={out}", "model.random_init=false"])
     assert [r["answer"] for r in _rows(tmp_path / "a")] == [r["answer"] for r in _rows(tmp_path / "m")]
     assert adapter["test/accuracy"] == merged["test/accuracy"]
+
+
+def _saved_choices(run: Path, text: str) -> Path:
+    (run / ".hydra").mkdir(parents=True, exist_ok=True)
+    (run / ".hydra" / "hydra.yaml").write_text(text)
+    return run
+
+
+def test_a_run_is_scored_on_its_own_dataset_unless_another_is_named(tmp_path, capsys):
+    """`tunelab eval run=<dir>` without dataset= takes the dataset option the run was composed with (its
+    .hydra/hydra.yaml, read as data): a brand_replies run was scored on reviews_sentiment, the group's default."""
+    from tunelab.cli import VERBS, run_dataset, saved_choice
+
+    verb = {v.name: v for v in VERBS}
+    run = _saved_choices(tmp_path / "run", "hydra:\n  runtime:\n    choices:\n      dataset: brand_replies\n")
+    assert run_dataset(verb["eval"], [f"run={run}", "logger=none"]) == [f"run={run}", "logger=none",
+                                                                        "dataset=brand_replies"]
+    assert "scoring dataset=brand_replies, the run's own" in capsys.readouterr().err
+    assert run_dataset(verb["compare"], [f"run={run}"])[-1] == "dataset=brand_replies"
+    for argv in ([f"run={run}", "dataset=reviews_title"], [f"run={run}", "+dataset=reviews_title"],
+                 ["model=tiny"], [f"run={tmp_path / 'absent'}"], ["-m", f"run={run}"]):
+        assert run_dataset(verb["eval"], argv) == argv  # named, no run, or a sweep: as typed
+    assert run_dataset(verb["generate"], [f"run={run}"]) == [f"run={run}"]
+    # the training's option is not in this search path (it came with a --config-dir): the default, said so
+    other = _saved_choices(tmp_path / "other", "hydra:\n  runtime:\n    choices:\n      dataset: my_brand\n")
+    assert run_dataset(verb["eval"], [f"run={other}"]) == [f"run={other}"]
+    assert "trained on dataset=my_brand, which is not in this config search path" in capsys.readouterr().err
+    # tampered or damaged: never a path, an interpolation or a non-string; nothing is added
+    for text in ("hydra:\n  runtime:\n    choices:\n      dataset: ../../etc/passwd\n",
+                 "hydra:\n  runtime:\n    choices:\n      dataset: ${oc.env:HOME}\n",
+                 "hydra:\n  runtime:\n    choices:\n      dataset: [a, b]\n", "{{{ not yaml", ""):
+        bad = _saved_choices(tmp_path / "bad", text)
+        assert saved_choice(bad, "dataset") is None, text
+        assert run_dataset(verb["eval"], [f"run={bad}"]) == [f"run={bad}"]
+    linked = tmp_path / "linked" / ".hydra"
+    linked.mkdir(parents=True)
+    (linked / "hydra.yaml").symlink_to(run / ".hydra" / "hydra.yaml")
+    assert saved_choice(linked.parent, "dataset") is None
+
+
+@pytest.mark.slow
+def test_eval_cli_scores_the_runs_own_dataset(short_run, tmp_path):
+    from forkrun import run_forked
+
+    run = tmp_path / "run"
+    shutil.copytree(short_run[0] / "model", run / "model")
+    _saved_choices(run, "hydra:\n  runtime:\n    choices:\n      dataset: reviews_title\n")
+    out = run_forked("eval", [f"run={run}", "max_samples=4", "logger=none", f"hydra.run.dir={tmp_path / 'eval'}"],
+                     tmp_path, ENV, seconds=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "scoring dataset=reviews_title, the run's own" in out.stderr
+    rows = _rows(tmp_path / "eval")
+    assert len(rows) == 4 and {r["dataset"] for r in rows} == {"reviews_title"}
 
 
 # ---- bad input ------------------------------------------------------------------------------------------

@@ -13,6 +13,7 @@ import re
 import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -376,6 +377,56 @@ def literal(text: str) -> str:
     return f"'{text}'"
 
 
+RUN_DATASET_VERBS = ("eval", "compare")  # verbs that score `run=<dir>` on the `dataset` group's option
+OPTION_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*(/[A-Za-z0-9_][A-Za-z0-9_.-]*)*")
+
+
+def saved_choice(run_dir: Path, group: str) -> str | None:
+    """The option of config group `group` that the run at `run_dir` was composed with (its .hydra/hydra.yaml), or
+    None. Read as data: a regular file under 1 MB, and only a plain option name is returned (no path out of the
+    config tree, no interpolation), which the caller must still find in its own config search path."""
+    saved = run_dir / ".hydra" / "hydra.yaml"
+    try:
+        if saved.is_symlink() or not saved.is_file() or saved.stat().st_size > 1 << 20:
+            return None
+        choice = OmegaConf.select(OmegaConf.load(saved), f"hydra.runtime.choices.{group}", default=None,
+                                  throw_on_resolution_failure=False)
+    except Exception:  # noqa: BLE001 - a damaged file: the verb's own checks of the run report it
+        return None
+    return choice if isinstance(choice, str) and OPTION_NAME.fullmatch(choice) and ".." not in choice else None
+
+
+def run_dataset(verb: Verb, argv: list[str]) -> list[str]:
+    """`tunelab eval|compare run=<dir>` without `dataset=` scores the run's own dataset option, not the group's
+    default: a run trained on brand_replies was scored on reviews_sentiment before. Says so on stderr; a run whose
+    option this config search path lacks (a `--config-dir` of the training's) keeps the default, and says that."""
+    if verb.name not in RUN_DATASET_VERBS:
+        return argv
+    args = libraries.hydra_args(argv)
+    if args.multirun or args.help or args.hydra_help or args.info or args.shell_completion:
+        return argv
+    named = {o.split("=", 1)[0].lstrip("+~"): o.split("=", 1)[-1] for o in args.overrides}
+    if "dataset" in named or not named.get("run") or not Path(named["run"]).expanduser().is_dir():
+        return argv
+    choice = saved_choice(Path(named["run"]).expanduser(), "dataset")
+    if choice is None:
+        return argv
+    config = args.config_name or verb.config
+    default = OmegaConf.select(compose(args.overrides, config, args.config_dir), "hydra.runtime.choices.dataset")
+    if choice == default:
+        return argv
+    try:
+        compose([*args.overrides, f"dataset={choice}"], config, args.config_dir)
+    except ConfigError:
+        print(f"tunelab {verb.name}: the run was trained on dataset={choice}, which is not in this config search "
+              f"path; scoring dataset={default} (give the training's --config-dir, or dataset=<name>)",
+              file=sys.stderr)
+        return argv
+    print(f"tunelab {verb.name}: scoring dataset={choice}, the run's own (dataset=<name> scores another)",
+          file=sys.stderr)
+    return [*argv, f"dataset={choice}"]
+
+
 def run_verb(verb: Verb | str, argv: list[str] | None = None) -> None:
     """Run one verb as the console script would, with `argv` (default: sys.argv[1:])."""
     import importlib
@@ -393,6 +444,7 @@ def run_verb(verb: Verb | str, argv: list[str] | None = None) -> None:
         argv += run_overrides(os.environ, verb.config)
     try:
         check_refused(verb, argv)
+        argv = run_dataset(verb, argv)
         # Each verb's primary config is conf/<config>.yaml; --cfg job only prints, so it needs no deep checks.
         preflight(argv, verb.config, deep=not _answered_by_hydra(argv), check=verb.check)
         if not _answered_by_hydra(argv):
