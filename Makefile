@@ -33,9 +33,10 @@ demo: setup
 # module fixtures are built once, each process with one torch thread so they never fight over the cores
 # (measured on the 2-core machine: 11 min 3 s on 2 processes for 824 tests, 2026-12-06; with 676 tests, 3 processes
 # took 9 min 25 s against 2 processes' 9 min 13 s, so 2 it stays).
-# TEST_JOBS=0 runs it in this process.
+# TEST_JOBS=0 runs it in this process. --no-loadscope-reorder: the files go out in tests/conftest.py's order (the
+# longest first), not xdist's (the most tests first), so no long file starts last and runs alone at the end.
 TEST_JOBS ?= $(shell n=$$(nproc 2>/dev/null || echo 2); [ $$n -gt 4 ] && n=4; echo $$n)
-XDIST := $(if $(filter 0,$(TEST_JOBS)),,-n $(TEST_JOBS) --dist loadfile)
+XDIST := $(if $(filter 0,$(TEST_JOBS)),,-n $(TEST_JOBS) --dist loadfile --no-loadscope-reorder)
 # SEED=N runs the files, and the tests within each, in a random order drawn from N (tests/conftest.py): `make test SEED=7`.
 ORDER := $(if $(SEED),--shuffle-seed $(SEED))
 test: setup

@@ -75,10 +75,31 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                      help="run the test files, and the tests within each file, in a random order drawn from N")
 
 
+# The longest files, longest first: each file's seconds in one `make test` (2026-12-07, 2 cores): sweeps 222,
+# fuzz_property 162, generate_export 127, serve 108, kill 99, fast 87, train 69, config 68, scale 66, eval 64,
+# kill_dpo 58, pipeline 56, preference 43, resume 41. Under `--dist loadfile --no-loadscope-reorder` (Makefile) a
+# process that is free takes the next file in this order; xdist's own order (most tests first) left the few-test,
+# long files (kill, kill_dpo) for last. Longest first, the two processes end within seconds of each other (replayed
+# from that run's test durations: 913 s -> 867 s). Unlisted files follow, most tests first.
+LONGEST_FIRST = tuple(f"tests/test_{name}.py" for name in (
+    "sweeps", "fuzz_property", "generate_export", "serve", "kill", "fast", "train", "config", "scale", "eval",
+    "kill_dpo", "pipeline", "preference", "resume"))
+
+
+def _file_order(items: list[pytest.Item]) -> list[pytest.Item]:
+    files: dict[str, list[pytest.Item]] = {}
+    for item in items:
+        files.setdefault(item.nodeid.split("::")[0], []).append(item)
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    order = sorted(files, key=lambda name: (rank.get(name, len(rank)), -len(files[name])))
+    return [item for name in order for item in files[name]]
+
+
 @pytest.hookimpl(tryfirst=True)  # before pytest regroups tests that share a parametrised module fixture
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     seed = config.getoption("shuffle_seed")
     if seed is None:
+        items[:] = _file_order(items)
         return
     rng = random.Random(seed)  # the same seed gives every xdist worker the same order, as xdist requires
     files: dict[str, list[pytest.Item]] = {}

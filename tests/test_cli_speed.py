@@ -34,6 +34,17 @@ def test_validation_imports_no_framework_once_signatures_are_cached(tmp_path):
     assert not imported & {"torch", "pytorch_lightning", "transformers", "peft"}
 
 
+def test_a_verb_that_trains_nothing_imports_no_framework(tmp_path):
+    """The CLI's path to a verb (pre-flight, tunelab.prelaunch, resume checks) loads no torch or Lightning itself:
+    `sweep-report` answers in about a second, where Lightning alone once took 6 s of every verb's start."""
+    shown = subprocess.run([sys.executable, "-X", "importtime", "-m", "tunelab.cli", "sweep-report",
+                            str(tmp_path / "nope")], env=_env(tmp_path), capture_output=True, text=True,
+                           timeout=budget(300))
+    assert shown.returncode == 2 and "tunelab: usage error: no multirun directory" in shown.stderr, shown.stderr[-2000:]
+    imported = {line.split("|")[-1].strip() for line in shown.stderr.splitlines() if line.startswith("import time")}
+    assert not imported & {"torch", "pytorch_lightning", "transformers", "peft"}
+
+
 def test_a_stale_or_damaged_cache_is_never_trusted(tmp_path, monkeypatch):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     file = tmp_path / "tunelab" / "signatures-v1.json"

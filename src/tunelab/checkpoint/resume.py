@@ -10,14 +10,15 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import pytorch_lightning as pl
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from tunelab.checkpoint.callback import Checkpointing
 from tunelab.checkpoint.io import CheckpointInfo, complete_checkpoints, is_checkpoint_dir, read_checkpoint
 from tunelab.errors import CheckpointError, ConfigError
+
+if TYPE_CHECKING:  # Lightning (seconds to import) only where a run is built: `tunelab.prelaunch` imports this
+    import pytorch_lightning as pl  # module for every verb, and `sweep-report`, `serve` or `generate` never train
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +83,8 @@ class Resume:
 
     def prepare(self, callbacks: list[Any], module: pl.LightningModule, run_identity: dict[str, Any]) -> None:
         """Tag this run's checkpoints with its identity; refuse a checkpoint whose tensors do not fit `module`."""
+        from tunelab.checkpoint.callback import Checkpointing
+
         for callback in callbacks:
             if isinstance(callback, Checkpointing):
                 callback.identity = run_identity
