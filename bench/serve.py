@@ -106,6 +106,16 @@ def chat(host: str, port: int, body: dict, keep_alive: bool = True) -> tuple[flo
     return elapsed, payload["usage"]["completion_tokens"], payload["choices"][0]["message"]["content"], elapsed
 
 
+def figures(latencies: list[float], wall: float, answers: list[str], tokens: int | None = None) -> dict[str, Any]:
+    """A row's figures from its requests' latencies (seconds), the wall time they took together and their answers;
+    completion tokens/s when `tokens` is known."""
+    latencies = sorted(latencies)
+    return {"requests_per_s": len(latencies) / wall, "p50_ms": 1000 * statistics.median(latencies),
+            "p95_ms": 1000 * latencies[min(len(latencies) - 1, int(0.95 * len(latencies)))],
+            "tokens_per_s": None if tokens is None else tokens / wall, "answers": answers, "latencies": latencies,
+            "rounds": [len(latencies) / wall]}
+
+
 def load(host: str, port: int, model: str, texts: list[str], clients: int, max_tokens: int,
          stream: bool = False, keep_alive: bool = True) -> dict[str, Any]:
     bodies = [{"model": model, "messages": [{"role": "user", "content": t}], "temperature": 0,
@@ -113,14 +123,9 @@ def load(host: str, port: int, model: str, texts: list[str], clients: int, max_t
     start = time.perf_counter()
     with ThreadPoolExecutor(clients) as pool:  # new threads: each client opens its connection in the timed part
         results = list(pool.map(lambda b: chat(host, port, b, keep_alive), bodies))
-    wall = time.perf_counter() - start
-    latencies = sorted(r[0] for r in results)
-    tokens = sum(r[1] for r in results)
-    return {"requests_per_s": len(results) / wall, "p50_ms": 1000 * statistics.median(latencies),
-            "p95_ms": 1000 * latencies[min(len(latencies) - 1, int(0.95 * len(latencies)))],
-            "tokens_per_s": tokens / wall, "mean_tokens": tokens / len(results), "answers": [r[2] for r in results],
-            "ttft_ms": 1000 * statistics.median(r[3] for r in results) if stream else None,
-            "latencies": latencies, "rounds": [len(results) / wall]}
+    row = figures([r[0] for r in results], time.perf_counter() - start, [r[2] for r in results],
+                  sum(r[1] for r in results))
+    return {**row, "ttft_ms": 1000 * statistics.median(r[3] for r in results) if stream else None}
 
 
 def pooled(rounds: list[dict[str, Any]]) -> dict[str, Any]:
@@ -129,10 +134,9 @@ def pooled(rounds: list[dict[str, Any]]) -> dict[str, Any]:
     if len(rounds) == 1:
         return rounds[0]
     middle = sorted(rounds, key=lambda r: r["requests_per_s"])[(len(rounds) - 1) // 2]  # the lower of two middles
-    latencies = sorted(x for r in rounds for x in r["latencies"])
-    return {**middle, "p50_ms": 1000 * statistics.median(latencies),
-            "p95_ms": 1000 * latencies[min(len(latencies) - 1, int(0.95 * len(latencies)))],
-            "answers": [a for r in rounds for a in r["answers"]], "rounds": [r["requests_per_s"] for r in rounds]}
+    every = figures([x for r in rounds for x in r["latencies"]], 1.0, [a for r in rounds for a in r["answers"]])
+    return {**middle, "p50_ms": every["p50_ms"], "p95_ms": every["p95_ms"], "answers": every["answers"],
+            "rounds": [r["requests_per_s"] for r in rounds]}
 
 
 def in_process(run: Path, texts: list[str], max_tokens: int, threads: int) -> dict[str, Any]:
@@ -155,11 +159,7 @@ def in_process(run: Path, texts: list[str], max_tokens: int, threads: int) -> di
         latencies.append(time.perf_counter() - start)
         tokens += len(new)
         answers.append(tokenizer.decode(new, skip_special_tokens=True))
-    wall = sum(latencies)
-    latencies.sort()
-    return {"requests_per_s": len(texts) / wall, "p50_ms": 1000 * statistics.median(latencies),
-            "p95_ms": 1000 * latencies[min(len(latencies) - 1, int(0.95 * len(latencies)))],
-            "tokens_per_s": tokens / wall, "mean_tokens": tokens / len(texts), "answers": answers}
+    return figures(latencies, sum(latencies), answers, tokens)
 
 
 def in_process_batcher(run: Path, texts: list[str], max_tokens: int, threads: int, sizes: list[int],
@@ -191,12 +191,7 @@ def in_process_batcher(run: Path, texts: list[str], max_tokens: int, threads: in
         start = time.perf_counter()
         with ThreadPoolExecutor(clients) as pool:
             results = list(pool.map(one, prompts))
-        wall = time.perf_counter() - start
-        latencies = sorted(r[0] for r in results)
-        return {"requests_per_s": len(results) / wall, "p50_ms": 1000 * statistics.median(latencies),
-                "p95_ms": 1000 * latencies[min(len(latencies) - 1, int(0.95 * len(latencies)))],
-                "tokens_per_s": None, "answers": [r[1] for r in results], "latencies": latencies,
-                "rounds": [len(results) / wall]}
+        return figures([r[0] for r in results], time.perf_counter() - start, [r[1] for r in results])
 
     measure(1)  # warm-up: learns the prefix, as the servers' warm-up does
     collected: dict[int, list[dict[str, Any]]] = {clients: [] for clients in sizes}

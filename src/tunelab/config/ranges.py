@@ -144,5 +144,6 @@ RANGES_WITHOUT_SCHEMA: dict[str, Range] = {
     "max_request_bytes": AT_LEAST_ONE,
     "max_batch_size": Range(low=1, high=256, integer=True),
     "batch_window_ms": Range(low=0, high=1000),
+    "threads": Range(low=1, high=1024, integer=True, nullable=True, note="null: torch's own"),
     "graceful_timeout_s": NON_NEGATIVE,
 }

@@ -44,7 +44,7 @@ def _ids(tokenizer: Any, text: str) -> list[int]:
     if (backend is not None and backend.truncation is None and backend.padding is None
             and backend.encode_special_tokens == bool(getattr(tokenizer, "split_special_tokens", False))):
         # The Rust tokenizer that `tokenizer(...)` calls, without its Python wrapping: the same ids (a test checks)
-        # for 0.08 ms instead of 0.2 ms a prompt (a served request's event loop spends ~5 ms). A backend that an
+        # for 0.08 ms instead of 0.2 ms a prompt (a served request costs its event loop ~1 ms in all). A backend that an
         # earlier call left truncating, padding or splitting special tokens goes through `tokenizer(...)`, which
         # resets that.
         return backend.encode(text, add_special_tokens=False).ids

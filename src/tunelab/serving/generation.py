@@ -57,10 +57,10 @@ def run_generate(served: Served, ids: list[int], settings: Mapping[str, Any], st
     from transformers import StoppingCriteriaList
 
     settings = dict(settings)
-    input_ids, _, cache = generation_inputs(prefixes, [ids], settings, served.tokenizer.pad_token_id)  # one row
+    input_ids, mask, cache = generation_inputs(prefixes, [ids], settings, served.tokenizer.pad_token_id)
     criteria = with_logprobs(served.model, settings, [logprobs], [cancelled] if cancelled is not None else [])
     with seeded(settings):
-        new = generate_tokens(served.model, served.tokenizer, input_ids, torch.ones_like(input_ids), settings,
+        new = generate_tokens(served.model, served.tokenizer, input_ids, mask, settings,
                               streamer, StoppingCriteriaList(criteria) if criteria else None, cache)[0].tolist()
     return new, finish_reason(new, served.tokenizer.eos_token_id, int(settings["max_new_tokens"]))
 
