@@ -75,8 +75,10 @@ def _join(child: multiprocessing.process.BaseProcess, argv: list[str], seconds: 
     return child.exitcode
 
 
-def _env() -> dict[str, str]:
-    return {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (TESTS, os.environ.get("PYTHONPATH", "")) if p)}
+def _env(env: dict[str, str] | None = None) -> dict[str, str]:
+    """`env` (default: this process's) with this folder first on PYTHONPATH."""
+    env = dict(os.environ if env is None else env)
+    return {**env, "PYTHONPATH": os.pathsep.join(p for p in (TESTS, env.get("PYTHONPATH", "")) if p)}
 
 
 def run_forked(verb: str, argv: list[str], cwd: Path, env: dict[str, str], seconds: float = 120,
@@ -84,8 +86,7 @@ def run_forked(verb: str, argv: list[str], cwd: Path, env: dict[str, str], secon
     """`tunelab <verb> argv` run in a child forked from the fork server, in `cwd` with `env` (plus this folder on
     PYTHONPATH); its exit status and its stdout and stderr apart, as `subprocess.run(capture_output=True)` gives."""
     out, err = Path(cwd) / ".forkrun.out", Path(cwd) / ".forkrun.err"
-    env = {**env, "PYTHONPATH": os.pathsep.join(p for p in (TESTS, env.get("PYTHONPATH", "")) if p)}
-    child = _server().Process(target=_child, args=(verb, list(argv), str(out), str(cwd), env, str(err)))
+    child = _server().Process(target=_child, args=(verb, list(argv), str(out), str(cwd), _env(env), str(err)))
     child.start()
     code = _join(child, ["tunelab", verb, *argv], seconds)
     texts = [path.read_text() if path.exists() else "" for path in (out, err)]

@@ -145,3 +145,18 @@ def test_literal_values_compose_back_to_the_same_string():
         value = compose(["run=/tmp", f"prompt={cli.literal(text)}"], config_name="generate",
                         return_hydra_config=False).prompt
         assert value == text and isinstance(value, str), (text, cli.literal(text), value)
+
+
+@pytest.mark.parametrize("name", ["eval", "generate", "train"])
+def test_ctrl_c_outside_trainings_handler_is_exit_130_without_a_traceback(name, monkeypatch, capsys):
+    """A KeyboardInterrupt that reaches the console script (Ctrl-C during start-up, eval, generate, export) is one
+    line and exit 130, as the exit-code table says; training's own handler checkpoints first and never gets here."""
+    def interrupted(verb: cli.Verb, argv: list[str]) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "run_verb", interrupted)
+    monkeypatch.setattr(sys, "argv", ["tunelab", name, "logger=none"])
+    with pytest.raises(SystemExit) as stopped:
+        cli.main()
+    assert stopped.value.code == 130
+    assert capsys.readouterr().err == f"tunelab: {name} stopped by SIGINT\n"

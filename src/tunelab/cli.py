@@ -94,7 +94,8 @@ VERBS: tuple[Verb, ...] = (
          "board", check="tunelab.verbs.board:check_command_line", positional="dir"),
 )
 EXIT_CODES = ("exit codes: 0 ok, 1 unexpected bug, 2 config or usage error, 3 data error, 4 checkpoint error,"
-              " 5 numerics, 130/143 stopped by SIGINT/SIGTERM after writing a checkpoint (resume=<run dir> continues)")
+              " 5 numerics, 130/143 stopped by SIGINT/SIGTERM (training: after writing a checkpoint; resume=<run dir> "
+              "continues)")
 
 
 def usage() -> str:
@@ -487,7 +488,11 @@ def main() -> None:
             print(f"tunelab: usage error: unknown verb {first!r}\n  hint: {did_you_mean(first, names)}",
                   file=sys.stderr)
         raise SystemExit(2)
-    run_verb(verb, argv)
+    try:
+        run_verb(verb, argv)
+    except KeyboardInterrupt:  # Ctrl-C outside training's own handler (start-up, eval, generate, export): no traceback
+        print(f"tunelab: {verb.name} stopped by SIGINT", file=sys.stderr)
+        raise SystemExit(130) from None
 
 
 if __name__ == "__main__":
